@@ -2,8 +2,12 @@
 
 The student learns from two terms:
 
-    loss = supervised(student(weak), targets, observed)                     # any registered loss
-         + w(t) * sum_{pseudo-labelled entries} BCE(student(strong), pseudo) / (B * C)
+    loss = supervised(student(weak), targets, observed)               # labelled images of the batch
+         + w(t) * supervised(student(strong), targets | pseudo, observed | pseudo-labelled)
+
+`supervised` is any registered loss (`method.loss`): the pseudo-labels are handed to the same loss
+as extra observed labels, so both terms share its reduction and its treatment of what stays
+unobserved (a sum-reduced loss such as ASL would otherwise dwarf a mean-reduced BCE term).
 
 The teacher is an EMA of the student (Tarvainen & Valpola, 2017), updated after every optimiser
 step with decay d_t = min(1 - 1 / (t + 1), decay), so early on it follows the student closely.
@@ -45,7 +49,6 @@ import copy
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mlml.config import MethodConfig
@@ -196,8 +199,8 @@ class MeanTeacher(Method):
             probs = torch.sigmoid(self.teacher(batch["image"])["logits"].float())  # (B, C) teacher, weak view
         pos_t, neg_t = self.thresholds(probs)
         pseudo, mask = pseudo_labels(probs, observed, pos_t, neg_t, soft=self.args["targets"] == "soft")
-        per_entry = F.binary_cross_entropy_with_logits(strong, pseudo, reduction="none")
-        cons = (per_entry * mask).sum() / mask.numel()                        # mean over B * C, like the family
+        # The configured loss on the strong view, its labels completed by the pseudo-labels.
+        cons = self.supervised(strong, torch.where(observed, batch["targets"], pseudo), observed | mask)
         weight = self.consistency_weight()
         parts = {"loss": sup + weight * cons, "sup": sup.detach(), "pseudo": cons.detach(),
                  "weight": torch.tensor(weight)}
