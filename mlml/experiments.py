@@ -122,7 +122,7 @@ def provenance(command: str) -> list[str]:
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
         commit += " (with uncommitted changes)" if dirty else ""
     except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+        commit = os.environ.get("MLML_COMMIT", "unknown")   # a copy of the tree without .git (e.g. a remote machine)
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return [
         f"Command: `{command}`",
