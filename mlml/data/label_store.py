@@ -132,7 +132,7 @@ class LabelStore:
     def dense_negatives(self, rows: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
         """bool (B, C): the known negatives of `rows` (all False when none are known)."""
         if self.neg_indptr is None:
-            return torch.zeros(len(rows), self.num_labels, dtype=torch.bool)
+            return torch.from_numpy(np.zeros((len(rows), self.num_labels), dtype=bool))
         return densify(self.neg_indptr, self.neg_indices, np.asarray(rows), self.num_labels)
 
     def label_counts(self) -> np.ndarray:
