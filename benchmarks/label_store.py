@@ -118,7 +118,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=12_000_000)
     p.add_argument("--c", type=int, default=11_000)
-    p.add_argument("--chunk", type=int, default=1 << 20, help="rows generated and written per step")
+    p.add_argument("--chunk", type=int, default=1 << 18, help="rows generated and written per step")
     p.add_argument("--dir", default="/tmp/mlml-store-bench")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--batches", type=int, default=2000)

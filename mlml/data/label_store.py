@@ -256,10 +256,10 @@ class LabelStoreBuilder:
             f.close()
         nnz, neg_nnz = self._count["indices"], self._count["neg_indices"]
         _finish_indptr(self.path / "lengths.raw", self.path / "indptr.npy", self.rows, nnz)
-        _finish_npy(self.path / "indices.raw", self.path / "indices.npy", self.dtype, nnz)
+        finish_npy(self.path / "indices.raw", self.path / "indices.npy", self.dtype, nnz)
         if neg_nnz:
             _finish_indptr(self.path / "neg_lengths.raw", self.path / "neg_indptr.npy", self.rows, neg_nnz)
-            _finish_npy(self.path / "neg_indices.raw", self.path / "neg_indices.npy", self.dtype, neg_nnz)
+            finish_npy(self.path / "neg_indices.raw", self.path / "neg_indices.npy", self.dtype, neg_nnz)
         else:
             for name in ("neg_lengths.raw", "neg_indices.raw", "neg_indptr.npy", "neg_indices.npy"):
                 (self.path / name).unlink(missing_ok=True)
@@ -306,7 +306,7 @@ def _npy_header(f, dtype: np.dtype, n: int) -> None:
     np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": (n,)})
 
 
-def _finish_npy(raw: Path, out: Path, dtype: np.dtype, n: int) -> None:
+def finish_npy(raw: Path, out: Path, dtype: np.dtype, n: int) -> None:
     """raw file of n `dtype` values -> .npy file, copied in chunks; the raw file is deleted."""
     with open(raw, "rb") as src, open(out, "wb") as dst:
         _npy_header(dst, dtype, n)
