@@ -21,6 +21,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mlml.trainer import train
 
     cfg = load_config(args.config, args.overrides)
+    if args.strict:
+        cfg.data.strict = True
     result = train(cfg, Path(args.out) if args.out else None, resume=args.resume)
     print(json.dumps({k: round(v, 4) for k, v in result["metrics"].items() if k.startswith("test/")}, indent=2))
     return 0
@@ -77,6 +79,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from mlml.config import load_config
+    from mlml.data.export import export_synthetic
+
+    cfg = load_config(args.config, args.overrides)
+    files = export_synthetic(cfg.data, Path(args.out), args.n, args.format)
+    size = cfg.data.synthetic.image_size
+    print(f"wrote {args.n} images to {files['folder']}; annotations {files['annotations']}; labels {files['label_names']}")
+    print("train on them with, e.g.:")
+    print(f"  mlml train --set data.source=annotations --set data.annotations={files['annotations']} "
+          f"--set data.label_names={files['label_names']} --set data.image_size={size}")
+    print(f"  mlml train --set data.source=folder --set data.root={files['folder']} --set data.image_size={size}")
+    return 0
+
+
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from mlml.experiments import list_tables, reproduce
 
@@ -102,7 +119,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p)
     p.add_argument("--out", help="run directory (default runs/<experiment>/<setting>/<method>/seed<k>)")
     p.add_argument("--resume", action="store_true", help="continue from <run dir>/checkpoints/last.pt")
+    p.add_argument("--strict", action="store_true", help="stop on an unreadable image (= data.strict); default: skip and count it")
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("data", help="data tools")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    q = data_sub.add_parser("synth", help="write the synthetic data as an image folder plus an annotation file")
+    add_config_args(q)
+    q.add_argument("--out", required=True, help="output directory")
+    q.add_argument("--n", type=int, required=True, help="number of images")
+    q.add_argument("--format", default="jsonl", choices=["jsonl", "csv"], help="annotation file format")
+    q.set_defaults(fn=cmd_data_synth)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on full labels")
     p.add_argument("--checkpoint", required=True)
@@ -136,11 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from mlml.config import ConfigError
+    from mlml.data.annotations import AnnotationError
+    from mlml.data.image_files import UnreadableImageError
     from mlml.registry import PluginError, UnknownNameError
 
     try:
         return args.fn(args)
-    except (ConfigError, FileNotFoundError, FileExistsError, UnknownNameError, PluginError) as err:
+    except (ConfigError, FileNotFoundError, FileExistsError, UnknownNameError, PluginError, AnnotationError, UnreadableImageError) as err:
         print(f"mlml {args.command}: error: {err}", file=sys.stderr)
         return 2
 
