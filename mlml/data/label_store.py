@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 FORMAT = 1
-_COPY_CHUNK = 1 << 22  # entries copied per step when a streamed file is finalised
+_COPY_CHUNK = 1 << 20  # entries copied per step when a streamed file is finalised
 
 
 def index_dtype(num_labels: int) -> np.dtype:
