@@ -64,3 +64,18 @@ def test_corrupt_images_counted_in_the_run_or_stop_it_with_strict(exported, tmp_
     capsys.readouterr()
     assert main([*train_args(broken, tmp_path / "strict"), "--strict"]) == 2
     assert "cannot read image" in capsys.readouterr().err
+
+
+def test_a_bad_annotation_line_stops_before_training(exported, tmp_path, capsys):
+    bad = tmp_path / "annotations.jsonl"
+    lines = (exported / "annotations.jsonl").read_text().splitlines()
+    lines[41] = '{"path": "images/x.png", "positives": ["red", "unicorn"]}'
+    bad.write_text("\n".join(lines) + "\n")
+    args = train_args(exported, tmp_path / "run")
+    args[args.index(f"data.annotations={exported / 'annotations.jsonl'}")] = f"data.annotations={bad}"
+    capsys.readouterr()
+    assert main(args) == 2
+    assert f"{bad}:42: unknown label 'unicorn'" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert main([*args[:-2], "--set", "data.annotations=", "--out", str(tmp_path / "r2")]) == 2
+    assert "data.source = 'annotations' needs data.annotations" in capsys.readouterr().err
