@@ -5,7 +5,8 @@
 
 Rows are generated in chunks (1 + Poisson(2.15) labels per image, Zipf-distributed label frequencies)
 and fed to `LabelStoreBuilder.add_chunk`, the same builder the annotation parser streams into
-(its per-row `add` path is timed separately on `--row-path` rows). The build runs in a fresh
+(its per-row `add` path is timed separately on `--row-path` rows, and the whole annotation parser
+on a JSONL file of `--annotation-lines` lines). The build runs in a fresh
 process so its peak RSS is its own. Reports build time, peak memory, size on disk, the opened
 store's size in memory, per-sample lookup rate and batch densification time. The store is deleted
 at the end unless --keep.
@@ -77,6 +78,28 @@ def row_path(args: argparse.Namespace) -> float:
     return rate
 
 
+def annotation_parse(args: argparse.Namespace) -> dict:
+    """Lines/s of indexing a JSONL annotation file (parse, check, stream to the store)."""
+    from mlml.data.annotations import AnnotationSource
+
+    tmp = Path(args.dir + "-ann")
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "labels.txt").write_text("\n".join(f"label{c:05d}" for c in range(args.c)) + "\n")
+    with open(tmp / "a.jsonl", "w") as f:
+        for lengths, ix in label_rows(args.annotation_lines, args.c, 1 << 16, seed=2):
+            names = np.char.add("label", np.char.zfill(ix.astype(str), 5))
+            for i, row in enumerate(np.split(names, np.cumsum(lengths)[:-1])):
+                f.write(json.dumps({"path": f"train/{i:08d}.jpg", "positives": row.tolist()}) + "\n")
+    mb = (tmp / "a.jsonl").stat().st_size / 2**20
+    start = time.perf_counter()
+    source = AnnotationSource(tmp / "a.jsonl", tmp / "labels.txt", None, 64, store=tmp / "store")
+    seconds = time.perf_counter() - start
+    assert len(source) == args.annotation_lines
+    shutil.rmtree(tmp)
+    return {"annotation_lines": args.annotation_lines, "annotation_file_mb": mb, "annotation_index_s": seconds,
+            "annotation_lines_per_s": args.annotation_lines / seconds}
+
+
 def lookups(args: argparse.Namespace) -> dict:
     import torch
 
@@ -123,6 +146,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--batches", type=int, default=2000)
     p.add_argument("--row-path", type=int, default=500_000, help="rows timed through the per-row add (0: skip)")
+    p.add_argument("--annotation-lines", type=int, default=1_000_000, help="JSONL lines indexed by the annotation parser (0: skip)")
     p.add_argument("--keep", action="store_true")
     args = p.parse_args()
 
@@ -136,6 +160,8 @@ def main() -> None:
     result.update(lookups(args))
     if args.row_path:
         result["per_row_add_rows_per_s"] = row_path(args)
+    if args.annotation_lines:
+        result.update(annotation_parse(args))
     if not args.keep:
         shutil.rmtree(args.dir)
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}, indent=2))

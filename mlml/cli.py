@@ -57,14 +57,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from PIL import Image
-    from torchvision.transforms.v2.functional import pil_to_tensor, resize
+    from mlml.data.image_files import decode_image
 
     cfg, model, data = load_checkpoint_model(args.checkpoint)
     names, size = data.label_space.names, data.image_size
     results = []
     for file in args.images:
-        image = resize(pil_to_tensor(Image.open(file).convert("RGB")), [size, size], antialias=True)
+        image = decode_image(file, size)                  # as training images: centre square, resized
         with torch.no_grad():
             probs = torch.sigmoid(model(image[None])["logits"][0].float())
         order = probs.argsort(descending=True)[: args.top].tolist()

@@ -32,6 +32,17 @@ def test_export_holds_the_synthetic_images_and_labels(exported, tmp_path):
         assert files.paths[i] == f"images/{source.objects(i)[0].shape}/{i:06d}.png"          # ImageNet-style too
 
 
+def test_export_images_folder_is_an_imagenet_style_folder(exported, tmp_path):
+    from mlml.data.folder import ImageFolderSource
+
+    source = SyntheticSource(SyntheticConfig(image_size=16), N, 0)
+    folder = ImageFolderSource(exported / "images", 16, store=tmp_path / "s")
+    names = folder.label_space.names
+    for k in range(0, N, 17):
+        i = int(folder.paths[k].split("/")[1][:6])
+        assert names[int(folder.labels.row(k)[0])] == source.objects(i)[0].shape
+
+
 def train_args(exported, out, *extra):
     return ["train", *sets(*TINY, "data.source=annotations", f"data.annotations={exported / 'annotations.jsonl'}",
                        f"data.label_names={exported / 'labels.json'}", "data.image_size=16", f"data.store={out}-store",

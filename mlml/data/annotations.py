@@ -51,13 +51,13 @@ def read_label_names(path: str | Path) -> LabelSpace:
     """The label space a `.txt` or `.json` label names file describes."""
     path = Path(path)
     if path.suffix == ".txt":
-        names: list[str] = []
+        names: dict[str, None] = {}                       # ordered, with O(1) membership
         for line_no, line in enumerate(path.read_text().splitlines(), 1):
             name = line.strip()
             if name and not name.startswith("#"):
                 if name in names:
                     raise AnnotationError(path, line_no, f"label '{name}' is named twice")
-                names.append(name)
+                names[name] = None
         if not names:
             raise AnnotationError(path, 1, "no label names")
         return LabelSpace(tuple(names))
