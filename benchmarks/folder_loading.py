@@ -63,6 +63,21 @@ def epoch_rate(root: Path, store: Path, workers: int, args: argparse.Namespace) 
     return rates[-1]
 
 
+def decode_ms(root: Path, size: int, n: int = 200) -> float:
+    """Best-of-3 milliseconds to decode one image in this process (the per-core cost, less noisy
+    than loader rates on a shared machine)."""
+    from mlml.data.image_files import decode_image
+
+    files = sorted(root.rglob("*.JPEG"))[:n]
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for f in files:
+            decode_image(f, size)
+        best = min(best, (time.perf_counter() - start) / len(files))
+    return 1000 * best
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=2000)
@@ -81,10 +96,13 @@ def main() -> None:
     start = time.perf_counter()
     kb = write_photos(root, args.n, args.classes) if not root.exists() else float("nan")
     result = {"images": args.n, "jpeg_kb": round(kb, 1), "write_s": round(time.perf_counter() - start, 1),
-              "image_size": args.size, "batch": args.batch, "cpu_cores": os.cpu_count(), "images_per_s": {}}
+              "image_size": args.size, "batch": args.batch, "cpu_cores": os.cpu_count(),
+              "load_average_1min": os.getloadavg()[0], "images_per_s": {}}
+    result["decode_ms_per_image"] = round(decode_ms(root, args.size), 3)
     for w in args.workers:
         result["images_per_s"][w] = round(epoch_rate(root, store, w, args), 1)
         print(f"workers={w}: {result['images_per_s'][w]} images/s", flush=True)
+    result["load_average_1min_after"] = os.getloadavg()[0]
     if not args.keep:
         shutil.rmtree(args.dir)
     print(json.dumps(result, indent=2))
