@@ -153,7 +153,7 @@ class LabelStore:
         builder = LabelStoreBuilder(path, self.num_labels)
         for start in range(0, len(self), 1 << 16):
             rows = np.arange(start, min(len(self), start + (1 << 16)))
-            builder.add_chunk(*_chunk(self.indptr, self.indices, rows), *_chunk(self.neg_indptr, self.neg_indices, rows))
+            builder.add_chunk(*row_chunk(self.indptr, self.indices, rows), *row_chunk(self.neg_indptr, self.neg_indices, rows))
         return builder.close()
 
     @classmethod
@@ -170,6 +170,11 @@ class LabelStore:
         if meta["neg_nnz"]:
             arrays.update({name: load_npy(path / f"{name}.npy") for name in ("neg_indptr", "neg_indices")})
         return cls(num_labels=meta["num_labels"], path=path, **arrays)
+
+    def in_memory(self) -> "LabelStore":
+        """A copy of the store held in memory (detached from its files)."""
+        copy = [None if a is None else np.array(a) for a in (self.indptr, self.indices, self.neg_indptr, self.neg_indices)]
+        return LabelStore(copy[0], copy[1], self.num_labels, copy[2], copy[3])
 
     def __reduce__(self):
         if self.path is not None:                    # workers re-open the files instead of copying them
@@ -351,7 +356,7 @@ def _check_disjoint(indptr: np.ndarray, indices: np.ndarray, neg_indptr: np.ndar
         raise ValueError(f"row {row}: label {label} is both positive and negative")
 
 
-def _chunk(indptr: np.ndarray | None, indices: np.ndarray | None, rows: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+def row_chunk(indptr: np.ndarray | None, indices: np.ndarray | None, rows: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
     """(lengths, concatenated indices) of consecutive `rows` of a CSR pair (None, None if absent)."""
     if indptr is None:
         return None, None

@@ -25,7 +25,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from mlml.data.label_store import LabelStore, LabelStoreBuilder
+from mlml.data.label_store import LabelStore, LabelStoreBuilder, row_chunk
 from mlml.data.observation import hash_uniform
 from mlml.labels import Group, LabelSpace
 
@@ -104,43 +104,46 @@ class RecolourSource:
         return recolour(self.inner.image(i), float(self.hue[i]))
 
     def _chunks(self) -> Iterator[tuple[np.ndarray, ...]]:
-        """(lengths, indices, neg_lengths, neg_indices) of consecutive rows: colour first, then inner + K."""
+        """(lengths, indices, neg_lengths, neg_indices) of consecutive rows: colour first, then inner + K.
+
+        Sparse throughout (no dense (rows, C) block), so it scales to millions of images."""
         store, K = self.inner.labels, self.colours
         for start in range(0, len(self), _CHUNK):
             rows = np.arange(start, min(len(self), start + _CHUNK))
-            inner = store.dense(rows)                      # bool (R, C_inner): cheap for a chunk
-            negs = store.dense_negatives(rows)
-            dense = np.concatenate([np.eye(K, dtype=bool)[self.colour[rows]], inner.numpy()], 1)
-            neg = np.pad(negs.numpy(), ((0, 0), (K, 0)))
-            r, c = np.nonzero(dense)
-            nr, nc = np.nonzero(neg)
-            yield np.bincount(r, minlength=len(rows)), c, np.bincount(nr, minlength=len(rows)), nc
+            lengths, inner = row_chunk(store.indptr, store.indices, rows)
+            lengths = lengths + 1
+            first = np.cumsum(lengths) - lengths                         # where each row starts
+            indices = np.empty(int(lengths.sum()), dtype=np.int64)
+            indices[first] = self.colour[rows]
+            rest = np.ones(len(indices), dtype=bool)
+            rest[first] = False
+            indices[rest] = inner.astype(np.int64) + K                   # stays sorted within rows
+            neg_lengths, neg = row_chunk(store.neg_indptr, store.neg_indices, rows)
+            if neg_lengths is None:
+                neg_lengths, neg = np.zeros(len(rows), dtype=np.int64), np.zeros(0, dtype=np.int64)
+            yield lengths, indices, neg_lengths, neg.astype(np.int64) + K
 
     def _build_labels(self) -> LabelStore:
         """On disk beside the wrapped source's index when it has one, else in memory."""
         inner_store = getattr(self.inner, "store", None)
         if inner_store is None:
-            parts = list(zip(*self._chunks()))
-            lists = _lists(np.concatenate(parts[0]), np.concatenate(parts[1]))
-            negatives = _lists(np.concatenate(parts[2]), np.concatenate(parts[3]))
-            return LabelStore.from_lists(lists, self.label_space.num_labels, negatives)
+            with tempfile.TemporaryDirectory(prefix="mlml-recolour-") as tmp:
+                return self._write_labels(Path(tmp)).in_memory()
         path = Path(inner_store) / f"recolour-k{self.colours}-seed{self.seed}"
-        if (path / "meta.json").exists():
-            return LabelStore.open(path)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=inner_store))
-        try:
-            builder = LabelStoreBuilder(tmp, self.label_space.num_labels)
-            for chunk in self._chunks():
-                builder.add_chunk(*chunk)
-            builder.close()
+        if not (path / "meta.json").exists():
+            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=inner_store))
             try:
+                self._write_labels(tmp)
                 os.replace(tmp, path)
-            except OSError:                                 # another rank finished first
-                pass
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            except OSError:
+                if not (path / "meta.json").exists():       # not a lost race with another rank
+                    raise
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
         return LabelStore.open(path)
 
-
-def _lists(lengths: np.ndarray, indices: np.ndarray) -> list[list[int]]:
-    return [part.tolist() for part in np.split(indices, np.cumsum(lengths)[:-1])]
+    def _write_labels(self, path: Path) -> LabelStore:
+        builder = LabelStoreBuilder(path, self.label_space.num_labels)
+        for chunk in self._chunks():
+            builder.add_chunk(*chunk)
+        return builder.close()
