@@ -103,3 +103,20 @@ def test_recolour_over_a_folder(tmp_path):
         assert nearest_colour(dominant_hue(image), 4) == int(labels[:4].argmax())
     train = next(iter(data.loader("train", {"image": "flip_crop"}, seed=0)))
     assert torch.equal(train["observed"], train["targets"].bool())                  # annotated: positives only
+
+
+def test_a_batch_of_unreadable_images_collates_empty(tmp_path):
+    from mlml.data.dataset import Collate
+    from mlml.data.label_store import LabelStore
+    from mlml.data.observation import build_observation
+    from mlml.labels import LabelSpace
+
+    space = LabelSpace(CLASSES)
+    store = LabelStore.from_lists([[0], [1], [2]], 3)
+    collate = Collate(np.array([2, 0, 1]), store, build_observation("annotated", space, 0, {}, store))
+    batch = collate([{"index": 0, "skipped": True}, {"index": 2, "skipped": True}])
+    assert int(batch["skipped"]) == 2 and batch["index"].numel() == 0 and batch["targets"].shape == (0, 3)
+    image = torch.zeros(3, 4, 4, dtype=torch.uint8)
+    batch = collate([{"index": 0, "skipped": True}, {"index": 2, "image": image}])
+    assert int(batch["skipped"]) == 1 and batch["index"].tolist() == [2] and batch["image"].shape == (1, 3, 4, 4)
+    assert batch["targets"].tolist() == [[0.0, 1.0, 0.0]]                          # row 1 of the source
