@@ -39,6 +39,8 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device, amp_dtyp
         targets.append(batch["targets"])
         index.append(batch["index"])
     model.train(was_training)
+    if not scores:
+        raise RuntimeError(f"no readable image in a split of {len(loader.dataset)} images")
     s, t, i = torch.cat(scores), torch.cat(targets), torch.cat(index)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         s, t, i = gather(s, device), gather(t, device), gather(i, device)
