@@ -93,6 +93,26 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_index(args: argparse.Namespace) -> int:
+    from mlml.config import load_config
+    from mlml.data.pipeline import SOURCES
+
+    cfg = load_config(args.config, args.overrides)
+    source = SOURCES.get(cfg.data.source)(cfg.data)
+    labels = source.labels
+    summary = {
+        "source": cfg.data.source,
+        "images": len(source),
+        "labels": labels.num_labels,
+        "groups": {g.name: len(g.labels) for g in source.label_space.groups},
+        "positives": int(labels.indptr[-1]),
+        "known_negatives": int(labels.neg_indptr[-1]) if labels.has_negatives else 0,
+        "store": str(getattr(source, "store", "(in memory)")),
+    }
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from mlml.experiments import list_tables, reproduce
 
@@ -129,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--n", type=int, required=True, help="number of images")
     q.add_argument("--format", default="jsonl", choices=["jsonl", "csv"], help="annotation file format")
     q.set_defaults(fn=cmd_data_synth)
+    q = data_sub.add_parser("index", help="check and index the configured source (annotation errors show here); print a summary")
+    add_config_args(q)
+    q.set_defaults(fn=cmd_data_index)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on full labels")
     p.add_argument("--checkpoint", required=True)

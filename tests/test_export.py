@@ -90,3 +90,12 @@ def test_a_bad_annotation_line_stops_before_training(exported, tmp_path, capsys)
     assert not (tmp_path / "run" / "checkpoints").exists()
     assert main([*args[:-2], "--set", "data.annotations=", "--out", str(tmp_path / "r2")]) == 2
     assert "data.source = 'annotations' needs data.annotations" in capsys.readouterr().err
+
+
+def test_data_index_prints_a_summary(exported, tmp_path, capsys):
+    capsys.readouterr()
+    assert main(["data", "index", *sets("data.source=annotations", f"data.annotations={exported / 'annotations.jsonl'}",
+                                        f"data.label_names={exported / 'labels.json'}", f"data.store={tmp_path / 's'}")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["images"] == N and summary["groups"] == {"colour": 6, "object": 8} and summary["known_negatives"] == 0
+    assert summary["positives"] == int(SyntheticSource(SyntheticConfig(image_size=16), N, 0).labels.indptr[-1])
