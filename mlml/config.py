@@ -82,6 +82,9 @@ class MethodConfig:
     loss_args: dict = field(default_factory=dict)
     pos_weight: str = "none"      # none | observed: estimate per-class pos_weight from observed labels
     args: dict = field(default_factory=dict)   # method-specific hyperparameters
+    # adversarial domain branch for any method: {weight, hidden, schedule, lambda_max, gamma};
+    # empty or weight 0 = off (see mlml/methods/domain.py)
+    domain_branch: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -216,7 +219,7 @@ def read_toml_with_bases(path: Path) -> dict:
 
 def deep_update(base: dict, new: dict) -> None:
     for k, v in new.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict) and k not in ("loss_args", "args", "observation_args"):
+        if isinstance(v, dict) and isinstance(base.get(k), dict) and k not in ("loss_args", "args", "observation_args", "domain_branch"):
             deep_update(base[k], v)
         else:
             base[k] = v
@@ -241,7 +244,7 @@ def _write_table(data: dict, path: list[str], lines: list[str]) -> None:
 
 def _is_table(key: str, value: Any) -> bool:
     # Free-form dict fields are written inline so they read back as the same dict.
-    return isinstance(value, dict) and key not in ("loss_args", "args", "observation_args")
+    return isinstance(value, dict) and key not in ("loss_args", "args", "observation_args", "domain_branch")
 
 
 def _toml_value(v: Any) -> str:

@@ -62,7 +62,7 @@ def build_optimizer(cfg: Config, model: nn.Module, method: Method) -> torch.opti
     groups = [
         {"params": decay, "weight_decay": cfg.optim.weight_decay, "lr_scale": 1.0},
         {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
-        *method.param_groups(cfg.optim.lr),
+        *method.optimizer_groups(cfg.optim.lr),
     ]
     for g in groups:
         g["lr"] = cfg.optim.lr * g["lr_scale"]
@@ -242,7 +242,7 @@ class Trainer:
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-            out = self.method.training_step(batch, self.ddp_model)
+            out = self.method.step(batch, self.ddp_model)
         loss = out["loss"]
         if not torch.isfinite(loss):
             raise FloatingPointError(

@@ -10,7 +10,9 @@ teacher, a per-sample label table, a domain head), so the optimiser and checkpoi
     method.on_step_end(model, step)
     method.on_epoch_end(epoch)
 
-and evaluates every model in `method.eval_models(model)`.
+and evaluates every model in `method.eval_models(model)`. The trainer calls `step`, not
+`training_step` directly: `step` adds the adversarial domain branch (mlml/methods/domain.py) when
+`method.domain_branch` turns it on, so every method composes with it without code of its own.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch import nn
 
 from mlml.config import MethodConfig
 from mlml.labels import LabelSpace
+from mlml.methods.domain import DomainBranch, domain_branch_args
 from mlml.registry import Registry
 
 METHODS: Registry = Registry("method", entry_point_group="mlml.methods")
@@ -59,6 +62,36 @@ class Method(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.ctx = ctx
+        branch = domain_branch_args(cfg.domain_branch)
+        self.domain_branch = (DomainBranch(branch, ctx.feature_dim, ctx.num_domains, ctx.epochs * ctx.steps_per_epoch)
+                              if branch["weight"] > 0 else None)
+
+    def step(self, batch: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+        """`training_step`, plus the domain branch's loss and parts when it is on.
+
+        The branch sees the features of the first forward of the student's backbone in
+        `training_step` (caught by a forward hook that exists only during this call, so no second
+        forward is needed and teachers, which are other modules, are not seen). Its rows are
+        `batch["image"]`, possibly followed by further views of the same images in the same order
+        (as MeanTeacher's concatenated weak + strong forward): each copy gets the batch's domains.
+        """
+        if self.domain_branch is None:
+            return self.training_step(batch, model)
+        backbone = getattr(getattr(model, "module", model), "backbone", None)   # DDP wraps the model
+        if backbone is None:
+            raise ValueError("method.domain_branch needs a model with a `backbone` (features (B, D))")
+        caught: list[torch.Tensor] = []
+        hook = backbone.register_forward_hook(lambda module, inputs, output: caught.append(output) if not caught else None)
+        try:
+            parts = self.training_step(batch, model)
+        finally:
+            hook.remove()
+        domain = batch["domain"]
+        if not caught or len(caught[0]) % len(domain):
+            raise ValueError("method.domain_branch: the method's first student forward was not on the batch's images")
+        features = caught[0].float()                                       # (k B, D)
+        branch = self.domain_branch(features, domain.repeat(len(features) // len(domain)))
+        return {**parts, **branch, "loss": parts["loss"] + branch["loss"]}
 
     def training_step(self, batch: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -77,6 +110,15 @@ class Method(nn.Module):
         return {"student": model}
 
     def param_groups(self, lr: float) -> list[dict]:
-        """Optimiser groups for the method's own trainable parameters (none by default)."""
-        params = [p for p in self.parameters() if p.requires_grad]
+        """Optimiser groups for the method's own trainable parameters (none by default).
+
+        Subclasses may override it; the domain branch is not theirs to list (see `optimizer_groups`)."""
+        params = [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("domain_branch.")]
         return [{"params": params, "lr_scale": 1.0}] if params else []
+
+    def optimizer_groups(self, lr: float) -> list[dict]:
+        """What the trainer optimises besides the model: `param_groups` plus the domain head."""
+        groups = self.param_groups(lr)
+        if self.domain_branch is not None:
+            groups.append({"params": list(self.domain_branch.parameters()), "lr_scale": 1.0, "weight_decay": 0.0})
+        return groups

@@ -1,0 +1,122 @@
+"""An adversarial domain branch: gradient reversal against the source of an image (DANN).
+
+When labels are collected per group, or training and test images come from different sources,
+a network can learn *where* an image came from instead of *what* it shows, and an assume-negative
+loss rewards that shortcut. The branch removes source information from the backbone features
+(Ganin & Lempitsky, ICML 2015):
+
+    domain_loss = cross_entropy(head(reverse(features, lambda)), domain)       # (B, D) logits
+    loss        = task loss + weight * domain_loss
+
+`reverse` is the identity forward and multiplies the gradient by -lambda backward, so the head
+learns to tell the domains apart while the backbone learns to make that impossible. lambda follows
+`schedule` over training progress p = step / total steps:
+
+    dann:      lambda(p) = lambda_max * (2 / (1 + exp(-gamma p)) - 1)        (gamma = 10)
+    constant:  lambda(p) = lambda_max
+
+`lambda_max = 0` makes the branch a monitor: the head still learns (its accuracy is logged), the
+backbone trains exactly as without it.
+
+Configured per run as `method.domain_branch = {weight = 0.1, hidden = 256, schedule = "dann"}`
+(an empty table, or weight 0, is off). The branch lives in `Method` (mlml/methods/base.py), so
+every registered method takes it without code of its own. Domains are the batch's `domain` key
+(see mlml/data/observation.py: the collection of `per_group`, labelled vs unlabelled with
+`labelled_fraction`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+DEFAULTS = {
+    "weight": 0.0,          # weight of the domain loss; 0 = no branch
+    "hidden": 256,          # hidden units of the domain head; 0 = a linear head
+    "schedule": "dann",     # dann | constant
+    "lambda_max": 1.0,      # lambda at the end of the dann schedule, or the constant value
+    "gamma": 10.0,          # steepness of the dann schedule
+}
+
+
+class _GradientReversal(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, lam: float) -> Tensor:
+        ctx.lam = lam
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return -ctx.lam * grad, None
+
+
+def grad_reverse(x: Tensor, lam: float) -> Tensor:
+    """x unchanged forward; the gradient multiplied by -lam backward."""
+    return _GradientReversal.apply(x, lam)
+
+
+def dann_lambda(progress: float, gamma: float = 10.0) -> float:
+    """2 / (1 + exp(-gamma p)) - 1 for progress p in [0, 1] (clamped): 0 at the start, -> 1."""
+    p = min(max(progress, 0.0), 1.0)
+    return 2.0 / (1.0 + math.exp(-gamma * p)) - 1.0
+
+
+def domain_branch_args(cfg: dict) -> dict:
+    """The branch's settings with defaults filled in; unknown keys and bad values are errors."""
+    unknown = sorted(set(cfg) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"method.domain_branch has no key '{unknown[0]}'; known: {', '.join(sorted(DEFAULTS))}")
+    args = {**DEFAULTS, **cfg}
+    if args["schedule"] not in ("dann", "constant"):
+        raise ValueError(f"method.domain_branch.schedule must be 'dann' or 'constant', got '{args['schedule']}'")
+    if args["weight"] < 0 or args["lambda_max"] < 0 or args["hidden"] < 0:
+        raise ValueError(f"method.domain_branch: weight, lambda_max and hidden must be >= 0, got {cfg}")
+    return args
+
+
+class DomainBranch(nn.Module):
+    """Domain head on reversed features, with its lambda schedule.
+
+    Args:
+        args: settings (see `DEFAULTS`).
+        feature_dim: D, the backbone's feature size.
+        num_domains: number of domains (>= 2).
+        total_steps: optimiser steps of the run (the schedule's p = step / total_steps).
+    """
+
+    def __init__(self, args: dict, feature_dim: int, num_domains: int, total_steps: int) -> None:
+        super().__init__()
+        if num_domains < 2:
+            raise ValueError("method.domain_branch needs at least two domains; this data has one "
+                             "(use data.observation = 'per_group', or observation_args.labelled_fraction < 1)")
+        if feature_dim <= 0:
+            raise ValueError("method.domain_branch needs MethodContext.feature_dim (the trainer fills it)")
+        self.args, self.num_domains, self.total_steps = args, num_domains, max(1, total_steps)
+        h = int(args["hidden"])
+        self.head = (nn.Sequential(nn.Linear(feature_dim, h), nn.ReLU(inplace=True), nn.Linear(h, num_domains))
+                     if h else nn.Linear(feature_dim, num_domains))
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))   # steps taken: resume is exact
+
+    def lam(self) -> float:
+        a = self.args
+        if a["schedule"] == "constant":
+            return float(a["lambda_max"])
+        return float(a["lambda_max"]) * dann_lambda(float(self.step) / self.total_steps, float(a["gamma"]))
+
+    def forward(self, features: Tensor, domain: Tensor) -> dict[str, Tensor]:
+        """features (N, D) and domain long (N,) -> {"loss": weighted domain loss, logged parts}.
+
+        Advances the schedule by one step (call it once per optimiser step)."""
+        lam = self.lam()
+        logits = self.head(grad_reverse(features, lam)).float()                # (N, num_domains)
+        loss = F.cross_entropy(logits, domain)
+        self.step += 1
+        return {
+            "loss": float(self.args["weight"]) * loss,
+            "domain_loss": loss.detach(),
+            "domain_acc": (logits.argmax(1) == domain).float().mean().detach(),
+            "domain_lambda": torch.tensor(lam),
+        }
