@@ -29,7 +29,7 @@ from mlml.data.folder import ImageFolderSource
 from mlml.data.label_store import LabelStore
 from mlml.data.observation import Full, Observation, build_observation
 from mlml.data.recolour import RecolourSource
-from mlml.data.synthetic import SyntheticSource
+from mlml.data.synthetic import SyntheticSource, nuisance_styles
 from mlml.data.transforms import build_views
 from mlml.labels import LabelSpace
 from mlml.registry import Registry
@@ -177,6 +177,13 @@ def build_data(cfg: DataConfig) -> Data:
     splits = splitter(sizes, cfg.data_seed) if splitter else default_splits(len(source), sizes, cfg.data_seed)
     name = cfg.observation if cfg.observation != "auto" else getattr(source, "default_observation", "single_positive")
     observation = build_observation(name, source.label_space, cfg.data_seed, cfg.observation_args, source.labels)
+    if cfg.source == "synthetic" and cfg.synthetic.nuisance == "collection":   # the shortcut scenario
+        if observation.num_domains < 2:
+            raise ConfigError("data.synthetic.nuisance = 'collection' needs an observation model with collections "
+                              "(data.observation = 'per_group', or observation_args.labelled_fraction < 1)")
+        train = splits["train"]
+        source.set_styles(nuisance_styles(len(source), train, observation.domain(train), observation.num_domains,
+                                          cfg.data_seed), observation.num_domains)
     image: Callable[[int], torch.Tensor] = source.image
     if hasattr(source, "images"):
         image = ImageCache(source, np.concatenate([splits[s] for s in SPLITS]))

@@ -88,6 +88,11 @@ class SyntheticConfig:
         min_scale, max_scale: object radius as a fraction of the image size.
         rotation: objects are rotated by a uniform angle in ±rotation degrees (180 = any angle).
         edge: width in pixels of the antialiased edge (soft edges; 0 = hard edges).
+        nuisance: "none" (the default, images as described above) or "collection": the
+            shortcut scenario. Training images carry the background style of their collection
+            (their observation model's `domain`, e.g. the group of `per_group`), every other
+            image a style drawn at random, independent of its labels. See `nuisance_styles`.
+        nuisance_strength: saturation of a style's background tint (default backgrounds: <= 0.12).
     """
 
     image_size: int = 32
@@ -104,6 +109,8 @@ class SyntheticConfig:
     max_scale: float = 0.3
     rotation: float = 15.0
     edge: float = 1.0
+    nuisance: str = "none"
+    nuisance_strength: float = 0.35
 
     def __post_init__(self) -> None:
         checks = {
@@ -120,6 +127,8 @@ class SyntheticConfig:
             "max_scale": self.max_scale <= 0.5,
             "rotation": 0 <= self.rotation <= 180,
             "edge": self.edge >= 0,
+            "nuisance": self.nuisance in ("none", "collection"),
+            "nuisance_strength": 0 <= self.nuisance_strength <= 1,
         }
         for name, ok in checks.items():
             if not ok:
@@ -190,6 +199,21 @@ class SyntheticSource:
             for k in range(self.cfg.max_objects)
             if p["present"][i, k]
         ]
+
+    def set_styles(self, styles: np.ndarray, num_styles: int) -> None:
+        """Give image i the background style `styles[i]` (int (n,) in [0, num_styles)).
+
+        A style replaces the hue and saturation of the image's two background tints: hue
+        160° + 360° s / num_styles (±15° per tint), saturation `nuisance_strength`; their value
+        (brightness), the gradient, texture and objects are unchanged. Labels are unchanged."""
+        styles = np.asarray(styles, dtype=np.int64)
+        if styles.shape != (self.n,) or styles.min(initial=0) < 0 or styles.max(initial=0) >= num_styles:
+            raise ValueError(f"styles must be {self.n} integers in [0, {num_styles})")
+        u = np.random.default_rng([self.seed, 3]).random((self.n, 2))
+        hue = 160.0 + 360.0 * styles[:, None] / num_styles + 15.0 * (2 * u - 1)             # (n, 2)
+        value = self._params["tint"].max(-1).astype(np.float64)                              # (n, 2): HSV value
+        sat = np.full_like(value, self.cfg.nuisance_strength)
+        self._params["tint"] = _hsv_to_rgb(hue, sat, value).astype(np.float32)
 
     def image(self, i: int) -> torch.Tensor:
         """uint8 (3, S, S): image i."""
@@ -264,6 +288,19 @@ class SyntheticSource:
             np.subtract(np.float32(0.5), d, out=d)
             alpha[rows] = np.clip(d, np.float32(0), np.float32(1), out=d)
         return alpha.reshape(B, K, len(X))
+
+
+def nuisance_styles(n: int, train_rows: np.ndarray, train_domains: np.ndarray, num_styles: int, seed: int) -> np.ndarray:
+    """int64 (n,): the style of every image in the shortcut scenario (`nuisance = "collection"`).
+
+    A training image's style is its collection (`train_domains`, e.g. which group's labels it
+    carries under `per_group`), so the background tells the collection and, under assume-negative,
+    which labels are "negative". Every other image (validation, test) draws its style uniformly at
+    random from a hash of (seed, row), independent of its labels and collection: the shortcut fails
+    there."""
+    styles = np.minimum((np.random.default_rng([seed, 4]).random(n) * num_styles).astype(np.int64), num_styles - 1)
+    styles[np.asarray(train_rows, dtype=np.int64)] = train_domains
+    return styles
 
 
 def _linear(a: np.ndarray, b: np.ndarray, c: np.ndarray, X: np.ndarray, Y: np.ndarray) -> np.ndarray:
