@@ -1,0 +1,148 @@
+"""The adversarial domain branch: gradient reversal, schedule, configuration, every method, resume,
+the shortcut scenario's data, and that the branch removes the shortcut's domain information."""
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mlml.data.pipeline import build_data
+from mlml.data.synthetic import SyntheticSource
+from mlml.distributed import DistInfo
+from mlml.methods import METHODS
+from mlml.methods.domain import DomainBranch, dann_lambda, domain_branch_args, grad_reverse
+from mlml.trainer import Trainer, train
+from tests.conftest import stop_mid_run, tiny_config
+
+PER_GROUP = "data.observation=per_group"
+SHORTCUT = "data.synthetic.nuisance=collection"
+
+
+def test_reversal_is_identity_forward_and_negates_scaled_gradient():
+    torch.manual_seed(0)
+    x = torch.randn(4, 5, requires_grad=True)
+    w = torch.randn(4, 5)
+    y = grad_reverse(x, 0.3)
+    assert torch.equal(y, x)
+    (y * w).sum().backward()
+    assert torch.allclose(x.grad, -0.3 * w)
+    x.grad = None
+    (grad_reverse(x, 0.0) * w).sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(w))
+
+
+def test_dann_schedule_values():
+    assert dann_lambda(0.0) == 0.0
+    assert dann_lambda(0.1) == pytest.approx(2 / (1 + math.exp(-1)) - 1)          # 0.4621
+    assert dann_lambda(0.5) == pytest.approx(0.986614, abs=1e-6)
+    assert dann_lambda(1.0) == pytest.approx(0.999909, abs=1e-6)
+    assert dann_lambda(2.0) == dann_lambda(1.0) and dann_lambda(-1.0) == 0.0         # clamped to [0, 1]
+    values = [dann_lambda(p / 20) for p in range(21)]
+    assert values == sorted(values)
+
+
+def test_branch_lambda_follows_its_step_count():
+    branch = DomainBranch(domain_branch_args({"weight": 1.0, "lambda_max": 0.5}), feature_dim=3, num_domains=2, total_steps=10)
+    lams = []
+    for _ in range(11):
+        lams.append(branch.lam())
+        branch(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))
+    assert lams == pytest.approx([0.5 * dann_lambda(s / 10) for s in range(11)])
+    assert int(branch.state_dict()["step"]) == 11
+    constant = DomainBranch(domain_branch_args({"weight": 1.0, "schedule": "constant", "lambda_max": 0.2}), 3, 3, 10)
+    assert constant.lam() == 0.2 and isinstance(constant.head, torch.nn.Sequential)
+    assert isinstance(DomainBranch(domain_branch_args({"weight": 1.0, "hidden": 0}), 3, 4, 10).head, torch.nn.Linear)
+
+
+def test_bad_settings_are_errors_naming_them(tmp_path):
+    with pytest.raises(ValueError, match="no key 'lamda'"):
+        domain_branch_args({"weight": 1.0, "lamda": 1.0})
+    with pytest.raises(ValueError, match="schedule"):
+        domain_branch_args({"weight": 1.0, "schedule": "linear"})
+    with pytest.raises(ValueError, match="two domains"):        # single_positive: every image is domain 0
+        Trainer(tiny_config("method.domain_branch={weight = 0.1}"), tmp_path, DistInfo())
+    with pytest.raises(ValueError, match="collections"):
+        build_data(tiny_config(SHORTCUT).data)
+
+
+def test_branch_is_off_by_default_and_with_weight_zero(tmp_path):
+    for extra in ((), ("method.domain_branch={weight = 0.0}",)):
+        trainer = Trainer(tiny_config(PER_GROUP, *extra), tmp_path, DistInfo())
+        assert trainer.method.domain_branch is None
+        assert "domain_loss" not in trainer.train_step(next(iter(trainer.train_loader)))
+
+
+@pytest.mark.parametrize("method", METHODS.names())
+def test_branch_runs_under_every_method(method, tmp_path):
+    cfg = tiny_config(f"method.name={method}", PER_GROUP, "method.domain_branch={weight = 0.5, hidden = 16, schedule = 'constant'}")
+    trainer = Trainer(cfg, tmp_path, DistInfo())
+    branch = trainer.method.domain_branch
+    optimised = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert all(id(p) in optimised for p in branch.parameters())
+    assert len(optimised) == len([p for g in trainer.optimizer.param_groups for p in g["params"]])   # no duplicates
+    before = [p.detach().clone() for p in branch.parameters()]
+    parts = trainer.train_step(next(iter(trainer.train_loader)))
+    assert {"domain_loss", "domain_acc", "domain_lambda"} <= set(parts) and parts["domain_lambda"] == 1.0
+    assert all(math.isfinite(v) for v in parts.values())
+    assert all(not torch.equal(a, b) for a, b in zip(before, branch.parameters()))
+    assert int(branch.step) == 1
+
+
+def test_backbone_gets_the_reversed_domain_gradient(tmp_path):
+    """d(loss)/d(backbone) with the branch = task gradient - lambda * weight * domain gradient."""
+    cfg = tiny_config(PER_GROUP, "method.domain_branch={weight = 2.0, schedule = 'constant', lambda_max = 0.5}")
+    trainer = Trainer(cfg, tmp_path, DistInfo())
+    trainer.model.eval()                                           # running BN statistics: same features each call
+    batch = next(iter(trainer.train_loader))
+    last = list(trainer.model.backbone.parameters())[-1]
+
+    def grad(fn):
+        trainer.model.zero_grad()
+        trainer.method.zero_grad()
+        fn().backward()
+        return last.grad.clone()
+
+    task = grad(lambda: trainer.method.training_step(batch, trainer.model)["loss"])
+    both = grad(lambda: trainer.method.step(batch, trainer.model)["loss"])
+    head = trainer.method.domain_branch.head
+    domain = grad(lambda: torch.nn.functional.cross_entropy(head(trainer.model(batch["image"])["features"]), batch["domain"]))
+    assert torch.allclose(both, task - 0.5 * 2.0 * domain, atol=1e-6)
+
+
+def test_resume_with_the_branch_is_exact(tmp_path, monkeypatch):
+    cfg = tiny_config(PER_GROUP, "method.domain_branch={weight = 0.5}", "run.checkpoint_every=1")
+    reference = train(cfg, tmp_path / "a")
+    stop_mid_run(cfg, tmp_path / "b", monkeypatch, at_step=17)
+    resumed = train(cfg, tmp_path / "b", resume=True)
+    assert resumed["metrics"] == reference["metrics"]
+
+
+def test_shortcut_scenario_styles_training_images_by_collection():
+    cfg = tiny_config(PER_GROUP, SHORTCUT)
+    data, plain = build_data(cfg.data), build_data(tiny_config(PER_GROUP).data)
+    train_rows, test_rows = data.splits["train"], data.splits["test"]
+    # Labels, splits and what is observed are those of the plain per-group scenario.
+    rows = np.concatenate([train_rows, test_rows])
+    assert np.array_equal(data.labels.dense(rows), plain.labels.dense(rows))
+    assert all(np.array_equal(data.splits[s], plain.splits[s]) for s in data.splits)
+
+    def background_hue(rows):        # mean hue of the image border (objects rarely reach it), on the unit circle
+        img = torch.stack([data.image(int(r)) for r in rows]).float() / 255
+        border = torch.cat([img[:, :, 0], img[:, :, -1]], -1)                   # (N, 3, 2S)
+        r, g, b = border.mean(-1).unbind(1)
+        return torch.atan2(math.sqrt(3) * (g - b), 2 * r - g - b)              # radians
+
+    def agreement(rows, domains):     # share of images whose background hue tells their collection
+        hue = background_hue(rows)
+        guess = (torch.cos(hue - math.radians(160)) < 0).long().numpy()         # style 0: 160°, style 1: 340°
+        return float((guess == domains).mean())
+
+    domains = data.observation.domain(train_rows)
+    assert agreement(train_rows, domains) > 0.95
+    assert 0.3 < agreement(test_rows, data.observation.domain(test_rows)) < 0.7     # test: unrelated
+    # The default data is untouched: no styles unless asked for.
+    source = SyntheticSource(cfg.data.synthetic, len(plain.source), cfg.data.data_seed)
+    assert torch.equal(plain.image(int(train_rows[0])), source.image(int(train_rows[0])))
+    assert not torch.equal(data.image(int(train_rows[0])), source.image(int(train_rows[0])))
