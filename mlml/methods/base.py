@@ -120,5 +120,6 @@ class Method(nn.Module):
         """What the trainer optimises besides the model: `param_groups` plus the domain head."""
         groups = self.param_groups(lr)
         if self.domain_branch is not None:
-            groups.append({"params": list(self.domain_branch.parameters()), "lr_scale": 1.0, "weight_decay": 0.0})
+            groups.append({"params": list(self.domain_branch.parameters()), "weight_decay": 0.0,
+                           "lr_scale": float(self.domain_branch.args["lr_scale"])})
         return groups

@@ -39,6 +39,7 @@ DEFAULTS = {
     "schedule": "dann",     # dann | constant
     "lambda_max": 1.0,      # lambda at the end of the dann schedule, or the constant value
     "gamma": 10.0,          # steepness of the dann schedule
+    "lr_scale": 1.0,        # the head's learning rate / optim.lr (a faster head keeps up with the backbone)
 }
 
 
@@ -72,8 +73,8 @@ def domain_branch_args(cfg: dict) -> dict:
     args = {**DEFAULTS, **cfg}
     if args["schedule"] not in ("dann", "constant"):
         raise ValueError(f"method.domain_branch.schedule must be 'dann' or 'constant', got '{args['schedule']}'")
-    if args["weight"] < 0 or args["lambda_max"] < 0 or args["hidden"] < 0:
-        raise ValueError(f"method.domain_branch: weight, lambda_max and hidden must be >= 0, got {cfg}")
+    if min(args["weight"], args["lambda_max"], args["hidden"], args["lr_scale"]) < 0:
+        raise ValueError(f"method.domain_branch: weight, lambda_max, hidden and lr_scale must be >= 0, got {cfg}")
     return args
 
 
