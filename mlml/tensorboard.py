@@ -1,6 +1,7 @@
 """TensorBoard logging of a run: scalars, hyperparameters with final metrics, labelled image grids.
 
-Tag names are the same for every method (`train/loss`, `train/<part>`, `train/lr`, `val/<metric>`,
+Tag names are the same for every method (`train/loss`, `train/<part>` (with the domain branch:
+`train/domain_loss`, `train/domain_acc`, `train/domain_lambda`), `train/lr`, `val/<metric>`,
 `val_teacher/<metric>`, `test/<metric>`), so runs of one table compare on one chart. Only rank 0
 writes.
 """
@@ -25,6 +26,7 @@ def flat_hparams(cfg: Config) -> dict[str, str | float | int | bool]:
         "seed": cfg.run.seed,
         "method.name": cfg.method.name,
         "method.loss": cfg.method.loss,
+        "method.domain_branch.weight": float(cfg.method.domain_branch.get("weight", 0.0)),
         "data.observation": cfg.data.observation,
         "model.backbone": cfg.model.backbone,
         "optim.lr": cfg.optim.lr,

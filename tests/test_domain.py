@@ -199,3 +199,15 @@ def test_branch_moves_domain_accuracy_towards_chance_on_the_shortcut(tmp_path):
     assert probe_off > 0.95 and head_off > 0.95                     # the shortcut is there to be read
     assert probe_on < probe_off - 0.1
     assert abs(head_on - 0.5) < abs(head_off - 0.5) - 0.15
+
+
+def test_tensorboard_gets_the_branch_parts(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(tiny_config(PER_GROUP, "optim.epochs=1", "method.domain_branch={weight = 0.1}"), tmp_path)
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/domain_loss", "train/domain_acc", "train/domain_lambda", "train/loss", "val/mAP_macro"} <= tags
+    lams = [e.value for e in events.Scalars("train/domain_lambda")]
+    assert lams[0] == 0.0 and lams == sorted(lams) and 0 < lams[-1] < 1       # dann: 0 at step 0, rising
