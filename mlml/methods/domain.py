@@ -15,6 +15,12 @@ learns to tell the domains apart while the backbone learns to make that impossib
     dann:      lambda(p) = lambda_max * (2 / (1 + exp(-gamma p)) - 1)        (gamma = 10)
     constant:  lambda(p) = lambda_max
 
+`weight` is relative to the task loss: with a sum-reduced loss (asl, hill, focal... reduce over the
+B x C entries by default) the same weight is ~B*C times weaker; use `loss_args.reduction = "mean"`
+with those (under AdamW the reduction alone hardly changes a run). The head learns at
+`lr_scale` x optim.lr: a head slower than the backbone is fooled (its accuracy swings below chance,
+the domain is encoded inverted rather than removed), a faster one keeps the game honest.
+
 `lambda_max = 0` makes the branch a monitor: the head still learns (its accuracy is logged), the
 backbone trains exactly as without it.
 
