@@ -141,11 +141,25 @@ def test_shortcut_scenario_styles_training_images_by_collection():
 
     domains = data.observation.domain(train_rows)
     assert agreement(train_rows, domains) > 0.95
+    assert np.array_equal(domains, plain.observation.domain(train_rows))
     assert 0.3 < agreement(test_rows, data.observation.domain(test_rows)) < 0.7     # test: unrelated
     # The default data is untouched: no styles unless asked for.
     source = SyntheticSource(cfg.data.synthetic, len(plain.source), cfg.data.data_seed)
     assert torch.equal(plain.image(int(train_rows[0])), source.image(int(train_rows[0])))
     assert not torch.equal(data.image(int(train_rows[0])), source.image(int(train_rows[0])))
+
+
+def test_stripes_style_follows_the_collection_in_training_only():
+    data = build_data(tiny_config(PER_GROUP, SHORTCUT, "data.synthetic.nuisance_style=stripes").data)
+
+    def agreement(rows):            # style 0: stripes across x (vertical), style 1: across y (horizontal)
+        img = torch.stack([data.image(int(r)) for r in rows]).float().mean(1)      # (N, S, S) grey
+        dx = (img[:, :, 1:] - img[:, :, :-1]).abs().mean((1, 2))
+        dy = (img[:, 1:] - img[:, :-1]).abs().mean((1, 2))
+        return float(((dx < dy).long().numpy() == data.observation.domain(rows)).mean())
+
+    assert agreement(data.splits["train"]) > 0.95
+    assert 0.3 < agreement(data.splits["test"]) < 0.7
 
 
 def domain_accuracies(trainer: Trainer) -> tuple[float, float]:

@@ -92,7 +92,12 @@ class SyntheticConfig:
             shortcut scenario. Training images carry the background style of their collection
             (their observation model's `domain`, e.g. the group of `per_group`), every other
             image a style drawn at random, independent of its labels. See `nuisance_styles`.
-        nuisance_strength: saturation of a style's background tint (default backgrounds: <= 0.12).
+        nuisance_style: what a style is: "tint" (the background's two tints get the style's hue at
+            saturation `nuisance_strength`; default backgrounds are greyish, saturation <= 0.12) or
+            "stripes" (a grey grating of period 3 px over the background, oriented at 180° k / D
+            for style k of D, amplitude `nuisance_strength` / 3 in pixel values: colour-free, so
+            it is not entangled with the colour labels).
+        nuisance_strength: strength of a style (see `nuisance_style`).
     """
 
     image_size: int = 32
@@ -110,6 +115,7 @@ class SyntheticConfig:
     rotation: float = 15.0
     edge: float = 1.0
     nuisance: str = "none"
+    nuisance_style: str = "tint"
     nuisance_strength: float = 0.35
 
     def __post_init__(self) -> None:
@@ -128,6 +134,7 @@ class SyntheticConfig:
             "rotation": 0 <= self.rotation <= 180,
             "edge": self.edge >= 0,
             "nuisance": self.nuisance in ("none", "collection"),
+            "nuisance_style": self.nuisance_style in ("tint", "stripes"),
             "nuisance_strength": 0 <= self.nuisance_strength <= 1,
         }
         for name, ok in checks.items():
@@ -203,13 +210,20 @@ class SyntheticSource:
     def set_styles(self, styles: np.ndarray, num_styles: int) -> None:
         """Give image i the background style `styles[i]` (int (n,) in [0, num_styles)).
 
-        A style replaces the hue and saturation of the image's two background tints: hue
+        "tint": a style replaces the hue and saturation of the image's two background tints: hue
         160° + 360° s / num_styles (±15° per tint), saturation `nuisance_strength`; their value
-        (brightness), the gradient, texture and objects are unchanged. Labels are unchanged."""
+        (brightness), the gradient, texture and objects are unchanged. "stripes": a grating is
+        added to the background (see `SyntheticConfig.nuisance_style`). Labels are unchanged."""
         styles = np.asarray(styles, dtype=np.int64)
         if styles.shape != (self.n,) or styles.min(initial=0) < 0 or styles.max(initial=0) >= num_styles:
             raise ValueError(f"styles must be {self.n} integers in [0, {num_styles})")
         u = np.random.default_rng([self.seed, 3]).random((self.n, 2))
+        if self.cfg.nuisance_style == "stripes":
+            angle = np.pi * styles / num_styles + np.deg2rad(10.0) * (2 * u[:, 0] - 1)        # (n,)
+            k = 2 * np.pi / 3.0                                                              # period 3 px
+            self._params["stripe_dir"] = (k * np.stack([np.cos(angle), np.sin(angle)], -1)).astype(np.float32)
+            self._params["stripe_phase"] = (2 * np.pi * u[:, 1]).astype(np.float32)
+            return
         hue = 160.0 + 360.0 * styles[:, None] / num_styles + 15.0 * (2 * u - 1)             # (n, 2)
         value = self._params["tint"].max(-1).astype(np.float64)                              # (n, 2): HSV value
         sat = np.full_like(value, self.cfg.nuisance_strength)
@@ -265,6 +279,9 @@ class SyntheticSource:
             lum = crops[p["texture"], p["texture_y"], p["texture_x"]].reshape(len(t), 1, S * S)  # a copy
             lum *= p["texture_amp"][:, None, None]
             img += lum
+        if "stripe_dir" in p:                               # the shortcut scenario's "stripes" style
+            wave = np.cos(_linear(p["stripe_dir"][:, 0], p["stripe_dir"][:, 1], p["stripe_phase"], X, Y))
+            img += np.float32(self.cfg.nuisance_strength / 3) * wave[:, None]
         return img
 
     def _coverage(self, p: dict[str, np.ndarray]) -> np.ndarray:
