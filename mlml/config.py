@@ -49,6 +49,7 @@ class DataConfig:
     augment: str = "flip_crop"    # none | flip_crop
     batch_size: int = 128         # global batch size
     num_workers: int = 0
+    groups: dict = field(default_factory=dict)   # group name -> overrides of the source's groups (mlml.labels.configure_groups)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
