@@ -25,7 +25,9 @@ from tqdm import tqdm
 from mlml.config import Config, to_toml
 from mlml.data.pipeline import Data, build_data
 from mlml.distributed import DistInfo, barrier, init_distributed, resolve_device
-from mlml.evaluation import calibrate_thresholds, classes_without_positives, per_class_ap, predict, split_metrics
+from mlml.evaluation import (
+    calibrate_thresholds, classes_without_positives, group_metrics, per_class_ap, predict, softmax_groups, split_metrics,
+)
 from mlml.methods import Method, MethodContext, build_method
 from mlml.models import build_model
 from mlml.tensorboard import RunLogger
@@ -251,7 +253,10 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, split: str, model: nn.Module, thresholds: torch.Tensor | None = None) -> tuple[dict, torch.Tensor, torch.Tensor]:
         scores, targets = predict(model, self.eval_loaders[split], self.device, self.amp_dtype)
-        return split_metrics(scores, targets, self.cfg.eval.threshold, thresholds), scores, targets
+        metrics = split_metrics(scores, targets, self.cfg.eval.threshold, thresholds)
+        if split == "test" or self.cfg.data.val_labels == "full":   # group metrics need full labels
+            metrics |= group_metrics(scores, targets, self.data.label_space, softmax_groups(model), self.cfg.eval.threshold)
+        return metrics, scores, targets
 
     def validate(self) -> None:
         record = {"epoch": self.epoch}
