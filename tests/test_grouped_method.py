@@ -42,3 +42,32 @@ def test_needs_the_grouped_head(tmp_path):
     trainer = Trainer(tiny_config("method.name=grouped", *PATTERN_DATA), tmp_path, DistInfo())
     with pytest.raises(ValueError, match="model.head = 'grouped'"):
         trainer.train_step(next(iter(trainer.train_loader)))
+
+
+def _teacher_trainer(tmp_path, *extra):
+    cfg = tiny_config("method.name=grouped_teacher", "model.head=grouped", "data.observation=single_positive", *PATTERN_DATA, *extra)
+    return Trainer(cfg, tmp_path, DistInfo())
+
+
+def test_teacher_pseudo_labels_reach_the_student_only(tmp_path):
+    trainer = _teacher_trainer(tmp_path, "method.args={threshold = 0.0, rampup = 0.0}")
+    batch = next(iter(trainer.train_loader))
+    assert "image_strong" in batch
+    batch["observed"] = torch.zeros_like(batch["observed"])        # nothing observed: only the pseudo term
+    out = trainer.method.training_step(batch, trainer.model)
+    assert float(out["sup"]) == 0.0 and float(out["pseudo"]) > 0
+    assert all(float(out[f"pseudo_rate/{g}"]) == 1.0 for g in ("colour", "object", "pattern"))
+    out["loss"].backward()
+    assert sum(float(p.grad.abs().sum()) for p in trainer.model.parameters()) > 0
+    assert all(p.grad is None and not p.requires_grad for p in trainer.method.teacher.parameters())
+
+
+def test_teacher_is_evaluated_first_and_followed(tmp_path):
+    trainer = _teacher_trainer(tmp_path)
+    trainer.train_step(next(iter(trainer.train_loader)))
+    trainer.method.on_step_end(trainer.model, 1)                   # first update: a copy
+    for t, s in zip(trainer.method.teacher.state_dict().values(), trainer.model.state_dict().values()):
+        assert torch.equal(t, s)
+    assert list(trainer.method.eval_models(trainer.model)) == ["teacher", "student"]
+    with pytest.raises(ValueError, match="no argument 'tau'"):
+        _teacher_trainer(tmp_path / "x", "method.args={tau = 0.5}")

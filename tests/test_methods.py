@@ -10,7 +10,7 @@ from tests.conftest import tiny_config
 
 
 # Methods that need a particular model or data to run at all.
-REQUIRES = {"grouped": ["model.head=grouped"]}
+REQUIRES = {"grouped": ["model.head=grouped"], "grouped_teacher": ["model.head=grouped"]}
 
 
 @pytest.mark.parametrize("method", METHODS.names())
