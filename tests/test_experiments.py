@@ -38,3 +38,21 @@ def test_reproduce_twice_skips_and_gives_the_same_table(table, tmp_path, capsys)
     assert {p: p.stat().st_mtime for p in runs.rglob("metrics.json")} == mtimes
     assert first.split("Mean ±")[1] == second.split("Mean ±")[1]
     assert "| an |" in first and (results / "tiny.csv").exists()
+
+
+def test_grouped_heads_table_builds_every_run(tmp_path):
+    """Every run of the grouped-heads table, in both profiles, is a valid config whose model, data
+    and method match (grouped methods with the grouped head, pattern data, one object per image)."""
+    from mlml.config import load_config
+    from mlml.data.synthetic import synthetic_label_space
+
+    spec = read_table("grouped_heads")
+    for profile in ("quick", "full"):
+        runs = expand(spec, profile, 1, tmp_path)
+        assert len(runs) == len(spec["settings"]) * len(spec["methods"])
+        for run in runs:
+            cfg = load_config(run.config, list(run.overrides))
+            assert cfg.data.synthetic.max_objects == 1 and cfg.data.synthetic.num_patterns == 3
+            assert (cfg.model.head == "grouped") == cfg.method.name.startswith("grouped"), run.method
+            assert synthetic_label_space(cfg.data.synthetic).group("pattern").has_unknown
+            assert cfg.data.groups == ({"pattern": {"has_unknown": False}} if run.method == "grouped_no_unknown" else {})
