@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from mlml.groups import decode_groups, group_targets
 from mlml.labels import LabelSpace
 from mlml.metrics import (
-    calibrate_thresholds, classes_without_positives, group_accuracy, mean_average_precision, multilabel_metrics,
+    calibrate_thresholds, classes_without_positives, decoded_accuracy, group_accuracy, mean_average_precision, multilabel_metrics,
     unknown_accuracy, unknown_auroc,
 )
 
@@ -66,9 +66,10 @@ def softmax_groups(model: nn.Module) -> dict[str, bool]:
 
 
 def group_metrics(scores: torch.Tensor, targets: torch.Tensor, space: LabelSpace, softmax: dict[str, bool], threshold: float = 0.5) -> dict[str, float]:
-    """Per exclusive group, against full labels: `group_acc/<g>` (decoded class on the images the
-    group applies to), and where some images have no class of g, `unknown_acc/<g>` (predicted
-    unknown on those) and `unknown_auroc/<g>` (their detection by the unknown score).
+    """Per exclusive group, against full labels: `group_acc/<g>` (top class on the images the
+    group applies to), `decoded_acc/<g>` (the decoded class-or-unknown right, over all images),
+    and where some images have no class of g, `unknown_acc/<g>` (predicted unknown on those) and
+    `unknown_auroc/<g>` (their detection by the unknown score).
 
     Args:
         scores: float (N, C) per-label probabilities of any head (`mlml.groups.decode_groups`).
@@ -79,7 +80,8 @@ def group_metrics(scores: torch.Tensor, targets: torch.Tensor, space: LabelSpace
     out = {}
     for name, dec in decode_groups(scores, space, softmax, threshold).items():
         true, K = truth[name].cls, dec.probs.shape[1] - 1
-        out[f"group_acc/{name}"] = float(group_accuracy(dec.pred, true, K))
+        out[f"group_acc/{name}"] = float(group_accuracy(dec.probs[:, :K], true))
+        out[f"decoded_acc/{name}"] = float(decoded_accuracy(dec.pred, true, K))
         if (true == K).any():
             out[f"unknown_acc/{name}"] = float(unknown_accuracy(dec.pred, true, K))
             out[f"unknown_auroc/{name}"] = float(unknown_auroc(dec.probs[:, K], true, K))

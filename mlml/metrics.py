@@ -28,6 +28,7 @@ __all__ = [
     "calibrate_thresholds",
     "classes_without_positives",
     "f1_score",
+    "decoded_accuracy",
     "group_accuracy",
     "hamming_loss",
     "mean_average_precision",
@@ -376,18 +377,35 @@ def _check_group(pred: Tensor, true: Tensor, num_classes: int) -> None:
             raise ValueError(f"{name} must hold classes in 0..{num_classes} ({num_classes} = unknown)")
 
 
-def group_accuracy(pred: Tensor, true: Tensor, num_classes: int) -> Tensor:
-    """Accuracy on the images the group applies to (true < K); predicting unknown there is wrong.
+def group_accuracy(class_scores: Tensor, true: Tensor) -> Tensor:
+    """Accuracy of the top class on the images the group applies to (true < K), whatever the
+    unknown score: how well the classes are told apart, comparable across heads and calibrations.
 
-    >>> group_accuracy(torch.tensor([0, 2, 1, 2]), torch.tensor([0, 1, 1, 2]), num_classes=2)
-    tensor(0.6667)
+    Args:
+        class_scores: float (N, K) scores of the group's K classes (the unknown score left out).
+        true: long (N,) in 0..K.
+
+    >>> group_accuracy(torch.tensor([[0.9, 0.1], [0.2, 0.3], [0.6, 0.4]]), torch.tensor([0, 1, 2]))
+    tensor(1.)
 
     Returns:
         A float scalar; NaN when no image has a class.
     """
-    _check_group(pred, true, num_classes)
-    applies = true < num_classes
+    K = class_scores.shape[1]
+    _check_group(true, true, K)
+    applies = true < K
+    pred = class_scores.argmax(1)
     return (pred[applies] == true[applies]).float().mean() if applies.any() else torch.tensor(math.nan)
+
+
+def decoded_accuracy(pred: Tensor, true: Tensor, num_classes: int) -> Tensor:
+    """Share of all images whose decoded prediction (a class, or K = unknown) is right.
+
+    >>> decoded_accuracy(torch.tensor([0, 2, 1, 2]), torch.tensor([0, 1, 1, 2]), num_classes=2)
+    tensor(0.7500)
+    """
+    _check_group(pred, true, num_classes)
+    return (pred == true).float().mean()
 
 
 def unknown_accuracy(pred: Tensor, true: Tensor, num_classes: int) -> Tensor:

@@ -60,7 +60,7 @@ def test_grouped_run_eval_and_predict(tmp_path, capsys):
     assert main(["train", *sets(*TINY, *GROUPED), "--out", str(out)]) == 0
     saved = json.loads((out / "metrics.json").read_text())["metrics"]
     for key in ("test/group_acc/colour", "test/group_acc/object", "test/group_acc/pattern",
-                "test/unknown_acc/pattern", "test/unknown_auroc/pattern", "test/mAP_macro"):
+                "test/unknown_acc/pattern", "test/unknown_auroc/pattern", "test/decoded_acc/pattern", "test/mAP_macro"):
         assert 0 <= saved[key] <= 1, key
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(out / "checkpoints" / "best.pt")]) == 0
