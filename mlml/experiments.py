@@ -105,7 +105,7 @@ def reproduce(name: str, profile: str, seeds: int | None = None, jobs: int = 1, 
         for i, _ in enumerate(pool.map(lambda r: launch(r, threads), todo)):
             print(f"  finished {i + 1}/{len(todo)}", file=sys.stderr)
     command = f"mlml reproduce {name} --profile {profile}" + (f" --seeds {seeds}" if seeds else "")
-    return write_table(spec, collect(runs_dir / name), results_dir, command)
+    return write_table(spec, collect(runs_dir / spec["name"]), results_dir, command)
 
 
 def collect(root: Path) -> list[dict]:

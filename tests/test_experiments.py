@@ -37,7 +37,7 @@ def test_reproduce_twice_skips_and_gives_the_same_table(table, tmp_path, capsys)
     assert "0 to run" in capsys.readouterr().err
     assert {p: p.stat().st_mtime for p in runs.rglob("metrics.json")} == mtimes
     assert first.split("Mean ±")[1] == second.split("Mean ±")[1]
-    assert "| an |" in first and (results / "tiny.csv").exists()
+    assert "| an |" in first and "| an | –" not in first and (results / "tiny.csv").exists()   # cells filled
 
 
 def test_grouped_heads_table_builds_every_run(tmp_path):
