@@ -9,10 +9,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
+from mlml.distributed import all_gather_cat, is_distributed
 from mlml.metrics import calibrate_thresholds, classes_without_positives, mean_average_precision, multilabel_metrics
 
 
@@ -21,7 +21,8 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device, amp_dtyp
     """Sigmoid scores and targets of a whole split, in dataset order, on the CPU.
 
     Each rank predicts its shard; under torch.distributed the shards are gathered and the
-    sampler's padding duplicates dropped by dataset index.
+    sampler's padding duplicates dropped by dataset index, so every rank gets the scores a single
+    process would compute on the same weights.
     """
     was_training = model.training
     model.eval()
@@ -34,19 +35,12 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device, amp_dtyp
         index.append(batch["index"])
     model.train(was_training)
     s, t, i = torch.cat(scores), torch.cat(targets), torch.cat(index)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        s, t, i = gather(s, device), gather(t, device), gather(i, device)
+    if is_distributed():   # nccl gathers CUDA tensors, gloo CPU ones
+        s, t, i = (all_gather_cat(x.to(device)).cpu() for x in (s, t, i))
     n = len(loader.dataset)
     out_s, out_t = torch.empty(n, s.shape[1]), torch.empty(n, t.shape[1])
     out_s[i], out_t[i] = s, t            # duplicates carry identical values; every index is covered
     return out_s, out_t
-
-
-def gather(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Concatenate equally sized per-rank tensors on every rank (CPU result)."""
-    parts = [torch.empty_like(x, device=device) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.to(device))
-    return torch.cat([p.cpu() for p in parts])
 
 
 def split_metrics(scores: torch.Tensor, targets: torch.Tensor, threshold: float, thresholds: torch.Tensor | None) -> dict[str, float]:
