@@ -42,12 +42,17 @@ def init_distributed(device: str, timeout_s: float = 1800.0) -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         use_cuda = device != "cpu" and torch.cuda.is_available()
         if use_cuda:
             torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+        timeout = timedelta(seconds=timeout_s)
+        store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+        # torchrun keeps its store across --max-restarts: without a per-attempt prefix a restarted
+        # rank can read a dead rank's address from the previous attempt (gloo: connection refused).
+        store = dist.PrefixStore(f"mlml/attempt{restart_count()}", store)
+        dist.init_process_group("nccl" if use_cuda else "gloo", store=store, rank=rank, world_size=world, timeout=timeout)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local)
 
 

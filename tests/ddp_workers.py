@@ -1,0 +1,167 @@
+"""Multi-process helpers for tests/test_distributed.py (CPU, gloo), and a fault-injecting entry point.
+
+`launch(fn, world_size, *args)` runs `fn(rank, *args)` in `world_size` spawned processes that have
+joined one gloo process group (environment as torchrun sets it), with one thread each, and fails
+after `timeout` seconds instead of hanging.
+
+    torchrun --standalone --nproc-per-node=2 --max-restarts=1 -m tests.ddp_workers train ...
+
+runs `mlml train ...`, except that in the first attempt (TORCHELASTIC_RESTART_COUNT=0) rank 1
+dies (os._exit) before optimiser step MLML_TEST_DIE_AT_STEP + 1: a worker crash mid-epoch.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, fn: Callable, world_size: int, port: int, args: tuple) -> None:
+    os.environ.update(THREADS, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
+    try:
+        fn(rank, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def launch(fn: Callable, world_size: int, *args, timeout: float = 300.0) -> None:
+    """Run `fn(rank, *args)` on `world_size` gloo ranks; re-raises a worker's error; kills all on timeout."""
+    ctx = mp.start_processes(_entry, args=(fn, world_size, free_port(), args), nprocs=world_size,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{fn.__name__} on {world_size} processes did not finish in {timeout:.0f} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+
+
+def save_rank_state(trainer, path: Path) -> None:
+    """Everything that must be identical across ranks: model, method (and its teacher), optimiser."""
+    method = trainer.method
+    state = {
+        "model": trainer.model.state_dict(),
+        "method": method.state_dict(),
+        "optimizer": trainer.optimizer.state_dict()["state"],
+    }
+    if hasattr(method, "teacher"):
+        state["teacher"] = method.teacher.state_dict()
+    torch.save(state, path)
+
+
+def die_at_step(step: int) -> None:
+    """Make this process exit abruptly (as a crash would) before optimiser step `step` + 1."""
+    from mlml.trainer import Trainer
+
+    original = Trainer.train_step
+
+    def train_step(self, batch):
+        if self.global_step == step:
+            os._exit(17)
+        return original(self, batch)
+
+    Trainer.train_step = train_step
+
+
+def main() -> int:
+    from mlml.cli import main as mlml_main
+    from mlml.distributed import restart_count
+
+    if restart_count() == 0 and os.environ.get("RANK") == "1":
+        die_at_step(int(os.environ["MLML_TEST_DIE_AT_STEP"]))
+    return mlml_main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+# ---------------------------------------------------------------------------------------------
+# Scenarios: run on every rank by `launch`; results go to files the test process compares.
+# ---------------------------------------------------------------------------------------------
+
+
+def scenarios(rank: int, out: Path, overrides: list[str], stop_at: int) -> None:
+    """Everything tests/test_distributed.py checks on 2 ranks, in one launch (process start-up is the cost)."""
+    collectives(rank, out)
+    every_method(rank, out, overrides)
+    stopped_and_reference(rank, out, overrides, stop_at)
+
+
+def collectives(rank: int, out: Path) -> None:
+    from mlml.distributed import all_gather_cat, gather_rows
+
+    sizes = all_gather_cat(torch.arange(rank + 1))                                 # ranks hold 1, 2 items
+    flags = all_gather_cat(torch.tensor([[rank == 0, True]]))
+    index = torch.tensor([3, 1]) if rank == 0 else torch.tensor([1, 5])
+    rows = gather_rows(index, torch.full((2, 2), float(rank)))
+    torch.save({"sizes": sizes, "flags": flags, "rows": rows}, out / f"collectives.rank{rank}.pt")
+
+
+def every_method(rank: int, out: Path, overrides: list[str]) -> None:
+    """Two epochs of every registered method; the supervised run also evaluates, gathered."""
+    from mlml.distributed import DistInfo
+    from mlml.methods import METHODS
+    from mlml.trainer import Trainer
+    from tests.conftest import tiny_config
+
+    info = DistInfo(rank, dist.get_world_size(), rank)
+    for name in METHODS.names():
+        cfg = tiny_config(*overrides, f"method.name={name}")
+        trainer = Trainer(cfg, out / name, info)
+        total = cfg.optim.epochs * trainer.steps_per_epoch
+        for epoch in range(cfg.optim.epochs):
+            trainer.train_epoch(total, warmup=0)
+            trainer.method.on_epoch_end(epoch)
+            trainer.epoch, trainer.step_in_epoch = epoch + 1, 0
+        save_rank_state(trainer, out / f"{name}.rank{rank}.pt")
+        if name == "supervised":
+            trainer.save("last.pt")
+            evaluated = {split: trainer.evaluate(split, trainer.model) for split in ("val", "test")}
+            torch.save(evaluated, out / f"eval.rank{rank}.pt")
+
+
+def stopped_and_reference(rank: int, out: Path, overrides: list[str], stop_at: int) -> None:
+    """An uninterrupted run, and the same run stopped (KeyboardInterrupt on every rank) after `stop_at` steps."""
+    from mlml.trainer import Trainer, train
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(*overrides)
+    train(cfg, out / "reference")
+    original = Trainer.train_step
+
+    def stop(self, batch):
+        if self.global_step == stop_at:
+            raise KeyboardInterrupt
+        return original(self, batch)
+
+    Trainer.train_step = stop
+    try:
+        train(cfg, out / "stopped")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        Trainer.train_step = original
