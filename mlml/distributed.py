@@ -15,6 +15,7 @@ from typing import Any, Iterable
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 
 @dataclass(frozen=True)
@@ -157,8 +158,14 @@ def broadcast_buffers(module: nn.Module) -> None:
     """
     if not is_distributed():
         return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for b in module.buffers():
-        dist.broadcast(b.data, src=0)
+        by_dtype.setdefault(b.dtype, []).append(b.data)
+    for buffers in by_dtype.values():                     # one broadcast per dtype, not per buffer
+        flat = _flatten_dense_tensors(buffers)
+        dist.broadcast(flat, src=0)
+        for b, synced in zip(buffers, _unflatten_dense_tensors(flat, buffers)):
+            b.copy_(synced)
 
 
 def broadcast_object(obj: Any) -> Any:
@@ -171,12 +178,10 @@ def broadcast_object(obj: Any) -> Any:
 
 
 def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
-    """The mean over ranks of scalars with the same keys on every rank (for logging)."""
-    if not is_distributed() or not values:
+    """Per key, the mean over the ranks that report it (logging; keys may differ between ranks)."""
+    if not is_distributed():
         return values
-    keys = sorted(values)
-    backend_cuda = dist.get_backend() == "nccl"
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device="cuda" if backend_cuda else "cpu")
-    dist.all_reduce(t)
-    mean = dict(zip(keys, (t / dist.get_world_size()).tolist()))
-    return {k: mean[k] for k in values}
+    gathered: list[dict[str, float]] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(gathered, values)
+    keys = dict.fromkeys(k for g in gathered for k in g)                  # ordered union
+    return {k: sum(g[k] for g in gathered if k in g) / sum(k in g for g in gathered) for k in keys}

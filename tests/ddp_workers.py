@@ -111,6 +111,12 @@ def scenarios(rank: int, out: Path, overrides: list[str], stop_at: int) -> None:
     stopped_and_reference(rank, out, overrides, stop_at)
 
 
+# Settings beyond each method's defaults whose state must also stay identical across ranks.
+VARIANTS = {
+    "mean_teacher_adaptive": ["method.name=mean_teacher", "method.args={class_adaptive = true}"],
+}
+
+
 def collectives(rank: int, out: Path) -> None:
     from mlml.distributed import all_gather_cat, gather_rows
 
@@ -129,8 +135,10 @@ def every_method(rank: int, out: Path, overrides: list[str]) -> None:
     from tests.conftest import tiny_config
 
     info = DistInfo(rank, dist.get_world_size(), rank)
-    for name in METHODS.names():
-        cfg = tiny_config(*overrides, f"method.name={name}")
+    runs = {name: [f"method.name={name}"] for name in METHODS.names()}
+    runs.update(VARIANTS)
+    for name, extra in runs.items():
+        cfg = tiny_config(*overrides, *extra)
         trainer = Trainer(cfg, out / name, info)
         total = cfg.optim.epochs * trainer.steps_per_epoch
         for epoch in range(cfg.optim.epochs):

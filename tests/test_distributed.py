@@ -22,7 +22,7 @@ from mlml.distributed import DistInfo
 from mlml.methods import METHODS
 from mlml.trainer import Trainer, convert_sync_batchnorm, per_rank_batch, train
 from tests.conftest import TINY, tiny_config
-from tests.ddp_workers import THREADS, launch, scenarios
+from tests.ddp_workers import THREADS, VARIANTS, launch, scenarios
 
 ROOT = Path(__file__).resolve().parent.parent
 # 96 training images, global batch 32 in 2 micro-batches per rank: 3 optimiser steps per epoch.
@@ -80,7 +80,7 @@ def test_collectives_gather_uneven_sizes_bools_and_rows(two_ranks):
         assert rows[:, 0].tolist() == [1.0, 0.0, 1.0]          # position 1 on both ranks: rank 1 wins
 
 
-@pytest.mark.parametrize("method", METHODS.names())
+@pytest.mark.parametrize("method", [*METHODS.names(), *VARIANTS])
 def test_state_identical_across_ranks_after_training(two_ranks, method):
     states = load_ranks(two_ranks, method)
     assert states[0]["optimizer"], "no optimiser step was taken"
