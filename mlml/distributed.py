@@ -168,6 +168,15 @@ def broadcast_buffers(module: nn.Module) -> None:
             b.copy_(synced)
 
 
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj` (picklable), in rank order, on every rank; `[obj]` in one process."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_object(obj: Any) -> Any:
     """Rank 0's `obj` (any picklable object) on every rank."""
     if not is_distributed():

@@ -37,6 +37,7 @@ from mlml.data.dataset import epoch_sampler
 from mlml.data.pipeline import Data, build_data
 from mlml.distributed import (
     DistInfo,
+    all_gather_objects,
     barrier,
     broadcast_buffers,
     broadcast_object,
@@ -137,6 +138,28 @@ def read_checkpoint(path: Path) -> dict:
     return broadcast_object(torch.load(path, map_location="cpu", weights_only=False) if rank() == 0 else None)
 
 
+def rank_seed(seed: int, rank: int, step: int) -> int:
+    """Seed of rank `rank`'s random stream (ranks > 0), started at optimiser step `step`."""
+    return (seed * 1_000_003 + rank * 7919 + step) % 2**63
+
+
+def rng_state() -> dict:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+
+
 def atomic_save(obj: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -174,6 +197,8 @@ class Trainer:
             student=self.model,
         )
         self.method = build_method(cfg.method, ctx).to(self.device)
+        if info.rank > 0:                                   # own random stream per rank (dropout, ...)
+            seed_everything(rank_seed(cfg.run.seed, info.rank, 0))
         self.ddp_model = self.model
         if info.enabled:
             # broadcast_buffers=True (the default): rank 0's BatchNorm statistics at every forward.
@@ -211,19 +236,16 @@ class Trainer:
             "best_epoch": self.best_epoch,
             "history": self.history,
             "world_size": self.info.world_size,
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "numpy": np.random.get_state(),
-                "python": random.getstate(),
-            },
+            "rng": all_gather_objects(rng_state()),          # one per rank
             "config": self.cfg.to_dict(),
             "label_space": self.data.label_space.to_dict(),
         }
 
     def save(self, name: str) -> None:
+        """Called on every rank (it gathers their RNG states); rank 0 writes."""
+        state = self.state()
         if self.info.is_main:
-            atomic_save(self.state(), self.run_dir / "checkpoints" / name)
+            atomic_save(state, self.run_dir / "checkpoints" / name)
 
     def load(self, path: Path) -> None:
         ckpt = read_checkpoint(path)
@@ -235,12 +257,11 @@ class Trainer:
         self.best, self.best_epoch, self.history = ckpt["best"], ckpt["best_epoch"], ckpt["history"]
         # The global batch is fixed, so a step count means the same samples at any world size.
         self.step_in_epoch = ckpt["step_in_epoch"]
-        rng = ckpt["rng"]
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
+        rng = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]
+        if len(rng) == self.info.world_size or self.info.rank == 0:
+            set_rng_state(rng[self.info.rank])
+        else:                 # another world size: a fresh stream for this rank, a function of the step
+            seed_everything(rank_seed(self.cfg.run.seed, self.info.rank, self.global_step))
 
     # ------------------------------------------------------------------ training
     def fit(self) -> dict:

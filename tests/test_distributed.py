@@ -26,9 +26,10 @@ from tests.ddp_workers import THREADS, VARIANTS, launch, scenarios
 
 ROOT = Path(__file__).resolve().parent.parent
 # 96 training images, global batch 32 in 2 micro-batches per rank: 3 optimiser steps per epoch.
-# Odd val/test sizes, so the evaluation sampler pads and the gather must drop duplicates.
+# Odd val/test sizes, so the evaluation sampler pads and the gather must drop duplicates. Dropout,
+# so that each rank's random stream matters to an exact resume.
 DDP = ["data.n_train=96", "data.n_val=45", "data.n_test=99", "data.batch_size=32", "optim.epochs=2",
-       "optim.accumulate=2", "run.threads=1", "run.checkpoint_every=1"]
+       "optim.accumulate=2", "model.dropout=0.2", "run.threads=1", "run.checkpoint_every=1"]
 STOP_AT = 4                       # optimiser steps done when the stopped runs stop: epoch 1, step 1
 
 

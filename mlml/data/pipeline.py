@@ -99,6 +99,9 @@ class Data:
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
             collate_fn=Collate(dataset.rows, self.labels, self.observation_for(split)),
+            # Its own generator: starting an epoch's iterator draws a worker base seed, which must not
+            # come from the global RNG, or a resume mid-epoch would shift dropout & co. (unused otherwise).
+            generator=torch.Generator().manual_seed(seed),
         )
         if train and self.observation.labelled_fraction < 1.0:
             return DataLoader(dataset, batch_sampler=self.mixed_sampler(dataset.rows, batch * world_size, seed, rank, world_size), **common)
