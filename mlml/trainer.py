@@ -322,7 +322,7 @@ class Trainer:
             last = i == len(micro) - 1
             with self.ddp_model.no_sync() if self.info.enabled and not last else nullcontext():
                 with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-                    out = self.method.training_step(mb, self.ddp_model)
+                    out = self.forward(mb)
                 loss = out["loss"]
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
@@ -340,6 +340,18 @@ class Trainer:
         self.scaler.update()
         broadcast_buffers(self.model)
         return mean_over_ranks(parts)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        try:
+            return self.method.training_step(batch, self.ddp_model)
+        except RuntimeError as err:
+            if "finished reduction in the prior iteration" not in str(err):
+                raise
+            raise RuntimeError(
+                f"method '{self.cfg.method.name}' left some model parameters without a gradient in a step, "
+                "which DDP only allows with model.find_unused_parameters = true (slower; a method can also set "
+                "its class attribute find_unused_parameters = True)"
+            ) from err
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, split: str, model: nn.Module, thresholds: torch.Tensor | None = None) -> tuple[dict, torch.Tensor, torch.Tensor]:

@@ -108,6 +108,7 @@ def scenarios(rank: int, out: Path, overrides: list[str], stop_at: int) -> None:
     """Everything tests/test_distributed.py checks on 2 ranks, in one launch (process start-up is the cost)."""
     collectives(rank, out)
     every_method(rank, out, overrides)
+    unused_parameters(rank, out, overrides)
     stopped_and_reference(rank, out, overrides, stop_at)
 
 
@@ -150,6 +151,41 @@ def every_method(rank: int, out: Path, overrides: list[str]) -> None:
             trainer.save("last.pt")
             evaluated = {split: trainer.evaluate(split, trainer.model) for split in ("val", "test")}
             torch.save(evaluated, out / f"eval.rank{rank}.pt")
+
+
+def unused_parameters(rank: int, out: Path, overrides: list[str]) -> None:
+    """A method that leaves the head out of every other forward (as a domain branch used on some steps
+    may): DDP fails with a clear error unless find_unused_parameters, and trains correctly with it."""
+    from mlml.distributed import DistInfo
+    from mlml.methods import METHODS
+    from mlml.methods.supervised import Supervised
+    from mlml.trainer import Trainer
+    from tests.conftest import tiny_config
+
+    class HeadOnOddCalls(Supervised):
+        calls = 0
+
+        def training_step(self, batch, model):
+            self.calls += 1
+            out = model(batch["image"])
+            if self.calls % 2:
+                return {"loss": self.loss(out["logits"].float(), batch["targets"], batch["observed"])}
+            return {"loss": out["features"].float().pow(2).mean()}
+
+    METHODS.register("head_on_odd_calls")(HeadOnOddCalls)                # in this process only
+    info = DistInfo(rank, dist.get_world_size(), rank)
+    results = {}
+    for name, extra in {"without_flag": ["optim.accumulate=1"],
+                        "with_flag": ["optim.accumulate=1", "model.find_unused_parameters=true"],
+                        "with_flag_accumulate": ["model.find_unused_parameters=true"]}.items():
+        cfg = tiny_config(*overrides, "method.name=head_on_odd_calls", *extra)
+        trainer = Trainer(cfg, out / name, info)
+        try:
+            trainer.train_epoch(cfg.optim.epochs * trainer.steps_per_epoch, warmup=0)
+            results[name] = {"model": trainer.model.state_dict()}
+        except RuntimeError as err:
+            results[name] = {"error": str(err)}
+    torch.save(results, out / f"unused.rank{rank}.pt")
 
 
 def stopped_and_reference(rank: int, out: Path, overrides: list[str], stop_at: int) -> None:

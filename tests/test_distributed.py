@@ -98,6 +98,14 @@ def test_per_sample_state_was_written_on_both_ranks(two_ranks):
     assert len(corrected) > 0
 
 
+def test_parameters_unused_in_some_steps_need_find_unused_parameters(two_ranks):
+    ranks = load_ranks(two_ranks, "unused")
+    for r in ranks:
+        assert "model.find_unused_parameters = true" in r["without_flag"]["error"]
+    for name in ("with_flag", "with_flag_accumulate"):
+        assert_identical(ranks[0][name]["model"], ranks[1][name]["model"], name)
+
+
 def test_gathered_evaluation_equals_single_process_on_the_same_checkpoint(two_ranks, tmp_path):
     trainer = Trainer(tiny_config(*DDP, "method.name=supervised"), tmp_path, DistInfo())
     trainer.load(two_ranks / "supervised" / "checkpoints" / "last.pt")
