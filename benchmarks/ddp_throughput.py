@@ -6,7 +6,7 @@
 
 Without torchrun in the environment the script launches `torchrun --standalone` itself for each
 process count and prints one line per measurement; under torchrun it is one of the workers.
-The global batch is fixed (`data.batch_size`), as in training, so images/s compare directly:
+Each measurement is the median of `--repeats` launches. The global batch is fixed (`data.batch_size`), as in training, so images/s compare directly:
 a step at N processes does the same work as at 1. CPU processes share the machine's cores
 (threads per process = cores // N). Numbers include data loading, DDP's gradient all-reduce, the
 buffer broadcast and the loss-part logging collective. A measurement, not a test.
@@ -74,6 +74,17 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def measure(args: argparse.Namespace, procs: int, device: str) -> str:
+    """`args.repeats` launches; the median images/s (and every value), as one JSON line."""
+    runs = [json.loads(launch(args, procs, device)) for _ in range(args.repeats)]
+    out = runs[0]
+    for key in ("train_images_per_s", "eval_images_per_s"):
+        values = sorted(r[key] for r in runs)
+        out[key] = values[len(values) // 2]
+        out[key.replace("_per_s", "_per_s_all")] = values
+    return json.dumps(out)
+
+
 def launch(args: argparse.Namespace, procs: int, device: str) -> str:
     """Run this script under `torchrun --standalone --nproc-per-node=procs`; return rank 0's line."""
     threads = args.threads or max(1, (os.cpu_count() or 1) // procs) if device == "cpu" else 1
@@ -95,17 +106,18 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--procs", type=int, nargs="+", default=[1, 2], help="CPU process counts to measure")
     p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: cores // processes)")
+    p.add_argument("--repeats", type=int, default=3, help="launches per measurement (the median is reported)")
     p.add_argument("--device", default="auto", help="worker mode: cpu | cuda | auto")
     args = p.parse_args()
     if "TORCHELASTIC_RUN_ID" in os.environ or "WORLD_SIZE" in os.environ:
         worker(args)
         return
     for procs in args.procs:
-        print(launch(args, procs, "cpu"), flush=True)
+        print(measure(args, procs, "cpu"), flush=True)
     if torch.cuda.is_available():
-        print(launch(args, 1, "cuda"), flush=True)
+        print(measure(args, 1, "cuda"), flush=True)
         if torch.cuda.device_count() > 1:
-            print(launch(args, torch.cuda.device_count(), "cuda"), flush=True)
+            print(measure(args, torch.cuda.device_count(), "cuda"), flush=True)
     else:
         print("# no GPU here: GPU figures need one (and >= 2 GPUs for DDP scaling).", flush=True)
 
