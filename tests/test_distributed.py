@@ -14,10 +14,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from mlml.data.dataset import EpochSampler
+from mlml.data.dataset import EpochSampler, MixedBatchSampler
 from mlml.distributed import DistInfo
 from mlml.methods import METHODS
 from mlml.trainer import Trainer, convert_sync_batchnorm, per_rank_batch, train
@@ -154,24 +155,36 @@ def test_torchrun_restarts_a_crashed_worker_group_from_the_last_checkpoint(two_r
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("n", [96, 101])
 @pytest.mark.parametrize("world_size", [1, 2, 4])
-def test_a_step_sees_the_same_global_batch_at_any_world_size(world_size):
+def test_a_step_sees_the_same_global_batch_at_any_world_size(world_size, n):
     """Rank r's k-th batch of B / W items: their union is the single-process k-th batch, also after
-    a resume that skips `step * B / W` items per rank (the trainer's skip arithmetic)."""
-    n, batch, epoch = 96, 16, 3
-    single = EpochSampler(n, shuffle=True, seed=5)
+    a resume that skips `step * B / W` items per rank (the trainer's skip arithmetic), and every
+    world size takes n // B steps per epoch."""
+    batch, epoch = 16, 3
+    single = EpochSampler(n, shuffle=True, seed=5, global_batch=batch)
     single.set_epoch(epoch)
     order = [k for k, _ in single]
     per_rank = batch // world_size
     for skip_steps in (0, 2):
         shards = []
         for r in range(world_size):
-            s = EpochSampler(n, shuffle=True, seed=5, rank=r, world_size=world_size)
+            s = EpochSampler(n, shuffle=True, seed=5, rank=r, world_size=world_size, global_batch=batch)
             s.set_epoch(epoch, skip=skip_steps * per_rank)
             shards.append([k for k, _ in s])
+            assert len(s) == len(shards[-1]) == (n // batch - skip_steps) * per_rank
         for step in range(skip_steps, n // batch):
             got = sorted(k for sh in shards for k in sh[(step - skip_steps) * per_rank : (step - skip_steps + 1) * per_rank])
             assert got == sorted(order[step * batch : (step + 1) * batch])
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_mixed_labelled_unlabelled_batches_are_the_same_at_any_world_size(world_size):
+    labelled, unlabelled = np.arange(0, 40), np.arange(40, 100)
+    def union(ws, step):
+        return sorted(k for r in range(ws) for k in MixedBatchSampler(labelled, unlabelled, 8, 8, 5, 3, r, ws).batch(step))
+    for step in (0, 4, 7):
+        assert union(world_size, step) == union(1, step)
 
 
 def test_batch_size_must_divide_over_ranks_and_micro_batches():

@@ -105,7 +105,8 @@ class Data:
         )
         if train and self.observation.labelled_fraction < 1.0:
             return DataLoader(dataset, batch_sampler=self.mixed_sampler(dataset.rows, batch * world_size, seed, rank, world_size), **common)
-        sampler = EpochSampler(len(dataset), shuffle=train, seed=seed, rank=rank, world_size=world_size, with_epoch=train)
+        sampler = EpochSampler(len(dataset), shuffle=train, seed=seed, rank=rank, world_size=world_size, with_epoch=train,
+                               global_batch=batch * world_size if train else 0)
         return DataLoader(dataset, batch_size=batch, sampler=sampler, drop_last=train and len(sampler) >= batch, **common)
 
     def mixed_sampler(self, rows: np.ndarray, global_batch: int, seed: int, rank: int, world_size: int) -> MixedBatchSampler:
