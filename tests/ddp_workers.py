@@ -114,7 +114,7 @@ def scenarios(rank: int, out: Path, overrides: list[str], stop_at: int) -> None:
 
 # Settings beyond each method's defaults whose state must also stay identical across ranks.
 VARIANTS = {
-    "mean_teacher_adaptive": ["method.name=mean_teacher", "method.args={class_adaptive = true}"],
+    "mean_teacher_adaptive": ["method.name=mean_teacher", "method.args={class_adaptive = true, k = 2.0}"],
     "mean_teacher_semi": ["method.name=mean_teacher", "data.observation_args={labelled_fraction = 0.5}",
                           "data.unlabelled_ratio=1.0"],                       # mixed labelled/unlabelled batches
 }
