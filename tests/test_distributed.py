@@ -120,6 +120,14 @@ def test_gathered_evaluation_equals_single_process_on_the_same_checkpoint(two_ra
             assert g_metrics == pytest.approx(metrics, abs=1e-6)
 
 
+def test_only_rank_0_writes_the_run_directory(two_ranks):
+    run = two_ranks / "reference"
+    files = sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())
+    events = [f for f in files if f.startswith("events.out.tfevents")]
+    assert len(events) == 1, files                                  # one TensorBoard writer
+    assert sorted(set(files) - set(events)) == ["checkpoints/best.pt", "checkpoints/last.pt", "config.toml", "metrics.json"]
+
+
 def test_resume_at_world_size_1_of_a_world_size_2_checkpoint(two_ranks, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(two_ranks / "stopped", run)
