@@ -59,10 +59,12 @@ def launch(fn: Callable, world_size: int, *args, timeout: float = 300.0) -> None
                 p.kill()
 
 
-def save_rank_state(trainer, path: Path) -> None:
-    """Everything that must be identical across ranks: model, method (and its teacher), optimiser."""
+def save_rank_state(trainer, path: Path, init: dict) -> None:
+    """Everything that must be identical across ranks: the model as built (before DDP broadcasts
+    rank 0's), the model, method (and its teacher) and optimiser after training."""
     method = trainer.method
     state = {
+        "init": init,
         "model": trainer.model.state_dict(),
         "method": method.state_dict(),
         "optimizer": trainer.optimizer.state_dict()["state"],
@@ -132,11 +134,20 @@ def collectives(rank: int, out: Path) -> None:
 
 def every_method(rank: int, out: Path, overrides: list[str]) -> None:
     """Two epochs of every registered method; the supervised run also evaluates, gathered."""
+    import mlml.trainer
     from mlml.distributed import DistInfo
     from mlml.methods import METHODS
     from mlml.trainer import Trainer
     from tests.conftest import tiny_config
 
+    built: dict = {}
+    ddp = mlml.trainer.DistributedDataParallel
+
+    def record_then_wrap(model, **kwargs):
+        built["init"] = {k: v.clone() for k, v in model.state_dict().items()}
+        return ddp(model, **kwargs)
+
+    mlml.trainer.DistributedDataParallel = record_then_wrap
     info = DistInfo(rank, dist.get_world_size(), rank)
     runs = {name: [f"method.name={name}"] for name in METHODS.names()}
     runs.update(VARIANTS)
@@ -148,11 +159,12 @@ def every_method(rank: int, out: Path, overrides: list[str]) -> None:
             trainer.train_epoch(total, warmup=0)
             trainer.method.on_epoch_end(epoch)
             trainer.epoch, trainer.step_in_epoch = epoch + 1, 0
-        save_rank_state(trainer, out / f"{name}.rank{rank}.pt")
+        save_rank_state(trainer, out / f"{name}.rank{rank}.pt", built["init"])
         if name == "supervised":
             trainer.save("last.pt")
             evaluated = {split: trainer.evaluate(split, trainer.model) for split in ("val", "test")}
             torch.save(evaluated, out / f"eval.rank{rank}.pt")
+    mlml.trainer.DistributedDataParallel = ddp
 
 
 def unused_parameters(rank: int, out: Path, overrides: list[str]) -> None:

@@ -83,10 +83,10 @@ def test_collectives_gather_uneven_sizes_bools_and_rows(two_ranks):
 
 
 @pytest.mark.parametrize("method", [*METHODS.names(), *VARIANTS])
-def test_state_identical_across_ranks_after_training(two_ranks, method):
+def test_state_identical_across_ranks_at_init_and_after_training(two_ranks, method):
     states = load_ranks(two_ranks, method)
     assert states[0]["optimizer"], "no optimiser step was taken"
-    for key in ("model", "method", "optimizer"):
+    for key in ("init", "model", "method", "optimizer"):             # init: seeded, before DDP's broadcast
         assert_identical(states[0][key], states[1][key], key)
     assert_teacher_identical(states)
 
