@@ -148,6 +148,21 @@ def average_gradients(params: Iterable[nn.Parameter]) -> None:
         p.grad.div_(world)
 
 
+def average_row_gradient(grad: torch.Tensor, rows: torch.Tensor) -> None:
+    """In place, the mean over ranks of `grad` (N, ...), which on each rank is zero outside `rows`.
+
+    Equal to all-reducing the dense gradient, but only the touched rows travel (about world_size x
+    batch rows instead of N): for per-sample tables such as ROLE's. `rows` may repeat.
+    """
+    if not is_distributed():
+        return
+    rows = rows.unique()
+    index, values = all_gather_cat(rows), all_gather_cat(grad[rows])
+    grad.zero_()
+    grad.index_add_(0, index, values)
+    grad.div_(dist.get_world_size())
+
+
 def broadcast_buffers(module: nn.Module) -> None:
     """Copy rank 0's buffers (BatchNorm running statistics) to every rank.
 

@@ -123,13 +123,22 @@ VARIANTS = {
 
 
 def collectives(rank: int, out: Path) -> None:
-    from mlml.distributed import all_gather_cat, gather_rows
+    from torch import nn
+
+    from mlml.distributed import all_gather_cat, average_gradients, average_row_gradient, gather_rows
 
     sizes = all_gather_cat(torch.arange(rank + 1))                                 # ranks hold 1, 2 items
     flags = all_gather_cat(torch.tensor([[rank == 0, True]]))
     index = torch.tensor([3, 1]) if rank == 0 else torch.tensor([1, 5])
     rows = gather_rows(index, torch.full((2, 2), float(rank)))
-    torch.save({"sizes": sizes, "flags": flags, "rows": rows}, out / f"collectives.rank{rank}.pt")
+    dense, sparse = nn.Parameter(torch.zeros(10, 3)), torch.zeros(10, 3)     # ROLE-like table gradient
+    touched = torch.tensor([1, 4, 4, 7]) if rank == 0 else torch.tensor([0, 4, 9, 9])
+    dense.grad = torch.zeros(10, 3).index_add_(0, touched, torch.randn(4, 3, generator=torch.Generator().manual_seed(rank)))
+    sparse.copy_(dense.grad)
+    average_gradients([dense])
+    average_row_gradient(sparse, touched)
+    torch.save({"sizes": sizes, "flags": flags, "rows": rows, "row_gradient": (dense.grad, sparse)},
+               out / f"collectives.rank{rank}.pt")
 
 
 def every_method(rank: int, out: Path, overrides: list[str]) -> None:

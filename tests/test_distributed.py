@@ -73,13 +73,16 @@ def assert_teacher_identical(states: list[dict]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_collectives_gather_uneven_sizes_bools_and_rows(two_ranks):
+def test_collectives_gather_uneven_sizes_bools_rows_and_row_gradients(two_ranks):
     for r in load_ranks(two_ranks, "collectives"):
         assert r["sizes"].tolist() == [0, 0, 1]
         assert r["flags"].tolist() == [[True, True], [False, True]]
         index, rows = r["rows"]
         assert index.tolist() == [1, 3, 5]
         assert rows[:, 0].tolist() == [1.0, 0.0, 1.0]          # position 1 on both ranks: rank 1 wins
+        dense, sparse = r["row_gradient"]                       # ROLE's row-wise reduction = dense all-reduce
+        torch.testing.assert_close(sparse, dense, rtol=0, atol=1e-7)
+        assert dense.abs().sum() > 0
 
 
 @pytest.mark.parametrize("method", [*METHODS.names(), *VARIANTS])

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mlml.config import MethodConfig
-from mlml.distributed import all_gather_cat, gather_rows
+from mlml.distributed import all_gather_cat, average_row_gradient, gather_rows
 from mlml.losses import assume_negative_targets, entropy_from_logits, epr_regulariser, get_loss, large_loss_mask
 from mlml.methods.base import Method, MethodContext, register_method
 from mlml.methods.supervised import Supervised
@@ -114,9 +114,9 @@ class ROLE(Method):
     gradient exists), 1M images x 1K labels = 12 GB, and every step updates the whole table.
     Beyond a few tens of millions of entries use a method without a dense per-sample table
     (ll_r, ll_ct, ll_cp); construction fails above `max_table_entries`.
-    Distributed: the table is outside DDP and every rank holds all of it; its dense gradient is
-    averaged over ranks once per optimiser step (`Method.reduce_gradients`, N x C floats), so
-    Adam updates it identically everywhere.
+    Distributed: the table is outside DDP and every rank holds all of it; once per optimiser step
+    its gradient is averaged over ranks, sending only the rows the step touched (`reduce_gradients`),
+    so Adam updates it identically everywhere.
     """
 
     DEFAULTS = {
@@ -141,6 +141,7 @@ class ROLE(Method):
                 "raise the limit if the memory is there, or choose a method without a per-sample table"
             )
         self.table = nn.Parameter(self._initial_table(n, c))                          # (N, C) logits
+        self._touched: list[Tensor] = []                  # batch indices since the last optimiser step
 
     def _initial_table(self, n: int, c: int) -> Tensor:
         a = self.args
@@ -156,9 +157,16 @@ class ROLE(Method):
     def param_groups(self, lr: float) -> list[dict]:
         return [{"params": [self.table], "lr_scale": float(self.args["lr_scale"]), "weight_decay": 0.0}]
 
+    def reduce_gradients(self) -> None:
+        """The table's gradient is zero outside the rows of this step's batches: average only those."""
+        touched, self._touched = self._touched, []
+        if self.table.grad is not None and touched:
+            average_row_gradient(self.table.grad, torch.cat(touched))
+
     def training_step(self, batch: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
         logits = model(batch["image"])["logits"].float()                                # (B, C)
         table_logits = self.table[batch["index"]].float()                                 # (B, C)
+        self._touched.append(batch["index"])
         loss = role_loss(logits, table_logits, batch["targets"], batch["observed"], self.args["k"])
         return {"loss": loss}
 
