@@ -201,6 +201,15 @@ def broadcast_object(obj: Any) -> Any:
     return box[0]
 
 
+def min_over_ranks(x: int) -> int:
+    """The smallest of every rank's integer `x`, on every rank."""
+    if not is_distributed():
+        return x
+    t = torch.tensor([x], dtype=torch.long, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t)
+
+
 def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     """Per key, the mean over the ranks that report it (logging; keys may differ between ranks)."""
     if not is_distributed():

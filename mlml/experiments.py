@@ -113,16 +113,24 @@ def collect(root: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(root.rglob("metrics.json"))]
 
 
+def git_commit() -> str:
+    """Short commit of the working tree ('+ uncommitted changes' if dirty); `MLML_COMMIT` overrides it
+    for a copy of the tree whose .git, if any, is not its own (e.g. on a remote machine)."""
+    if os.environ.get("MLML_COMMIT"):
+        return os.environ["MLML_COMMIT"]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
+    return commit + (" (with uncommitted changes)" if dirty else "")
+
+
 def provenance(command: str) -> list[str]:
     import numpy
     import torch
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
-        commit += " (with uncommitted changes)" if dirty else ""
-    except (OSError, subprocess.CalledProcessError):
-        commit = os.environ.get("MLML_COMMIT", "unknown")   # a copy of the tree without .git (e.g. a remote machine)
+    commit = git_commit()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return [
         f"Command: `{command}`",

@@ -52,7 +52,16 @@ class RunLogger:
         """A grid of the first `n` test images, and a table of their true and predicted labels."""
         if not self.writer:
             return
-        images = torch.stack([loader.dataset[k]["image"] for k in range(min(n, len(loader.dataset)))])
+        readable = []                     # scores/targets rows are the split's readable images, in order
+        for k in range(len(loader.dataset)):
+            item = loader.dataset[k]
+            if "image" in item:
+                readable.append(item["image"])
+            if len(readable) == n:
+                break
+        if not readable:
+            return
+        images = torch.stack(readable)
         self.writer.add_image("test/images", make_grid(images, nrow=8, padding=2), step)
         rows = ["| # | true labels | predicted (p >= 0.5) |", "|---|---|---|"]
         for k in range(len(images)):
