@@ -321,7 +321,7 @@ class Trainer:
         that of the whole batch's mean loss; DDP all-reduces only in the last backward. Returns the
         loss parts, weighted the same way and averaged over ranks.
         """
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if k != "skipped"}   # (B, ...) only
         n = len(batch["index"])
         micro = [m for m in zip(*(v.tensor_split(self.cfg.optim.accumulate) for v in batch.values())) if len(m[0])]
         keys = list(batch)
