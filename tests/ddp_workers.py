@@ -111,6 +111,7 @@ def scenarios(rank: int, out: Path, overrides: list[str], stop_at: int) -> None:
     collectives(rank, out)
     every_method(rank, out, overrides)
     unused_parameters(rank, out, overrides)
+    unreadable_batch(rank, out, overrides)
     stopped_and_reference(rank, out, overrides, stop_at)
 
 
@@ -209,6 +210,37 @@ def unused_parameters(rank: int, out: Path, overrides: list[str]) -> None:
         except RuntimeError as err:
             results[name] = {"error": str(err)}
     torch.save(results, out / f"unused.rank{rank}.pt")
+
+
+class EmptiedBatch:
+    """A training loader whose batch `step` is empty on this rank (every image unreadable)."""
+
+    def __init__(self, loader, step: int) -> None:
+        self.loader, self.step = loader, step
+        self.sampler, self.batch_sampler = loader.sampler, loader.batch_sampler
+
+    def __iter__(self):
+        for k, batch in enumerate(self.loader):
+            if k == self.step:
+                batch = {key: v if v.dim() == 0 else v[:0] for key, v in batch.items()}
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+def unreadable_batch(rank: int, out: Path, overrides: list[str]) -> None:
+    """Rank 1's second batch has no readable image: both ranks skip that step and stay identical."""
+    from mlml.distributed import DistInfo
+    from mlml.trainer import Trainer
+    from tests.conftest import tiny_config
+
+    trainer = Trainer(tiny_config(*overrides, "method.name=em_apl"), out / "unreadable", DistInfo(rank, dist.get_world_size(), rank))
+    if rank == 1:
+        trainer.train_loader = EmptiedBatch(trainer.train_loader, step=1)
+    trainer.train_epoch(trainer.steps_per_epoch, warmup=0)
+    torch.save({"global_step": trainer.global_step, "step_in_epoch": trainer.step_in_epoch,
+                "model": trainer.model.state_dict(), "method": trainer.method.state_dict()}, out / f"unreadable.rank{rank}.pt")
 
 
 def stopped_and_reference(rank: int, out: Path, overrides: list[str], stop_at: int) -> None:

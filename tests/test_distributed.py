@@ -110,6 +110,12 @@ def test_parameters_unused_in_some_steps_need_find_unused_parameters(two_ranks):
         assert_identical(ranks[0][name]["model"], ranks[1][name]["model"], name)
 
 
+def test_a_batch_without_readable_images_on_one_rank_is_skipped_by_all(two_ranks):
+    ranks = load_ranks(two_ranks, "unreadable")
+    assert [(r["global_step"], r["step_in_epoch"]) for r in ranks] == [(2, 3), (2, 3)]
+    assert_identical(ranks[0], ranks[1])
+
+
 def test_gathered_evaluation_equals_single_process_on_the_same_checkpoint(two_ranks, tmp_path):
     trainer = Trainer(tiny_config(*DDP, "method.name=supervised"), tmp_path, DistInfo())
     trainer.load(two_ranks / "supervised" / "checkpoints" / "last.pt")
