@@ -110,13 +110,18 @@ class RunLogger:
             self.writer.add_pr_curve(f"test_pr/{names[c]}", targets[:, c].bool(), scores[:, c].float(), step)
 
     def hparams(self, cfg: Config, metrics: dict[str, float]) -> None:
-        """Write the HPARAMS-tab record into the run's own event file (not a sub-directory)."""
+        """Write the HPARAMS-tab record into the run's own event file (not a sub-directory).
+
+        Only the session records: without an experiment record of its own, TensorBoard builds the
+        experiment from all runs in view, so `method` and `setting` get the values of every run
+        as their (discrete) domains and can be filtered with check boxes.
+        """
         if not self.writer:
             return
         wanted = {k: v for k, v in metrics.items() if k.startswith("test")}
-        exp, ssi, sei = hparams_summary(flat_hparams(cfg), wanted)
+        _, session_start, session_end = hparams_summary(flat_hparams(cfg), wanted)
         fw = self.writer._get_file_writer()
-        for summary in (exp, ssi, sei):
+        for summary in (session_start, session_end):
             fw.add_summary(summary)
         for k, v in wanted.items():
             self.writer.add_scalar(k, v, 0)
