@@ -199,6 +199,10 @@ def git_commit() -> str:
         return "unknown"
 
 
+def n_runs(n: int) -> str:
+    return f"{n} run" + ("" if n == 1 else "s")
+
+
 def minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min"
 
@@ -212,7 +216,7 @@ def provenance(command: str, results: list[dict]) -> list[str]:
         f"Command: `{command}`",
         f"Commit: {git_commit()}; Python {platform.python_version()}, torch {torch.__version__}, numpy {numpy.__version__}",
         f"Hardware: {hardware()}",
-        f"Training time: {len(results)} runs, {minutes(train_seconds)} in total (sum of the runs' train_seconds)",
+        f"Training time: {n_runs(len(results))}, {minutes(train_seconds)} in total (sum of the runs' train_seconds)",
     ]
 
 
@@ -239,7 +243,7 @@ def record_timing(name: str, profile: str, results: list[dict], wall: float | No
 
 
 def measured_cost(entry: dict) -> str:
-    text = f"measured: {entry['runs']} runs, {minutes(entry['train_seconds'])} of training on {entry['hardware']}"
+    text = f"measured: {n_runs(entry["runs"])}, {minutes(entry['train_seconds'])} of training on {entry['hardware']}"
     if "wall_seconds" in entry:
         how = f"--jobs {entry['jobs']}" + (f" --torchrun {entry['torchrun']}" if entry.get("torchrun") else "")
         text += f"; {minutes(entry['wall_seconds'])} wall for the whole table with {how}"
