@@ -243,7 +243,7 @@ def record_timing(name: str, profile: str, results: list[dict], wall: float | No
 
 
 def measured_cost(entry: dict) -> str:
-    text = f"measured: {n_runs(entry["runs"])}, {minutes(entry['train_seconds'])} of training on {entry['hardware']}"
+    text = f"measured: {n_runs(entry['runs'])}, {minutes(entry['train_seconds'])} of training on {entry['hardware']}"
     if "wall_seconds" in entry:
         how = f"--jobs {entry['jobs']}" + (f" --torchrun {entry['torchrun']}" if entry.get("torchrun") else "")
         text += f"; {minutes(entry['wall_seconds'])} wall for the whole table with {how}"
