@@ -46,8 +46,11 @@ class DataConfig:
     observation: str = "single_positive"   # full | single_positive | partial | per_group | unlabelled
     observation_args: dict = field(default_factory=dict)
     val_labels: str = "full"      # full | observed: what validation metrics (and model selection) see
-    augment: str = "flip_crop"    # none | flip_crop
+    augment: str = "flip_crop"    # none | flip_crop (the weak view; methods may ask for "strong" too)
     batch_size: int = 128         # global batch size
+    # With unlabelled training images (observation_args.labelled_fraction < 1): unlabelled images per
+    # labelled one in each batch; 0 trains on the labelled images only. See MixedBatchSampler.
+    unlabelled_ratio: float = 0.0
     num_workers: int = 0
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 

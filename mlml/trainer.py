@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from mlml.config import Config, to_toml
+from mlml.data.dataset import epoch_sampler
 from mlml.data.pipeline import Data, build_data
 from mlml.distributed import DistInfo, barrier, init_distributed, resolve_device
 from mlml.evaluation import calibrate_thresholds, classes_without_positives, per_class_ap, predict, split_metrics
@@ -126,6 +127,7 @@ class Trainer:
             positives=positives,
             negatives=negatives,
             train_labels=lambda idx: self.data.observation(train_rows[idx], self.data.labels.dense(train_rows[idx])),
+            student=self.model,
         )
         self.method = build_method(cfg.method, ctx).to(self.device)
         self.ddp_model = DistributedDataParallel(self.model) if info.enabled else self.model
@@ -209,7 +211,7 @@ class Trainer:
         return metrics
 
     def train_epoch(self, total: int, warmup: int) -> None:
-        sampler = self.train_loader.sampler
+        sampler = epoch_sampler(self.train_loader)
         sampler.set_epoch(self.epoch, skip=self.step_in_epoch * self.batch_per_rank)
         self.method.on_epoch_start(self.epoch)
         self.ddp_model.train()

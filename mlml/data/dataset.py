@@ -110,3 +110,60 @@ class EpochSampler(Sampler):
 
     def __len__(self) -> int:
         return self.per_rank - self.skip
+
+
+class MixedBatchSampler(Sampler):
+    """Batches of labelled and unlabelled images in a fixed ratio (semi-supervised training).
+
+    Each global batch holds `n_labelled` images drawn from `labelled` and `n_unlabelled` from
+    `unlabelled` (positions in the split). Each stream walks through its own seeded permutations
+    and starts a fresh one when it runs out, so the labelled images repeat more often than the
+    unlabelled ones. An epoch is `steps` batches; batch s of epoch e is a pure function of
+    (seed, e * steps + s), hence resumable anywhere. Rank r takes every world_size-th image of each
+    stream of the global batch. Yields lists of `(index, pass)` pairs, `pass` counting the stream's
+    permutations so that a repeated image gets a fresh augmentation.
+    """
+
+    def __init__(self, labelled: np.ndarray, unlabelled: np.ndarray, n_labelled: int, n_unlabelled: int, steps: int,
+                 seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        if n_labelled % world_size or n_unlabelled % world_size:
+            raise ValueError(f"labelled ({n_labelled}) and unlabelled ({n_unlabelled}) images per batch must both be "
+                             f"divisible by the world size {world_size}; adjust data.batch_size or data.unlabelled_ratio")
+        if n_labelled and not len(labelled) or n_unlabelled and not len(unlabelled):
+            raise ValueError("the training split has no labelled or no unlabelled images for a mixed batch")
+        self.streams = [(np.asarray(labelled), n_labelled, 0), (np.asarray(unlabelled), n_unlabelled, 1)]
+        self.steps, self.seed, self.rank, self.world_size = steps, seed, rank, world_size
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """`skip` counts this rank's items, as for `EpochSampler`."""
+        self.epoch, self.skip = epoch, skip
+
+    def batch(self, step: int) -> list[tuple[int, int]]:
+        """This rank's share of global batch `step` (counted from the start of training)."""
+        out: list[tuple[int, int]] = []
+        for pool, size, stream in self.streams:
+            if not size:
+                continue
+            first = step * size
+            pos = np.arange(first, first + size)[self.rank :: self.world_size]
+            for cycle in np.unique(pos // len(pool)):
+                g = torch.Generator().manual_seed(self.seed * 100_003 + 7919 * stream + int(cycle))
+                perm = torch.randperm(len(pool), generator=g).numpy()
+                take = pos[pos // len(pool) == cycle] % len(pool)
+                out += [(int(pool[perm[t]]), int(cycle) * 2 + stream) for t in take]
+        return out
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        per_rank = sum(size for _, size, _ in self.streams) // self.world_size
+        for s in range(self.skip // per_rank, self.steps):
+            yield self.batch(self.epoch * self.steps + s)
+
+    def __len__(self) -> int:
+        per_rank = sum(size for _, size, _ in self.streams) // self.world_size
+        return self.steps - self.skip // per_rank
+
+
+def epoch_sampler(loader) -> Sampler:
+    """The object of a training loader that takes `set_epoch(epoch, skip)`."""
+    return loader.batch_sampler if hasattr(loader.batch_sampler, "set_epoch") else loader.sampler

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mlml.config import DataConfig
-from mlml.data.dataset import Collate, EpochSampler, SplitDataset
+from mlml.data.dataset import Collate, EpochSampler, MixedBatchSampler, SplitDataset
 from mlml.data.label_store import LabelStore
 from mlml.data.observation import Full, Observation, build_observation
 from mlml.data.synthetic import SyntheticSource
@@ -93,18 +93,33 @@ class Data:
         train = split == "train"
         dataset = self.dataset(split, views, seed)
         batch = batch_size or self.cfg.batch_size
-        sampler = EpochSampler(len(dataset), shuffle=train, seed=seed, rank=rank, world_size=world_size, with_epoch=train)
         workers = self.cfg.num_workers
-        return DataLoader(
-            dataset,
-            batch_size=batch,
-            sampler=sampler,
-            drop_last=train and len(sampler) >= batch,
+        common = dict(
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
             collate_fn=Collate(dataset.rows, self.labels, self.observation_for(split)),
         )
+        if train and self.observation.labelled_fraction < 1.0:
+            return DataLoader(dataset, batch_sampler=self.mixed_sampler(dataset.rows, batch * world_size, seed, rank, world_size), **common)
+        sampler = EpochSampler(len(dataset), shuffle=train, seed=seed, rank=rank, world_size=world_size, with_epoch=train)
+        return DataLoader(dataset, batch_size=batch, sampler=sampler, drop_last=train and len(sampler) >= batch, **common)
+
+    def mixed_sampler(self, rows: np.ndarray, global_batch: int, seed: int, rank: int, world_size: int) -> MixedBatchSampler:
+        """Training batches of labelled and unlabelled images in the ratio `data.unlabelled_ratio`.
+
+        The number of steps per epoch is that of a fully labelled split of the same size, whatever
+        the ratio, so runs with and without unlabelled images take the same optimiser steps.
+        """
+        ratio = self.cfg.unlabelled_ratio
+        if ratio < 0:
+            raise ValueError(f"data.unlabelled_ratio must be >= 0, got {ratio}")
+        n_labelled = round(global_batch / (1.0 + ratio))
+        labelled = self.observation.labelled(rows)
+        positions = np.arange(len(rows))
+        steps = max(1, len(rows) // global_batch)
+        return MixedBatchSampler(positions[labelled], positions[~labelled], n_labelled, global_batch - n_labelled,
+                                 steps, seed, rank, world_size)
 
 
 def build_data(cfg: DataConfig) -> Data:

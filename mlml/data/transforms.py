@@ -5,6 +5,14 @@ A transform is `fn(image, seed) -> image`: its randomness comes only from `seed`
 resume. `none` leaves the image as it is (evaluation). `flip_crop` is the weak view: a horizontal
 flip and a random shift of up to 1/8 of the side with reflected borders, which move and mirror
 objects but change neither their shape class nor their colour.
+
+`strong` is the student's view for teacher-student methods: the weak view, then a small rotation
+and scale, brightness and contrast, pixel noise and one cutout (torchvision transforms v2
+functional ops with parameters drawn from the seed). It is chosen so as not to change labels:
+colour labels live in hue and saturation, so nothing touches hue (no hue jitter, solarize, invert,
+posterize, equalize or greyscale) and contrast only blends towards the image's own grey; shape
+labels must survive, so rotation stays within +-10 degrees (a square turned by 45 degrees would be
+a diamond) with no shear, and the cutout side is a quarter of the image, smaller than an object.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import random
 from typing import Callable
 
 import torch
+from torchvision.transforms.v2 import functional as TF
 
 from mlml.registry import Registry
 
@@ -44,6 +53,29 @@ def flip_crop(size: int) -> Transform:
         if flip:
             xs = xs.flip(0)
         return image[:, ys[:, None], xs[None, :]]
+
+    return apply
+
+
+@TRANSFORMS.register("strong")
+def strong(size: int) -> Transform:
+    weak = flip_crop(size)
+    cut = max(1, size // 4)
+
+    def apply(image: torch.Tensor, seed: int) -> torch.Tensor:
+        r = random.Random(seed ^ 0x5EED)
+        x = weak(image, seed)
+        x = TF.affine(x, angle=r.uniform(-10.0, 10.0), translate=[0, 0], scale=r.uniform(0.9, 1.1), shear=[0.0, 0.0],
+                      interpolation=TF.InterpolationMode.BILINEAR)
+        x = TF.adjust_brightness(x, r.uniform(0.7, 1.3))
+        x = TF.adjust_contrast(x, r.uniform(0.7, 1.3))
+        g = torch.Generator().manual_seed(seed & 0x7FFF_FFFF)
+        noise = torch.randn(x.shape, generator=g) * (0.03 * 255.0)
+        x = (x.float() + noise).clamp_(0, 255).to(torch.uint8)
+        if r.random() < 0.5:
+            i, j = r.randint(0, size - cut), r.randint(0, size - cut)
+            x = TF.erase(x, i, j, cut, cut, torch.tensor(127, dtype=torch.uint8))
+        return x
 
     return apply
 

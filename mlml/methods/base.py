@@ -45,6 +45,8 @@ class MethodContext:
     # positions (0..N-1) in the training split -> (targets float (n, C), observed bool (n, C)),
     # the labels training sees (never the ground truth); None outside the trainer
     train_labels: Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]] | None = None
+    # the student model, unwrapped and on its device (a teacher starts as its copy); None outside the trainer
+    student: nn.Module | None = None
 
 
 class Method(nn.Module):
