@@ -233,8 +233,8 @@ def record_timing(name: str, profile: str, results: list[dict], wall: float | No
     path = timing_file(results_dir, name)
     timing = json.loads(path.read_text()) if path.exists() else {}
     entry = timing.get(profile, {})
-    entry.update(runs=len(results), train_seconds=round(sum(r.get("train_seconds", 0.0) for r in results), 1),
-                 hardware=hardware(), commit=git_commit())
+    entry.update(runs=len(results), seeds=len({r["seed"] for r in results}),
+                 train_seconds=round(sum(r.get("train_seconds", 0.0) for r in results), 1), hardware=hardware(), commit=git_commit())
     if wall is not None:
         entry.update(wall_seconds=round(wall, 1), jobs=jobs, torchrun=torchrun)
     timing[profile] = entry
@@ -243,10 +243,11 @@ def record_timing(name: str, profile: str, results: list[dict], wall: float | No
 
 
 def measured_cost(entry: dict) -> str:
-    text = f"measured: {n_runs(entry['runs'])}, {minutes(entry['train_seconds'])} of training on {entry['hardware']}"
+    seeds = f" ({entry['seeds']} seed{'' if entry['seeds'] == 1 else 's'})" if "seeds" in entry else ""
+    text = f"measured: {n_runs(entry['runs'])}{seeds}, {minutes(entry['train_seconds'])} of training on {entry['hardware']}"
     if "wall_seconds" in entry:
         how = f"--jobs {entry['jobs']}" + (f" --torchrun {entry['torchrun']}" if entry.get("torchrun") else "")
-        text += f"; {minutes(entry['wall_seconds'])} wall for the whole table with {how}"
+        text += f"; {minutes(entry['wall_seconds'])} wall with {how}"
     return text
 
 

@@ -39,7 +39,7 @@ def test_reproduce_twice_trains_nothing_the_second_time_and_gives_the_same_table
     assert "4 to run" in capsys.readouterr().err
     mtimes = {p: p.stat().st_mtime for p in runs.rglob("metrics.json")}
     timing = json.loads((results / "tiny.timing.json").read_text())["quick"]
-    assert timing["runs"] == 4 and timing["train_seconds"] > 0 and timing["jobs"] == 1 and "CPU cores" in timing["hardware"]
+    assert timing["runs"] == 4 and timing["seeds"] == 2 and timing["train_seconds"] > 0 and timing["jobs"] == 1 and "CPU cores" in timing["hardware"]
 
     def no_training(*args):
         raise AssertionError("the second reproduction trained a run")
@@ -78,9 +78,9 @@ def test_train_command_plain_and_under_torchrun(table, tmp_path):
 
 def test_list_shows_measured_cost_when_there_is_one(tmp_path):
     assert "measured: " not in list_tables(tmp_path).replace("not measured: ", "")
-    entry = {"runs": 9, "train_seconds": 600.0, "hardware": "x86_64, 2 CPU cores, no GPU", "commit": "abc",
+    entry = {"runs": 9, "seeds": 3, "train_seconds": 600.0, "hardware": "x86_64, 2 CPU cores, no GPU", "commit": "abc",
              "wall_seconds": 330.0, "jobs": 2, "torchrun": 0}
     (tmp_path / "baselines.timing.json").write_text(json.dumps({"quick": entry}))
     listed = list_tables(tmp_path)
-    assert "--profile quick: 3 seeds, measured: 9 runs, 10.0 min of training on x86_64, 2 CPU cores, no GPU; 5.5 min wall" in listed
+    assert "--profile quick: 3 seeds, measured: 9 runs (3 seeds), 10.0 min of training on x86_64, 2 CPU cores, no GPU; 5.5 min wall with --jobs 2" in listed
     assert "--profile full: 3 seeds, not yet measured (GPU)" in listed
