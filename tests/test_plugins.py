@@ -92,3 +92,15 @@ def test_a_broken_plugin_fails_with_an_error_naming_it(tmp_path, monkeypatch):
     done = mlml(["train", *sets(*TINY), "--out", str(tmp_path / "run")], site, cwd=tmp_path)
     assert done.returncode == 2
     assert "plug-in 'shiny' (mlml_no_such_module:Shiny)" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_plugin_name_taken_by_another_entry_is_an_error(tmp_path, monkeypatch):
+    from mlml import losses
+
+    site = dist_info(tmp_path, "clashing_plugin", {"mlml.losses": {"an": "mlml.losses:bce", "bce": "mlml.losses:bce"}})
+    monkeypatch.syspath_prepend(str(site))
+    registry = Registry("loss", entry_point_group="mlml.losses")
+    registry.register("bce")(losses.bce)          # the same object under its own name is fine
+    registry.register("an")(losses.an)
+    with pytest.raises(PluginError, match=r"plug-in 'an' \(mlml.losses:bce\) .* clashes with the loss 'an' already registered \(mlml.losses.an\)"):
+        registry.get("an")
