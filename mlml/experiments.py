@@ -301,7 +301,8 @@ def write_table(spec: dict, results: list[dict], results_dir: Path | None, comma
 
 
 def table_from_runs(root: Path, results_dir: Path | None = None) -> str:
-    """Rebuild a table from existing runs; uses the table file named like the directory if there is one."""
+    """Rebuild a table from existing runs (and its TensorBoard layout at `root`); uses the table
+    file named like the runs' experiment if there is one."""
     results = collect(root)
     if not results:
         raise FileNotFoundError(f"no metrics.json below {root}")
@@ -310,6 +311,7 @@ def table_from_runs(root: Path, results_dir: Path | None = None) -> str:
         spec = read_table(name)
     except ConfigError:
         spec = {"name": name, "title": name, "metrics": ["test/mAP_macro"], "settings": {}, "methods": {}}
+    write_table_layout(root, spec["name"], spec["metrics"])
     return write_table(spec, results, results_dir, f"mlml table {root}")
 
 

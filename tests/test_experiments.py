@@ -5,7 +5,7 @@ import pytest
 
 from mlml import experiments
 from mlml.config import ConfigError
-from mlml.experiments import expand, list_tables, read_table, reproduce, train_command
+from mlml.experiments import expand, list_tables, read_table, reproduce, table_from_runs, train_command
 from tests.conftest import TINY
 
 
@@ -51,6 +51,9 @@ def test_reproduce_twice_trains_nothing_the_second_time_and_gives_the_same_table
     assert first == second == (results / "tiny.md").read_text()
     assert "| an |" in first and "Training time: 4 runs" in first and (results / "tiny.csv").exists()
     assert len(list((runs / "tiny").glob("events.out.tfevents.*"))) == 1     # the custom-scalars layout
+    rebuilt = table_from_runs(runs / "tiny")                                  # `mlml table runs/tiny`
+    assert rebuilt.split("| method |")[1] == first.split("| method |")[1]
+    assert len(list((runs / "tiny").glob("events.out.tfevents.*"))) == 1
     # A finished run of another config (as another profile's would be) is not reused.
     (tmp_path / "base.toml").write_text("[optim]\nweight_decay = 0.0\n")
     with pytest.raises(ConfigError, match="optim.weight_decay = 0.0001, wanted 0.0"):
