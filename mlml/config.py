@@ -43,7 +43,9 @@ class DataConfig:
     n_val: int = 1500
     n_test: int = 3000
     data_seed: int = 0            # fixes the images and which labels are observed, across runs
-    observation: str = "single_positive"   # full | single_positive | partial | per_group | unlabelled
+    observation: str = "auto"     # auto (the source's default: single_positive for synthetic data,
+                                  # annotated for folders and annotation files) | full | single_positive
+                                  # | partial | per_group | unlabelled | annotated
     observation_args: dict = field(default_factory=dict)
     val_labels: str = "full"      # full | observed: what validation metrics (and model selection) see
     augment: str = "flip_crop"    # none | flip_crop (the weak view; methods may ask for "strong" too)
@@ -53,6 +55,14 @@ class DataConfig:
     unlabelled_ratio: float = 0.0
     num_workers: int = 0
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    root: str = ""                # folder, recolour: the folder of class folders; annotations: what
+                                  # image paths are relative to ("" = the annotation file's folder)
+    annotations: str = ""         # annotations (and recolour over annotations): .csv or .jsonl file
+    label_names: str = ""         # annotations: .txt or .json label names file
+    image_size: int = 64          # file sources: images decoded to (3, S, S), centre square
+    store: str = ""               # file sources: index cache directory ("" = under $MLML_CACHE)
+    colours: int = 6              # recolour: number of colour classes (see mlml.data.recolour)
+    strict: bool = False          # an unreadable image stops the run (default: skipped and counted)
 
 
 @dataclass

@@ -189,14 +189,18 @@ def hardware() -> str:
 
 
 def git_commit() -> str:
-    """The commit of the mlml checkout that runs (wherever the command is started from)."""
+    """Short commit of the mlml checkout that runs, wherever the command is started from ('+ uncommitted
+    changes' if dirty); `MLML_COMMIT` overrides it for a copy of the tree whose .git, if any, is not its
+    own (e.g. on a remote machine)."""
+    if os.environ.get("MLML_COMMIT"):
+        return os.environ["MLML_COMMIT"]
     here = Path(__file__).resolve().parent
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True, cwd=here).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=here).stdout.strip()
-        return commit + (" (with uncommitted changes)" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=here).stdout.strip()
+    return commit + (" (with uncommitted changes)" if dirty else "")
 
 
 def n_runs(n: int) -> str:

@@ -3,7 +3,7 @@
 A run logs scalars, an HPARAMS record (method, setting, seed and main hyperparameters with the
 final test metrics), a labelled grid of test images and PR curves of a few labels. Tag names are
 the same for every method (`train/loss`, `train/<part>`, `train/lr`, `val/<metric>`,
-`val_teacher/<metric>`, `test/<metric>`, `test/images`, `test/labels`, `test_pr/<label>`), so
+`val_student/<metric>`, `test/<metric>`, `test/images`, `test/labels`, `test_pr/<label>`), so
 runs of one table compare on one chart. Only rank 0 writes. `docs/tensorboard.md` shows how to
 read them.
 """
@@ -53,8 +53,8 @@ def pr_curve_labels(targets: torch.Tensor, frequent: int = 4, rare: int = 2) -> 
 def table_layout(table: str, metrics: list[str]) -> dict:
     """Custom-scalars layout of a table: one chart per metric, each with a line per run.
 
-    Validation charts match the student (`val/<m>`) and any other evaluated model
-    (`val_teacher/<m>`); the table's own metrics come first.
+    Validation charts match the reported model (`val/<m>`) and any other evaluated model
+    (`val_student/<m>` of `mean_teacher`); the table's own metrics come first.
     """
     own = [m.split("/", 1)[1] for m in metrics if "/" in m]
     order = [m for m in own if m in VAL_METRICS] + [m for m in VAL_METRICS if m not in own]
@@ -98,7 +98,18 @@ class RunLogger:
         """
         if not self.writer:
             return
-        images = torch.stack([loader.dataset[k]["image"] for k in range(min(n, len(loader.dataset)))])
+        for c in pr_curve_labels(targets):
+            self.writer.add_pr_curve(f"test_pr/{names[c]}", targets[:, c].bool(), scores[:, c].float(), step)
+        readable = []                     # scores/targets rows are the split's readable images, in order
+        for k in range(len(loader.dataset)):
+            if len(readable) >= n:
+                break
+            item = loader.dataset[k]
+            if "image" in item:
+                readable.append(item["image"])
+        if not readable:
+            return
+        images = torch.stack(readable)
         self.writer.add_image("test/images", make_grid(images, nrow=8, padding=2), step)
         rows = ["| # | true labels | predicted (p >= 0.5) |", "|---|---|---|"]
         for k in range(len(images)):
@@ -106,8 +117,6 @@ class RunLogger:
             pred = ", ".join(f"{names[c]} {scores[k, c]:.2f}" for c in (scores[k] >= 0.5).nonzero().flatten().tolist())
             rows.append(f"| {k} | {true} | {pred} |")
         self.writer.add_text("test/labels", "\n".join(rows), step)
-        for c in pr_curve_labels(targets):
-            self.writer.add_pr_curve(f"test_pr/{names[c]}", targets[:, c].bool(), scores[:, c].float(), step)
 
     def hparams(self, cfg: Config, metrics: dict[str, float]) -> None:
         """Write the HPARAMS-tab record into the run's own event file (not a sub-directory).

@@ -140,6 +140,7 @@ class Trainer:
         }
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.best, self.best_epoch, self.history = -math.inf, -1, []
+        self.skipped_images = {"train": 0, "val": 0, "test": 0}   # unreadable images met (per pass)
         self.logger = RunLogger(run_dir, enabled=info.is_main)
 
     def _method_views(self) -> dict[str, str]:
@@ -159,6 +160,7 @@ class Trainer:
             "best": self.best,
             "best_epoch": self.best_epoch,
             "history": self.history,
+            "skipped_images": self.skipped_images,
             "world_size": self.info.world_size,
             "rng": {
                 "torch": torch.get_rng_state(),
@@ -182,6 +184,7 @@ class Trainer:
         self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.global_step = ckpt["epoch"], ckpt["global_step"]
         self.best, self.best_epoch, self.history = ckpt["best"], ckpt["best_epoch"], ckpt["history"]
+        self.skipped_images = ckpt.get("skipped_images", self.skipped_images)
         # The global batch is fixed, so a step count means the same samples at any world size.
         self.step_in_epoch = ckpt["step_in_epoch"]
         rng = ckpt["rng"]
@@ -218,6 +221,10 @@ class Trainer:
         bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{self.cfg.optim.epochs}", leave=False,
                    disable=not (self.info.is_main and self.cfg.run.progress) or None)
         for batch in bar:
+            self.skipped_images["train"] += int(batch.pop("skipped", 0))
+            if batch["index"].numel() == 0:           # every image of the batch was unreadable
+                self.step_in_epoch += 1
+                continue
             factor = lr_factor(self.global_step, total, warmup, self.cfg.optim.schedule)
             for g in self.optimizer.param_groups:
                 g["lr"] = self.cfg.optim.lr * g["lr_scale"] * factor
@@ -230,6 +237,7 @@ class Trainer:
             bar.set_postfix(loss=f"{parts['loss']:.4f}")
             if self.cfg.run.checkpoint_every and self.global_step % self.cfg.run.checkpoint_every == 0:
                 self.save("last.pt")
+        self.logger.scalars("data", {"skipped_images": sum(self.skipped_images.values())}, self.global_step)
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -252,7 +260,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, split: str, model: nn.Module, thresholds: torch.Tensor | None = None) -> tuple[dict, torch.Tensor, torch.Tensor]:
-        scores, targets = predict(model, self.eval_loaders[split], self.device, self.amp_dtype)
+        stats: dict = {}
+        scores, targets = predict(model, self.eval_loaders[split], self.device, self.amp_dtype, stats)
+        self.skipped_images[split] += stats.get("skipped_images", 0)
         return split_metrics(scores, targets, self.cfg.eval.threshold, thresholds), scores, targets
 
     def validate(self) -> None:
@@ -302,6 +312,8 @@ class Trainer:
             classes_without_positives=[names[c] for c in classes_without_positives(test_targets)],
             history=self.history,
         )
+        result["data/skipped_images"] = sum(self.skipped_images.values())
+        result["data/skipped_images_by_split"] = dict(self.skipped_images)
         self.logger.hparams(self.cfg, result["metrics"])
         if self.info.is_main:
             tmp = self.run_dir / "metrics.json.tmp"

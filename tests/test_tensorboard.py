@@ -71,4 +71,4 @@ def test_table_layout_is_one_chart_per_metric(tmp_path):
     titles = [chart.title for category in stored.category for chart in category.chart]
     assert "val/mAP_macro" in titles and "train/loss" in titles
     regex = next(c for cat in stored.category for c in cat.chart if c.title == "val/mAP_macro").multiline.tag[0]
-    assert re.match(regex, "val/mAP_macro") and re.match(regex, "val_teacher/mAP_macro") and not re.match(regex, "val/mAP_micro")
+    assert re.match(regex, "val/mAP_macro") and re.match(regex, "val_student/mAP_macro") and not re.match(regex, "val/mAP_micro")
