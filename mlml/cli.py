@@ -114,12 +114,16 @@ def cmd_data_index(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
+    from mlml.config import ConfigError
     from mlml.experiments import list_tables, reproduce
 
     if args.list or not args.table:
-        print(list_tables())
+        print(list_tables(Path(args.results_dir)))
         return 0
-    print(reproduce(args.table, args.profile, seeds=args.seeds, jobs=args.jobs, runs_dir=Path(args.runs_dir), results_dir=Path(args.results_dir)))
+    if args.jobs < 1 or args.torchrun < 0:
+        raise ConfigError(f"--jobs must be >= 1 and --torchrun >= 0, got {args.jobs} and {args.torchrun}")
+    print(reproduce(args.table, args.profile, seeds=args.seeds, jobs=args.jobs, runs_dir=Path(args.runs_dir),
+                    results_dir=Path(args.results_dir), torchrun=args.torchrun))
     return 0
 
 
@@ -171,8 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default="quick", choices=["quick", "full"])
     p.add_argument("--seeds", type=int, help="number of seeds (default: the profile's)")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (each a subprocess)")
+    p.add_argument("--torchrun", type=int, default=0, metavar="N",
+                   help="launch each run as `torchrun --standalone --nproc_per_node=N -m mlml train ...`")
     p.add_argument("--runs-dir", default="runs")
-    p.add_argument("--results-dir", default="results")
+    p.add_argument("--results-dir", default="results", help="where tables and measured costs (<table>.timing.json) go")
     p.set_defaults(fn=cmd_reproduce)
 
     p = sub.add_parser("table", help="rebuild a table from the metrics.json files under a runs directory")

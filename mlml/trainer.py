@@ -405,7 +405,7 @@ class Trainer:
             result["metrics"].update({f"test{suffix}/{k}": v for k, v in test.items()})
             result["per_class_ap"][name] = per_class_ap(test_scores, test_targets, names)
             if i == 0:
-                self.logger.final(model, self.eval_loaders["test"], test_scores, test_targets, names, self.global_step)
+                self.logger.final(model, self.eval_loaders["test"], test_scores, test_targets, names, self.global_step, self.cfg.eval.image_grid)
         result.update(
             method=self.cfg.method_label(),
             setting=self.cfg.run.setting,

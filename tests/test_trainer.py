@@ -55,3 +55,11 @@ def test_lr_schedule():
     assert lr_factor(99, 100, 0, "constant") == 1.0
     with pytest.raises(ValueError, match="schedule"):
         lr_factor(50, 100, 0, "linear")
+
+
+def test_the_same_seed_gives_the_same_metrics_on_cpu(tmp_path):
+    cfg = tiny_config("run.seed=3")
+    first, second = train(cfg, tmp_path / "a"), train(cfg, tmp_path / "b")
+    assert first["metrics"] == second["metrics"] and first["history"] == second["history"]
+    other = train(tiny_config("run.seed=4"), tmp_path / "c")
+    assert other["metrics"] != first["metrics"]
