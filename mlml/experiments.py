@@ -26,7 +26,6 @@ import csv
 import io
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -181,28 +180,6 @@ def collect(root: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(root.rglob("metrics.json"))]
 
 
-def hardware() -> str:
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{platform.machine()}, {os.cpu_count()} CPU cores, {gpu}"
-
-
-def git_commit() -> str:
-    """Short commit of the mlml checkout that runs, wherever the command is started from ('+ uncommitted
-    changes' if dirty); `MLML_COMMIT` overrides it for a copy of the tree whose .git, if any, is not its
-    own (e.g. on a remote machine)."""
-    if os.environ.get("MLML_COMMIT"):
-        return os.environ["MLML_COMMIT"]
-    here = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True, cwd=here).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=here).stdout.strip()
-    return commit + (" (with uncommitted changes)" if dirty else "")
-
-
 def n_runs(n: int) -> str:
     return f"{n} run" + ("" if n == 1 else "s")
 
@@ -211,15 +188,23 @@ def minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min"
 
 
-def provenance(command: str, results: list[dict]) -> list[str]:
-    import numpy
-    import torch
+def run_provenance(results: list[dict], key: str) -> str:
+    """The distinct values of the runs' recorded provenance `key`, with how many runs had each."""
+    counts: dict[str, int] = {}
+    for r in results:
+        value = r.get("provenance", {}).get(key, "not recorded")
+        counts[value] = counts.get(value, 0) + 1
+    if len(counts) == 1:
+        return next(iter(counts))
+    return "; ".join(f"{v} ({n_runs(n)})" for v, n in counts.items())
 
+
+def provenance(command: str, results: list[dict]) -> list[str]:
     train_seconds = sum(r.get("train_seconds", 0.0) for r in results)
     return [
         f"Command: `{command}`",
-        f"Commit: {git_commit()}; Python {platform.python_version()}, torch {torch.__version__}, numpy {numpy.__version__}",
-        f"Hardware: {hardware()}",
+        f"Commit: {run_provenance(results, 'commit')}; {run_provenance(results, 'versions')}",
+        f"Hardware: {run_provenance(results, 'hardware')}",
         f"Training time: {n_runs(len(results))}, {minutes(train_seconds)} in total (sum of the runs' train_seconds)",
     ]
 
@@ -238,7 +223,7 @@ def record_timing(name: str, profile: str, results: list[dict], wall: float | No
     timing = json.loads(path.read_text()) if path.exists() else {}
     entry = timing.get(profile, {})
     entry.update(runs=len(results), seeds=len({r["seed"] for r in results}),
-                 train_seconds=round(sum(r.get("train_seconds", 0.0) for r in results), 1), hardware=hardware(), commit=git_commit())
+                 train_seconds=round(sum(r.get("train_seconds", 0.0) for r in results), 1), hardware=run_provenance(results, 'hardware'), commit=run_provenance(results, 'commit'))
     if wall is not None:
         entry.update(wall_seconds=round(wall, 1), jobs=jobs, torchrun=torchrun)
     timing[profile] = entry

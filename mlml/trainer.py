@@ -51,6 +51,7 @@ from mlml.distributed import (
 from mlml.evaluation import calibrate_thresholds, classes_without_positives, per_class_ap, predict, split_metrics
 from mlml.methods import Method, MethodContext, build_method
 from mlml.models import build_model
+from mlml.provenance import environment
 from mlml.tensorboard import RunLogger
 
 
@@ -414,6 +415,7 @@ class Trainer:
             best_epoch=self.best_epoch,
             epochs=self.cfg.optim.epochs,
             train_seconds=round(train_seconds, 2),
+            provenance=environment(),
             train_images_per_second=round(self.steps_per_epoch * self.cfg.data.batch_size * self.cfg.optim.epochs / max(train_seconds, 1e-9), 1),
             classes_without_positives=[names[c] for c in classes_without_positives(test_targets)],
             history=self.history,

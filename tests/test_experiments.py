@@ -87,3 +87,15 @@ def test_list_shows_measured_cost_when_there_is_one(tmp_path):
     listed = list_tables(tmp_path)
     assert "--profile quick: 3 seeds, measured: 9 runs (3 seeds), 10.0 min of training on x86_64, 2 CPU cores, no GPU; 5.5 min wall with --jobs 2" in listed
     assert "--profile full: 3 seeds, not yet measured (GPU)" in listed
+
+
+def test_table_provenance_comes_from_the_runs_not_the_machine_that_builds_it():
+    from mlml.experiments import provenance
+
+    runs = [{"train_seconds": 60.0, "provenance": {"commit": "abc1234", "versions": "Python 3.12", "hardware": "16 CPU cores"}},
+            {"train_seconds": 60.0, "provenance": {"commit": "abc1234", "versions": "Python 3.12", "hardware": "H100"}},
+            {"train_seconds": 60.0}]
+    lines = provenance("mlml table runs/x", runs)
+    assert lines[1].startswith("Commit: abc1234 (2 runs); not recorded (1 run); Python 3.12 (2 runs)")
+    assert lines[2] == "Hardware: 16 CPU cores (1 run); H100 (1 run); not recorded (1 run)"
+    assert provenance("c", runs[:1])[1:3] == ["Commit: abc1234; Python 3.12", "Hardware: 16 CPU cores"]
