@@ -21,6 +21,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mlml.trainer import train
 
     cfg = load_config(args.config, args.overrides)
+    if args.strict:
+        cfg.data.strict = True
     result = train(cfg, Path(args.out) if args.out else None, resume=args.resume)
     print(json.dumps({k: round(v, 4) for k, v in result["metrics"].items() if k.startswith("test/")}, indent=2))
     return 0
@@ -57,8 +59,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from PIL import Image
-    from torchvision.transforms.v2.functional import pil_to_tensor, resize
+    from mlml.data.image_files import decode_image
 
     from mlml.evaluation import softmax_groups
     from mlml.groups import decode_groups
@@ -68,7 +69,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     names, size = space.names, data.image_size
     results = []
     for file in args.images:
-        image = resize(pil_to_tensor(Image.open(file).convert("RGB")), [size, size], antialias=True)
+        image = decode_image(file, size)                  # as training images: centre square, resized
         with torch.no_grad():
             probs = torch.sigmoid(model(image[None])["logits"].float())            # (1, C)
         order = probs[0].argsort(descending=True)[: args.top].tolist()
@@ -91,13 +92,52 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from mlml.config import load_config
+    from mlml.data.export import export_synthetic
+
+    cfg = load_config(args.config, args.overrides)
+    files = export_synthetic(cfg.data, Path(args.out), args.n, args.format)
+    size = cfg.data.synthetic.image_size
+    print(f"wrote {args.n} images to {files['folder']}; annotations {files['annotations']}; labels {files['label_names']}")
+    print("train on them with, e.g.:")
+    print(f"  mlml train --set data.source=annotations --set data.annotations={files['annotations']} "
+          f"--set data.label_names={files['label_names']} --set data.image_size={size}")
+    print(f"  mlml train --set data.source=folder --set data.root={files['folder']} --set data.image_size={size}")
+    return 0
+
+
+def cmd_data_index(args: argparse.Namespace) -> int:
+    from mlml.config import load_config
+    from mlml.data.pipeline import SOURCES
+
+    cfg = load_config(args.config, args.overrides)
+    source = SOURCES.get(cfg.data.source)(cfg.data)
+    labels = source.labels
+    summary = {
+        "source": cfg.data.source,
+        "images": len(source),
+        "labels": labels.num_labels,
+        "groups": {g.name: len(g.labels) for g in source.label_space.groups},
+        "positives": int(labels.indptr[-1]),
+        "known_negatives": int(labels.neg_indptr[-1]) if labels.has_negatives else 0,
+        "store": str(getattr(source, "store", "(in memory)")),
+    }
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def cmd_reproduce(args: argparse.Namespace) -> int:
+    from mlml.config import ConfigError
     from mlml.experiments import list_tables, reproduce
 
     if args.list or not args.table:
-        print(list_tables())
+        print(list_tables(Path(args.results_dir)))
         return 0
-    print(reproduce(args.table, args.profile, seeds=args.seeds, jobs=args.jobs, runs_dir=Path(args.runs_dir), results_dir=Path(args.results_dir)))
+    if args.jobs < 1 or args.torchrun < 0:
+        raise ConfigError(f"--jobs must be >= 1 and --torchrun >= 0, got {args.jobs} and {args.torchrun}")
+    print(reproduce(args.table, args.profile, seeds=args.seeds, jobs=args.jobs, runs_dir=Path(args.runs_dir),
+                    results_dir=Path(args.results_dir), torchrun=args.torchrun))
     return 0
 
 
@@ -116,7 +156,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p)
     p.add_argument("--out", help="run directory (default runs/<experiment>/<setting>/<method>/seed<k>)")
     p.add_argument("--resume", action="store_true", help="continue from <run dir>/checkpoints/last.pt")
+    p.add_argument("--strict", action="store_true", help="stop on an unreadable image (= data.strict); default: skip and count it")
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("data", help="data tools")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    q = data_sub.add_parser("synth", help="write the synthetic data as an image folder plus an annotation file")
+    add_config_args(q)
+    q.add_argument("--out", required=True, help="output directory")
+    q.add_argument("--n", type=int, required=True, help="number of images")
+    q.add_argument("--format", default="jsonl", choices=["jsonl", "csv"], help="annotation file format")
+    q.set_defaults(fn=cmd_data_synth)
+    q = data_sub.add_parser("index", help="check and index the configured source (annotation errors show here); print a summary")
+    add_config_args(q)
+    q.set_defaults(fn=cmd_data_index)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on full labels")
     p.add_argument("--checkpoint", required=True)
@@ -136,8 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default="quick", choices=["quick", "full"])
     p.add_argument("--seeds", type=int, help="number of seeds (default: the profile's)")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (each a subprocess)")
+    p.add_argument("--torchrun", type=int, default=0, metavar="N",
+                   help="launch each run as `torchrun --standalone --nproc_per_node=N -m mlml train ...`")
     p.add_argument("--runs-dir", default="runs")
-    p.add_argument("--results-dir", default="results")
+    p.add_argument("--results-dir", default="results", help="where tables and measured costs (<table>.timing.json) go")
     p.set_defaults(fn=cmd_reproduce)
 
     p = sub.add_parser("table", help="rebuild a table from the metrics.json files under a runs directory")
@@ -150,11 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from mlml.config import ConfigError
+    from mlml.data.annotations import AnnotationError
+    from mlml.data.image_files import UnreadableImageError
     from mlml.registry import PluginError, UnknownNameError
 
     try:
         return args.fn(args)
-    except (ConfigError, FileNotFoundError, FileExistsError, UnknownNameError, PluginError) as err:
+    except (ConfigError, FileNotFoundError, FileExistsError, UnknownNameError, PluginError, AnnotationError, UnreadableImageError) as err:
         print(f"mlml {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
+from mlml.distributed import all_gather_cat, is_distributed
 from mlml.groups import decode_groups, group_targets
 from mlml.labels import LabelSpace
 from mlml.metrics import (
@@ -22,36 +22,39 @@ from mlml.metrics import (
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: DataLoader, device: torch.device, amp_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def predict(model: nn.Module, loader: DataLoader, device: torch.device, amp_dtype: torch.dtype | None = None, stats: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sigmoid scores and targets of a whole split, in dataset order, on the CPU.
 
     Each rank predicts its shard; under torch.distributed the shards are gathered and the
-    sampler's padding duplicates dropped by dataset index.
+    sampler's padding duplicates dropped by dataset index, so every rank gets the scores a single
+    process would compute on the same weights. Images that could not be read are left out (the
+    rows returned are the readable images, in order); their count is added to
+    `stats["skipped_images"]` when `stats` is given.
     """
     was_training = model.training
     model.eval()
     scores, targets, index = [], [], []
     for batch in loader:
+        if stats is not None:
+            stats["skipped_images"] = stats.get("skipped_images", 0) + int(batch.get("skipped", 0))
+        if batch["index"].numel() == 0:
+            continue
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = model(batch["image"].to(device, non_blocking=True))["logits"]
         scores.append(torch.sigmoid(logits.float()).cpu())
         targets.append(batch["targets"])
         index.append(batch["index"])
     model.train(was_training)
+    if not scores:
+        raise RuntimeError(f"no readable image in a split of {len(loader.dataset)} images")
     s, t, i = torch.cat(scores), torch.cat(targets), torch.cat(index)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        s, t, i = gather(s, device), gather(t, device), gather(i, device)
+    if is_distributed():   # nccl gathers CUDA tensors, gloo CPU ones
+        s, t, i = (all_gather_cat(x.to(device)).cpu() for x in (s, t, i))
     n = len(loader.dataset)
     out_s, out_t = torch.empty(n, s.shape[1]), torch.empty(n, t.shape[1])
-    out_s[i], out_t[i] = s, t            # duplicates carry identical values; every index is covered
-    return out_s, out_t
-
-
-def gather(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Concatenate equally sized per-rank tensors on every rank (CPU result)."""
-    parts = [torch.empty_like(x, device=device) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.to(device))
-    return torch.cat([p.cpu() for p in parts])
+    covered = torch.zeros(n, dtype=torch.bool)
+    out_s[i], out_t[i], covered[i] = s, t, True   # duplicates carry identical values
+    return out_s[covered], out_t[covered]
 
 
 def split_metrics(scores: torch.Tensor, targets: torch.Tensor, threshold: float, thresholds: torch.Tensor | None) -> dict[str, float]:

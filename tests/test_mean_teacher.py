@@ -65,7 +65,29 @@ def test_adaptive_thresholds_keep_the_prior_share():
     probs = torch.linspace(0, 1, 101)[:, None].repeat(1, 2)        # (101, 2): 0.00 .. 1.00
     pos, neg = adaptive_thresholds(probs, torch.tensor([0.2, 0.6]), pos_min=0.5, neg_margin=0.1)
     assert pos.tolist() == pytest.approx([0.8, 0.5])               # top 20%; the second clamps at 0.5
-    assert neg.tolist() == pytest.approx([0.5, 0.3])               # lowest 70% (clamped at 0.5) and 30%
+    assert neg.tolist() == pytest.approx([0.7, 0.3])               # lowest 70% and 30%
+
+
+def test_class_prior_from_observed_positives():
+    from mlml.methods.mean_teacher import class_prior
+
+    assert class_prior(torch.tensor([30, 10, 0]), k=2.0).tolist() == pytest.approx([1.0, 0.5, 0.0])
+    assert class_prior(torch.tensor([60, 20, 20]), k=1.5).tolist() == pytest.approx([0.9, 0.3, 0.3])
+    with pytest.raises(ValueError, match="method.args.k"):
+        class_prior(torch.tensor([1, 1]), None)
+
+
+def test_supervised_term_sees_labelled_images_only(tmp_path):
+    trainer = _trainer(tmp_path, "method.loss=an")
+    trainer.model.eval()                                            # running BN statistics: per-image logits
+    batch = next(iter(trainer.train_loader))
+    out = trainer.method.training_step(batch, trainer.model)
+    batch["observed"][1:] = False                                   # all but the first image unlabelled
+    only_first = trainer.method.training_step(batch, trainer.model)
+    with torch.no_grad():
+        logits = trainer.model(batch["image"][:1])["logits"]
+    assert float(only_first["sup"]) != float(out["sup"])
+    assert float(only_first["sup"]) == pytest.approx(float(trainer.method.supervised(logits, batch["targets"][:1], batch["observed"][:1])), rel=1e-4)
 
 
 def test_pseudo_label_quality_counts_against_full_labels():

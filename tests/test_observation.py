@@ -85,4 +85,17 @@ def test_hash_uniform_is_deterministic_and_uniform():
 
 
 def test_registry_lists_all():
-    assert set(OBSERVATIONS.names()) == {"full", "single_positive", "partial", "per_group", "unlabelled"}
+    assert set(OBSERVATIONS.names()) == {"full", "single_positive", "partial", "per_group", "unlabelled", "annotated"}
+
+
+def test_annotated_observes_stored_positives_and_known_negatives():
+    from mlml.data.label_store import LabelStore
+
+    store = LabelStore.from_lists([[0, 3], [], [6]], 7, negatives=[[1], [2, 4], []])
+    obs = build_observation("annotated", SPACE, seed=0, args={}, labels=store)
+    rows = np.array([2, 0, 1])
+    targets, observed = obs(rows, store.dense(rows))
+    assert [np.flatnonzero(o).tolist() for o in observed.numpy()] == [[6], [0, 1, 3], [2, 4]]
+    assert [np.flatnonzero(t).tolist() for t in targets.numpy()] == [[6], [0, 3], []]
+    with pytest.raises(ValueError, match="needs the source's label store"):
+        build_observation("annotated", SPACE, seed=0, args={})

@@ -4,6 +4,11 @@ A dataset item is `{"index": k, <view name>: uint8 (3, H, W), ...}`; the collate
 views and assembles `targets`, `observed`, `full_targets` and `domain` for the batch from the
 sparse label store and the observation model (labels are densified per batch, never stored dense).
 
+An image that cannot be read becomes the item `{"index": k, "skipped": True}` (with a warning
+naming the file) unless the dataset is strict, when the error stops the run. The collate step
+drops skipped items, so a batch may be smaller than asked (even empty), and reports how many it
+dropped as `skipped` (a 0-dim long tensor), which reaches the main process from any worker.
+
 Augmentation is a pure function of (seed, epoch, index, view): the train sampler yields
 `(index, epoch)` pairs, so persistent workers, any number of workers and a resume in the middle of
 an epoch all see the same random crops.
@@ -12,12 +17,14 @@ an epoch all see the same random crops.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from mlml.data.image_files import UnreadableImageError
 from mlml.data.label_store import LabelStore
 from mlml.data.observation import Observation, hash_uniform
 from mlml.data.transforms import Transform
@@ -32,20 +39,28 @@ class SplitDataset(Dataset):
         rows: int64 (N,) source indices of this split; item k is source row `rows[k]`.
         views: view name -> transform of a uint8 image (e.g. {"image": weak, "image_strong": strong}).
         seed: seeds the per-sample augmentation.
+        strict: an unreadable image raises instead of giving a skipped item.
     """
 
-    def __init__(self, images: Callable[[int], torch.Tensor], rows: np.ndarray, views: dict[str, Transform], seed: int) -> None:
+    def __init__(self, images: Callable[[int], torch.Tensor], rows: np.ndarray, views: dict[str, Transform], seed: int, strict: bool = False) -> None:
         self.images = images
         self.rows = np.asarray(rows, dtype=np.int64)
         self.views = views
         self.seed = seed
+        self.strict = strict
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, item: int | tuple[int, int]) -> dict:
         k, epoch = item if isinstance(item, tuple) else (item, 0)
-        image = self.images(int(self.rows[k]))
+        try:
+            image = self.images(int(self.rows[k]))
+        except UnreadableImageError as err:
+            if self.strict:
+                raise
+            warnings.warn(f"skipped: {err}", stacklevel=2)
+            return {"index": k, "skipped": True}
         out: dict = {"index": k}
         for v, (name, transform) in enumerate(self.views.items()):
             out[name] = transform(image, int(hash_uniform(self.seed, epoch, k, v) * 2**53))
@@ -61,12 +76,15 @@ class Collate:
         self.observation = observation
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
-        index = torch.tensor([it["index"] for it in items], dtype=torch.long)
+        readable = [it for it in items if "skipped" not in it]
+        index = torch.tensor([it["index"] for it in readable], dtype=torch.long)
         rows = self.rows[index.numpy()]
         full = self.labels.dense(rows)                                     # bool (B, C)
         targets, observed = self.observation(rows, full)
-        batch = {name: torch.stack([it[name] for it in items]) for name in items[0] if name != "index"}
+        views = [name for name in (readable or items)[0] if name not in ("index", "skipped")]
+        batch = {name: torch.stack([it[name] for it in readable]) if readable else torch.zeros(0, dtype=torch.uint8) for name in views}
         batch.update(
+            skipped=torch.tensor(len(items) - len(readable)),
             index=index,
             targets=targets,
             observed=observed,
@@ -81,15 +99,19 @@ class EpochSampler(Sampler):
 
     Like `DistributedSampler`: the permutation depends on (seed, epoch); it is padded by repeating
     its start to a multiple of `world_size` and rank r takes every world_size-th item from r.
+    With `global_batch` (training) only whole global batches of the permutation are used instead,
+    so the k-th global batch, and the number of steps per epoch, are the same at any world size.
     `set_epoch(epoch, skip)` drops the first `skip` items of this rank (a resume mid-epoch).
     Yields `(index, epoch)` pairs when `with_epoch`, else plain indices.
     """
 
-    def __init__(self, n: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1, with_epoch: bool = True) -> None:
+    def __init__(self, n: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1, with_epoch: bool = True,
+                 global_batch: int = 0) -> None:
         self.n, self.shuffle, self.seed = n, shuffle, seed
         self.rank, self.world_size, self.with_epoch = rank, world_size, with_epoch
         self.epoch, self.skip = 0, 0
-        self.per_rank = math.ceil(n / world_size)
+        self.whole_batches = n // global_batch * global_batch if global_batch and n >= global_batch else 0
+        self.per_rank = self.whole_batches // world_size if self.whole_batches else math.ceil(n / world_size)
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         self.epoch, self.skip = epoch, skip
@@ -101,7 +123,10 @@ class EpochSampler(Sampler):
         else:
             order = list(range(self.n))
         total = self.per_rank * self.world_size
-        order += order[: total - self.n]                 # pad so every rank gets the same count
+        if self.whole_batches:
+            order = order[:total]                        # drop the last incomplete global batch
+        else:
+            order += order[: total - self.n]             # pad so every rank gets the same count
         return order[self.rank : total : self.world_size][self.skip :]
 
     def __iter__(self) -> Iterator:

@@ -13,6 +13,9 @@ Models (`data.observation`, with `data.observation_args`):
   per_group          the image comes from one group's collection: all labels of that group are
                      observed, nothing else. The collection is the image's `domain`.
   unlabelled         nothing observed.
+  annotated          what the source's annotations say: its stored positives observed positive,
+                     its stored known negatives observed negative, everything else unknown. The
+                     default for image folders and annotation files (`data.observation = "auto"`).
 Any model takes `labelled_fraction` (default 1): the other images are unlabelled (observed all False,
 domain 1 for labelled-vs-unlabelled domain branches, unless per_group sets domains).
 """
@@ -24,6 +27,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from mlml.data.label_store import LabelStore
 from mlml.labels import LabelSpace
 from mlml.registry import Registry
 
@@ -138,8 +142,27 @@ class PerGroup(Observation):
         return len(self.label_space.groups)
 
 
-def build_observation(name: str, label_space: LabelSpace, seed: int, args: dict) -> Observation:
+@OBSERVATIONS.register("annotated")
+class Annotated(Observation):
+    """The stored labels as they are: positives and known negatives observed, the rest unknown."""
+
+    needs_labels = True
+
+    def __init__(self, label_space: LabelSpace, seed: int, labels: LabelStore, labelled_fraction: float = 1.0) -> None:
+        super().__init__(label_space, seed, labelled_fraction)
+        self.labels = labels
+
+    def observe(self, rows: np.ndarray, full: torch.Tensor) -> torch.Tensor:
+        return full | self.labels.dense_negatives(rows)
+
+
+def build_observation(name: str, label_space: LabelSpace, seed: int, args: dict, labels: LabelStore | None = None) -> Observation:
+    """The observation model `name`; `labels` (the source's store) goes to models that read it."""
     cls: Callable[..., Observation] = OBSERVATIONS.get(name)
+    if getattr(cls, "needs_labels", False):
+        if labels is None:
+            raise ValueError(f"observation model '{name}' needs the source's label store")
+        args = {**args, "labels": labels}
     try:
         return cls(label_space, seed, **args)
     except TypeError as err:

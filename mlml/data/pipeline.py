@@ -1,24 +1,34 @@
 """Data: sources of images with full labels, observation models, splits and loaders.
 
 A *source* (registered in `SOURCES`, entry-point group `mlml.sources`) is any object with
-`label_space: LabelSpace`, `labels: LabelStore` (full positives of every image), `__len__`, and
-`image(i) -> uint8 (3, H, W)`; optionally `images(rows)` (batched rendering, used to cache) and
-`splits(sizes, seed) -> {"train": rows, "val": rows, "test": rows}`.
+`label_space: LabelSpace`, `labels: LabelStore` (full positives of every image, and the known
+negatives where the source has them), `__len__`, and `image(i) -> uint8 (3, H, W)`; optionally
+`images(rows)` (batched rendering, used to cache), `splits(sizes, seed) -> {"train": rows, ...}`,
+`image_size` and `default_observation` (used when `data.observation = "auto"`). `image(i)` may
+raise `UnreadableImageError`: the item is then skipped and counted (or the run stops, `data.strict`).
+
+Sources: `synthetic` (built-in colour + object), `folder` (ImageNet-style class folders),
+`annotations` (a CSV/JSONL annotation file and a label names file), `recolour` (a folder or
+annotation file with every image recoloured to one colour class: colour + object groups).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from mlml.config import DataConfig
+from mlml.config import ConfigError, DataConfig
+from mlml.data.annotations import AnnotationSource
 from mlml.data.dataset import Collate, EpochSampler, MixedBatchSampler, SplitDataset
+from mlml.data.folder import ImageFolderSource
 from mlml.data.label_store import LabelStore
 from mlml.data.observation import Full, Observation, build_observation
+from mlml.data.recolour import RecolourSource
 from mlml.data.synthetic import SyntheticSource
 from mlml.data.transforms import build_views
 from mlml.labels import LabelSpace, configure_groups
@@ -31,6 +41,41 @@ SPLITS = ("train", "val", "test")
 @SOURCES.register("synthetic")
 def synthetic(cfg: DataConfig) -> SyntheticSource:
     return SyntheticSource(cfg.synthetic, cfg.n_train + cfg.n_val + cfg.n_test, cfg.data_seed)
+
+
+def _path(cfg: DataConfig, key: str, kind: str = "file") -> Path:
+    """The path config key `data.<key>` names, checked to exist (errors name the key)."""
+    value = getattr(cfg, key)
+    if not value:
+        raise ConfigError(f"data.source = '{cfg.source}' needs data.{key}")
+    path = Path(value).expanduser()
+    if not (path.is_dir() if kind == "folder" else path.is_file()):
+        raise ConfigError(f"data.{key} = '{value}': no such {kind}")
+    return path
+
+
+def _image_size(cfg: DataConfig) -> int:
+    if not 8 <= cfg.image_size <= 1024:
+        raise ConfigError(f"data.image_size = {cfg.image_size} is out of range [8, 1024]")
+    return cfg.image_size
+
+
+@SOURCES.register("folder")
+def folder(cfg: DataConfig) -> ImageFolderSource:
+    return ImageFolderSource(_path(cfg, "root", "folder"), _image_size(cfg), cfg.store or None)
+
+
+@SOURCES.register("annotations")
+def annotations(cfg: DataConfig) -> AnnotationSource:
+    root = _path(cfg, "root", "folder") if cfg.root else None
+    return AnnotationSource(_path(cfg, "annotations"), _path(cfg, "label_names"), root, _image_size(cfg), cfg.store or None)
+
+
+@SOURCES.register("recolour")
+def recolour(cfg: DataConfig) -> RecolourSource:
+    """A folder (or, when data.annotations is set, an annotation source) with a colour group added."""
+    inner = annotations(cfg) if cfg.annotations else folder(cfg)
+    return RecolourSource(inner, cfg.colours, cfg.data_seed)
 
 
 def default_splits(n: int, sizes: dict[str, int], seed: int) -> dict[str, np.ndarray]:
@@ -74,7 +119,8 @@ class Data:
 
     @property
     def image_size(self) -> int:
-        return int(self.image(int(self.splits["train"][0])).shape[-1])
+        size = getattr(self.source, "image_size", None)
+        return int(size) if size else int(self.image(int(self.splits["train"][0])).shape[-1])
 
     def observation_for(self, split: str) -> Observation:
         """Training sees the observation model; test always full labels; val as configured."""
@@ -83,7 +129,7 @@ class Data:
         return Full(self.label_space, self.cfg.data_seed)
 
     def dataset(self, split: str, views: dict[str, str], seed: int) -> SplitDataset:
-        return SplitDataset(self.image, self.splits[split], build_views(views, self.image_size), seed)
+        return SplitDataset(self.image, self.splits[split], build_views(views, self.image_size), seed, self.cfg.strict)
 
     def loader(self, split: str, views: dict[str, str], seed: int, rank: int = 0, world_size: int = 1, batch_size: int | None = None) -> DataLoader:
         """Train: shuffled per epoch, last incomplete batch dropped. Eval: in order, padded per rank."""
@@ -96,10 +142,14 @@ class Data:
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
             collate_fn=Collate(dataset.rows, self.labels, self.observation_for(split)),
+            # Its own generator: starting an epoch's iterator draws a worker base seed, which must not
+            # come from the global RNG, or a resume mid-epoch would shift dropout & co. (unused otherwise).
+            generator=torch.Generator().manual_seed(seed),
         )
         if train and self.observation.labelled_fraction < 1.0:
             return DataLoader(dataset, batch_sampler=self.mixed_sampler(dataset.rows, batch * world_size, seed, rank, world_size), **common)
-        sampler = EpochSampler(len(dataset), shuffle=train, seed=seed, rank=rank, world_size=world_size, with_epoch=train)
+        sampler = EpochSampler(len(dataset), shuffle=train, seed=seed, rank=rank, world_size=world_size, with_epoch=train,
+                               global_batch=batch * world_size if train else 0)
         return DataLoader(dataset, batch_size=batch, sampler=sampler, drop_last=train and len(sampler) >= batch, **common)
 
     def mixed_sampler(self, rows: np.ndarray, global_batch: int, seed: int, rank: int, world_size: int) -> MixedBatchSampler:
@@ -127,7 +177,8 @@ def build_data(cfg: DataConfig) -> Data:
     splitter = getattr(source, "splits", None)
     splits = splitter(sizes, cfg.data_seed) if splitter else default_splits(len(source), sizes, cfg.data_seed)
     label_space = configure_groups(source.label_space, cfg.groups)
-    observation = build_observation(cfg.observation, label_space, cfg.data_seed, cfg.observation_args)
+    name = cfg.observation if cfg.observation != "auto" else getattr(source, "default_observation", "single_positive")
+    observation = build_observation(name, label_space, cfg.data_seed, cfg.observation_args, source.labels)
     image: Callable[[int], torch.Tensor] = source.image
     if hasattr(source, "images"):
         image = ImageCache(source, np.concatenate([splits[s] for s in SPLITS]))

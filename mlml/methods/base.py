@@ -6,11 +6,17 @@ teacher, a per-sample label table, a domain head), so the optimiser and checkpoi
 
     method.on_epoch_start(epoch)
     parts = method.training_step(batch, model)      # {"loss": scalar, <part>: scalar, ...}
-    (backward, optimiser step)
+    (backward; once per optimiser step: method.reduce_gradients(); optimiser step)
     method.on_step_end(model, step)
     method.on_epoch_end(epoch)
 
 and evaluates every model in `method.eval_models(model)`.
+
+Under torch.distributed (torchrun) `model` is the DDP-wrapped model in `training_step` and the
+unwrapped one in `on_step_end` / `eval_models`; the method itself is not wrapped. Its state must
+stay identical on every rank: parameters get their gradients averaged by `reduce_gradients`,
+per-sample writes gather every rank's rows first (`mlml.distributed.gather_rows`), and an EMA
+teacher updated from the (identical) unwrapped student in `on_step_end` needs nothing more.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import torch
 from torch import nn
 
 from mlml.config import MethodConfig
+from mlml.distributed import average_gradients
 from mlml.labels import LabelSpace
 from mlml.registry import Registry
 
@@ -54,6 +61,9 @@ class Method(nn.Module):
 
     #: view name -> augmentation; "weak" stands for the configured `data.augment`.
     views: dict[str, str] = {"image": "weak"}
+    #: True when a training step may leave some model parameters without a gradient (a branch
+    #: used only on some steps): DDP then runs with find_unused_parameters (slower).
+    find_unused_parameters: bool = False
 
     def __init__(self, cfg: MethodConfig, ctx: MethodContext) -> None:
         super().__init__()
@@ -71,6 +81,14 @@ class Method(nn.Module):
 
     def on_epoch_end(self, epoch: int) -> None:
         """Called after the last step of every epoch."""
+
+    def reduce_gradients(self) -> None:
+        """Called on every rank after the backward of the last micro-batch, before the optimiser step.
+
+        The method's own parameters are outside DDP: by default their gradients are averaged over
+        ranks, as DDP does for the model's. A no-op in one process.
+        """
+        average_gradients(self.parameters())
 
     def eval_models(self, model: nn.Module) -> dict[str, nn.Module]:
         """The models to evaluate, by name; the first is the one tables report."""

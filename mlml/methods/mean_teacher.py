@@ -2,8 +2,12 @@
 
 The student learns from two terms:
 
-    loss = supervised(student(weak), targets, observed)                     # any registered loss
-         + w(t) * sum_{pseudo-labelled entries} BCE(student(strong), pseudo) / (B * C)
+    loss = supervised(student(weak), targets, observed)               # labelled images of the batch
+         + w(t) * supervised(student(strong), targets | pseudo, observed | pseudo-labelled)
+
+`supervised` is any registered loss (`method.loss`): the pseudo-labels are handed to the same loss
+as extra observed labels, so both terms share its reduction and its treatment of what stays
+unobserved (a sum-reduced loss such as ASL would otherwise dwarf a mean-reduced BCE term).
 
 The teacher is an EMA of the student (Tarvainen & Valpola, 2017), updated after every optimiser
 step with decay d_t = min(1 - 1 / (t + 1), decay), so early on it follows the student closely.
@@ -21,9 +25,11 @@ Pseudo-labels come from the teacher's probabilities p on the weak view, per labe
 positive where p >= `pos_threshold`, negative where p <= `neg_threshold`, nothing in between.
 With `class_adaptive`, the thresholds of class c become the batch quantiles that keep the expected
 share of positives: the top `prior_c` of the batch's scores (at least `pos_threshold_min`) are
-positives and the lowest `1 - prior_c - neg_margin` are negatives, where `prior_c` is an EMA of the
-teacher's mean probability of class c (distribution-aware pseudo-labelling in the spirit of CAP,
-Xie et al., 2023). `targets = "hard"` uses 1/0, `"soft"` the teacher's p itself. Observed labels
+positives and the lowest `1 - prior_c - neg_margin` are negatives, where `prior_c` is estimated
+from the observed positives and the expected number of positives per image `k` (see
+`class_prior`; class-distribution-aware pseudo-labelling in the spirit of CAP, Xie et al., 2023).
+This uses only the teacher's ranking within a class, which single-positive training keeps far
+better than its calibration (an assume-negative teacher rarely gives an unobserved positive p > 0.5). `targets = "hard"` uses 1/0, `"soft"` the teacher's p itself. Observed labels
 are never overridden: pseudo-labels apply to unobserved entries only. The consistency weight
 ramps up as w(t) = weight * exp(-5 (1 - t / T_r)^2) over the first `rampup` fraction of training
 (Laine & Aila, 2017).
@@ -31,7 +37,10 @@ ramps up as w(t) = weight * exp(-5 (1 - t / T_r)^2) over the first `rampup` frac
 Logged parts: `sup`, `pseudo`, `weight`, and pseudo-label diagnostics against the hidden full
 labels (`pseudo_pos_count`, `pseudo_neg_count` per image; `pseudo_pos_precision`,
 `pseudo_pos_recall`, `pseudo_neg_precision`, `pseudo_neg_recall` over unobserved entries). The
-full labels are read for those diagnostics only, never for training.
+full labels are read for those diagnostics only, never for training. The supervised loss sees
+the labelled images of the batch only (those with any observed label): a loss such as
+assume-negative or entropy maximisation would otherwise treat every label of an unlabelled image
+as negative or maximally uncertain.
 """
 
 from __future__ import annotations
@@ -40,7 +49,6 @@ import copy
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mlml.config import MethodConfig
@@ -55,7 +63,8 @@ DEFAULTS = {
     "weight": 1.0,              # consistency weight after ramp-up
     "rampup": 0.3,              # fraction of training over which the weight ramps up
     "class_adaptive": False,
-    "pos_threshold_min": 0.5,   # class-adaptive: lowest positive threshold
+    "k": None,                  # class-adaptive: expected positives per image (as for EPR)
+    "pos_threshold_min": 0.0,   # class-adaptive: lowest positive threshold
     "neg_margin": 0.1,          # class-adaptive: share of scores between positives and negatives left out
     "report": "teacher",        # which model tables report first: teacher | student
 }
@@ -112,7 +121,23 @@ def adaptive_thresholds(probs: Tensor, prior: Tensor, pos_min: float, neg_margin
     sorted_p = probs.sort(dim=0).values                              # (B, C), ascending per class
     b = probs.shape[0]
     pick = lambda q: sorted_p.gather(0, (q * (b - 1)).round().long()[None, :])[0]
-    return pick(q_pos).clamp(min=pos_min), pick(q_neg).clamp(max=pos_min)
+    return pick(q_pos).clamp(min=pos_min), pick(q_neg)
+
+
+def class_prior(observed_positives: Tensor, k: float | None) -> Tensor:
+    """(C,) estimated share of images positive for each class: k * n_c / sum(n).
+
+    Under single-positive labels the observed positive of an image is one of its positives chosen
+    uniformly, so observed counts n_c are proportional to the true class frequencies up to a
+    per-image factor; scaling by the expected number of positives per image k (as EPR assumes
+    known) gives the prior.
+    """
+    if k is None:
+        raise ValueError("method.args.class_adaptive needs method.args.k, the expected number of positives per image")
+    n = observed_positives.double()
+    if n.sum() <= 0:
+        raise ValueError("class-adaptive thresholds need observed positives in the training split")
+    return (k * n / n.sum()).clamp(0.0, 1.0).float()
 
 
 def pseudo_label_quality(pseudo: Tensor, mask: Tensor, full: Tensor, observed: Tensor) -> dict[str, Tensor]:
@@ -151,7 +176,7 @@ class MeanTeacher(Method):
         self.teacher = copy.deepcopy(ctx.student).eval()
         self.teacher.requires_grad_(False)
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
-        self.register_buffer("prior", torch.full((ctx.label_space.num_labels,), 0.5))
+        self.register_buffer("prior", class_prior(ctx.positives, self.args["k"]) if self.args["class_adaptive"] else torch.zeros(0))
         self.rampup_steps = round(self.args["rampup"] * ctx.epochs * ctx.steps_per_epoch)   # 0: no ramp-up
 
     def train(self, mode: bool = True) -> "MeanTeacher":
@@ -168,13 +193,14 @@ class MeanTeacher(Method):
         observed = batch["observed"]
         # One student forward over both views: (2B, C), BatchNorm statistics over both.
         weak, strong = model(torch.cat([batch["image"], batch["image_strong"]]))["logits"].float().chunk(2)
-        sup = self.supervised(weak, batch["targets"], observed)
+        labelled = observed.any(1)                                             # (B,) images with any label
+        sup = self.supervised(weak[labelled], batch["targets"][labelled], observed[labelled]) if labelled.any() else weak.sum() * 0
         with torch.no_grad():
             probs = torch.sigmoid(self.teacher(batch["image"])["logits"].float())  # (B, C) teacher, weak view
         pos_t, neg_t = self.thresholds(probs)
         pseudo, mask = pseudo_labels(probs, observed, pos_t, neg_t, soft=self.args["targets"] == "soft")
-        per_entry = F.binary_cross_entropy_with_logits(strong, pseudo, reduction="none")
-        cons = (per_entry * mask).sum() / mask.numel()                        # mean over B * C, like the family
+        # The configured loss on the strong view, its labels completed by the pseudo-labels.
+        cons = self.supervised(strong, torch.where(observed, batch["targets"], pseudo), observed | mask)
         weight = self.consistency_weight()
         parts = {"loss": sup + weight * cons, "sup": sup.detach(), "pseudo": cons.detach(),
                  "weight": torch.tensor(weight)}
@@ -185,8 +211,6 @@ class MeanTeacher(Method):
         a = self.args
         if not a["class_adaptive"]:
             return a["pos_threshold"], a["neg_threshold"]
-        if self.training:
-            self.prior.lerp_(probs.mean(0), 0.01)
         return adaptive_thresholds(probs, self.prior, a["pos_threshold_min"], a["neg_margin"])
 
     def on_step_end(self, model: nn.Module, step: int) -> None:

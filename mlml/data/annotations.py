@@ -1,0 +1,178 @@
+"""Annotation files: image paths with positive and (optionally) known negative labels by name.
+
+Label names file (`data.label_names`):
+  * `.txt`: one label name per line (blank lines and `#` comments skipped); one group `labels`.
+  * `.json`: a list of names, or `{"groups": [{"name": "colour", "labels": ["red", ...],
+    "exclusive": true}, ...]}` (every label in exactly one group; label order = listed order).
+
+Annotation file (`data.annotations`), one image per line, paths relative to `data.root` (default:
+the annotation file's folder):
+  * `.csv`: a header naming the columns `path`, `positives` and optionally `negatives`; a label
+    cell lists names separated by `;` (empty: none).
+
+        path,positives,negatives
+        images/0001.jpg,cat;sofa,dog
+        images/0002.jpg,dog,
+
+  * `.jsonl`: one object per line, `{"path": "images/0001.jpg", "positives": ["cat", "sofa"],
+    "negatives": ["dog"]}` (`negatives` optional; no other keys).
+
+What is listed is what is known: listed positives are positive, listed negatives negative, every
+other label unknown (the `annotated` observation model). Evaluation on such a source uses the
+stored positives as full labels and counts every unlisted label negative. A line that cannot be
+used (bad syntax, missing path, unknown label name, a label listed twice or both positive and
+negative) stops with `AnnotationError` naming file, line and reason, before any training.
+Image files are not opened while indexing (millions of stats are slow on network storage); a
+missing or corrupt image is found when loaded, and skipped and counted then.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Iterator
+
+from mlml.data.image_files import FileSource, StringColumnWriter, cached_index, default_store_dir, file_signature
+from mlml.data.label_store import LabelStoreBuilder
+from mlml.labels import Group, LabelSpace
+
+SEPARATOR = ";"
+
+
+class AnnotationError(ValueError):
+    """A line of an annotation or label names file cannot be used."""
+
+    def __init__(self, file: Path | str, line: int, reason: str) -> None:
+        super().__init__(f"{file}:{line}: {reason}")
+
+
+def read_label_names(path: str | Path) -> LabelSpace:
+    """The label space a `.txt` or `.json` label names file describes."""
+    path = Path(path)
+    if path.suffix == ".txt":
+        names: dict[str, None] = {}                       # ordered, with O(1) membership
+        for line_no, line in enumerate(path.read_text().splitlines(), 1):
+            name = line.strip()
+            if name and not name.startswith("#"):
+                if name in names:
+                    raise AnnotationError(path, line_no, f"label '{name}' is named twice")
+                names[name] = None
+        if not names:
+            raise AnnotationError(path, 1, "no label names")
+        return LabelSpace(tuple(names))
+    if path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text())
+            if isinstance(data, list):
+                return LabelSpace(tuple(str(n) for n in data))
+            names, groups = [], []
+            for g in data["groups"]:
+                start = len(names)
+                names.extend(str(n) for n in g["labels"])
+                groups.append(Group(g["name"], tuple(range(start, len(names))), bool(g.get("exclusive", False))))
+            return LabelSpace(tuple(names), tuple(groups))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            raise AnnotationError(path, getattr(err, "lineno", 1), f"not a label names file: {err!r}") from None
+    raise AnnotationError(path, 1, "label names file must end in .txt or .json")
+
+
+def read_annotations(path: Path, label_space: LabelSpace) -> Iterator[tuple[str, list[int], list[int]]]:
+    """(image path, positive indices, negative indices) of each line, checked, streamed."""
+    index = {name: i for i, name in enumerate(label_space.names)}
+    if path.suffix == ".csv":
+        lines = _csv_lines(path)
+    elif path.suffix in (".jsonl", ".ndjson"):
+        lines = _jsonl_lines(path)
+    else:
+        raise AnnotationError(path, 1, "annotation file must end in .csv or .jsonl")
+    for line_no, image, positives, negatives in lines:
+        if not image:
+            raise AnnotationError(path, line_no, "no image path")
+        pos, neg = [], []
+        for names, out, kind in ((positives, pos, "positive"), (negatives, neg, "negative")):
+            for name in names:
+                if name not in index:
+                    raise AnnotationError(path, line_no, f"unknown label '{name}' ({kind}); it is not in the label names file")
+                out.append(index[name])
+        if len(set(pos)) != len(pos) or len(set(neg)) != len(neg):
+            raise AnnotationError(path, line_no, "a label is listed twice")
+        both = set(pos) & set(neg)
+        if both:
+            raise AnnotationError(path, line_no, f"label '{label_space.names[both.pop()]}' is both positive and negative")
+        yield image, pos, neg
+
+
+def _csv_lines(path: Path) -> Iterator[tuple[int, str, list[str], list[str]]]:
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        header = [h.strip() for h in next(reader, [])]
+        missing = {"path", "positives"} - set(header)
+        unknown = set(header) - {"path", "positives", "negatives"}
+        if missing or unknown:
+            raise AnnotationError(path, 1, f"the header must name path, positives[, negatives]; got {','.join(header) or 'nothing'}")
+        col = {name: header.index(name) for name in header}
+        try:
+            for cells in reader:
+                if not cells:
+                    continue
+                if len(cells) != len(header):
+                    raise AnnotationError(path, reader.line_num, f"{len(cells)} fields, the header has {len(header)}")
+                labels = [[n.strip() for n in cells[col[k]].split(SEPARATOR) if n.strip()] if k in col else [] for k in ("positives", "negatives")]
+                yield reader.line_num, cells[col["path"]].strip(), labels[0], labels[1]
+        except csv.Error as err:
+            raise AnnotationError(path, reader.line_num, f"bad CSV: {err}") from None
+
+
+def _jsonl_lines(path: Path) -> Iterator[tuple[int, str, list[str], list[str]]]:
+    with open(path) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise AnnotationError(path, line_no, f"bad JSON: {err}") from None
+            if not isinstance(item, dict) or set(item) - {"path", "positives", "negatives"}:
+                raise AnnotationError(path, line_no, "a line must be an object with keys path, positives[, negatives]")
+            lists = [item.get(k, []) for k in ("positives", "negatives")]
+            if not isinstance(item.get("path", ""), str) or not all(isinstance(v, list) and all(isinstance(n, str) for n in v) for v in lists):
+                raise AnnotationError(path, line_no, "path must be a string and positives/negatives lists of label names")
+            yield line_no, item.get("path", ""), lists[0], lists[1]
+
+
+def build_annotation_index(annotations: Path, label_space: LabelSpace, root: Path, out: Path) -> dict:
+    """Stream the annotation file into `out` (labels/ and paths); returns the source.json content."""
+    builder = LabelStoreBuilder(out / "labels", label_space.num_labels)
+    paths = StringColumnWriter(out / "paths")
+    count = 0
+    for image, pos, neg in read_annotations(annotations, label_space):
+        paths.add(image)
+        builder.add(pos, neg)
+        count += 1
+    if count == 0:
+        raise AnnotationError(annotations, 1, "no annotated images")
+    builder.close()
+    paths.close()
+    return {"kind": "annotations", "root": str(root.resolve()), "label_space": label_space.to_dict()}
+
+
+class AnnotationSource(FileSource):
+    """Images listed in an annotation file, with the labels it gives them.
+
+    Args:
+        annotations: the `.csv` or `.jsonl` annotation file.
+        label_names: the `.txt` or `.json` label names file.
+        root: folder the image paths are relative to (default: the annotation file's folder).
+        image_size: images are decoded to (3, image_size, image_size) (centre square).
+        store: where the index is cached (default: under $MLML_CACHE, keyed by the file's path).
+    """
+
+    def __init__(self, annotations: str | Path, label_names: str | Path, root: str | Path | None, image_size: int, store: str | Path | None = None) -> None:
+        annotations, label_names = Path(annotations), Path(label_names)
+        root = Path(root) if root else annotations.parent
+        signature = [*file_signature(annotations, label_names), str(root.resolve())]
+        store = Path(store) if store else default_store_dir("annotations", annotations)
+        label_space = read_label_names(label_names)
+        index = cached_index(store, signature, lambda out: build_annotation_index(annotations, label_space, root, out))
+        super().__init__(index, image_size)
