@@ -159,7 +159,7 @@ def every_method(rank: int, out: Path, overrides: list[str]) -> None:
 
     mlml.trainer.DistributedDataParallel = record_then_wrap
     info = DistInfo(rank, dist.get_world_size(), rank)
-    runs = {name: [f"method.name={name}"] for name in METHODS.names()}
+    runs = {name: [f"method.name={name}", *METHODS.get(name).requires] for name in METHODS.names()}
     runs.update(VARIANTS)
     for name, extra in runs.items():
         cfg = tiny_config(*overrides, *extra)

@@ -61,6 +61,8 @@ class Method(nn.Module):
 
     #: view name -> augmentation; "weak" stands for the configured `data.augment`.
     views: dict[str, str] = {"image": "weak"}
+    #: config overrides the method cannot run without (e.g. a head), for registry-wide tests and docs.
+    requires: tuple[str, ...] = ()
     #: True when a training step may leave some model parameters without a gradient (a branch
     #: used only on some steps): DDP then runs with find_unused_parameters (slower).
     find_unused_parameters: bool = False

@@ -27,6 +27,8 @@ from mlml.methods.mean_teacher import ema_decay, ema_update, sigmoid_rampup
 
 @register_method("grouped")
 class Grouped(Method):
+    requires = ("model.head=grouped",)
+
     def __init__(self, cfg: MethodConfig, ctx: MethodContext) -> None:
         super().__init__(cfg, ctx)
         if cfg.pos_weight != "none":
