@@ -44,7 +44,7 @@ def load_checkpoint_model(path: str):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mlml.evaluation import calibrate_thresholds, predict, split_metrics
+    from mlml.evaluation import calibrate_thresholds, group_metrics, predict, softmax_groups, split_metrics
 
     cfg, model, data = load_checkpoint_model(args.checkpoint)
     loaders = {s: data.loader(s, {"image": "none"}, cfg.run.seed, batch_size=256) for s in ("val", args.split)}
@@ -52,6 +52,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     val_scores, val_targets = predict(model, loaders["val"], device)
     scores, targets = predict(model, loaders[args.split], device)
     metrics = split_metrics(scores, targets, cfg.eval.threshold, calibrate_thresholds(val_scores, val_targets))
+    if args.split == "test" or cfg.data.val_labels == "full":
+        metrics |= group_metrics(scores, targets, data.label_space, softmax_groups(model), cfg.eval.threshold)
     print(json.dumps({f"{args.split}/{k}": round(v, 6) for k, v in metrics.items()}, indent=2))
     return 0
 
@@ -59,15 +61,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from mlml.data.image_files import decode_image
 
+    from mlml.evaluation import softmax_groups
+    from mlml.groups import decode_groups
+
     cfg, model, data = load_checkpoint_model(args.checkpoint)
-    names, size = data.label_space.names, data.image_size
+    space = data.label_space
+    names, size = space.names, data.image_size
     results = []
     for file in args.images:
         image = decode_image(file, size)                  # as training images: centre square, resized
         with torch.no_grad():
-            probs = torch.sigmoid(model(image[None])["logits"][0].float())
-        order = probs.argsort(descending=True)[: args.top].tolist()
-        results.append({"image": str(file), "labels": [{"label": names[c], "probability": round(float(probs[c]), 4)} for c in order]})
+            probs = torch.sigmoid(model(image[None])["logits"].float())            # (1, C)
+        order = probs[0].argsort(descending=True)[: args.top].tolist()
+        groups = {}
+        for name, dec in decode_groups(probs, space, softmax_groups(model), cfg.eval.threshold).items():
+            k = int(dec.pred[0])
+            labels = space.group(name).labels
+            groups[name] = {"class": names[labels[k]] if k < len(labels) else "unknown", "probability": round(float(dec.probs[0, k]), 4)}
+        results.append({"image": str(file), "labels": [{"label": names[c], "probability": round(float(probs[0, c]), 4)} for c in order],
+                        "groups": groups})
     if args.json:
         print(json.dumps(results, indent=2))
     else:
@@ -75,6 +87,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(r["image"])
             for item in r["labels"]:
                 print(f"  {item['label']:<16} {item['probability']:.3f}")
+            for name, g in r["groups"].items():
+                print(f"  [{name}] {g['class']:<10} {g['probability']:.3f}")
     return 0
 
 

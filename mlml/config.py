@@ -55,6 +55,7 @@ class DataConfig:
     # labelled one in each batch; 0 trains on the labelled images only. See MixedBatchSampler.
     unlabelled_ratio: float = 0.0
     num_workers: int = 0
+    groups: dict = field(default_factory=dict)   # group name -> overrides of the source's groups (mlml.labels.configure_groups)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     root: str = ""                # folder, recolour: the folder of class folders; annotations: what
                                   # image paths are relative to ("" = the annotation file's folder)

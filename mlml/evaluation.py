@@ -13,7 +13,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from mlml.distributed import all_gather_cat, is_distributed
-from mlml.metrics import calibrate_thresholds, classes_without_positives, mean_average_precision, multilabel_metrics
+from mlml.groups import decode_groups, group_targets
+from mlml.labels import LabelSpace
+from mlml.metrics import (
+    calibrate_thresholds, classes_without_positives, decoded_accuracy, group_accuracy, mean_average_precision, multilabel_metrics,
+    unknown_accuracy, unknown_auroc,
+)
 
 
 @torch.no_grad()
@@ -58,10 +63,38 @@ def split_metrics(scores: torch.Tensor, targets: torch.Tensor, threshold: float,
     return {k: float(v) for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
 
 
+def softmax_groups(model: nn.Module) -> dict[str, bool]:
+    """Exclusive groups the model scores with one softmax (name -> has an unknown output); {} for sigmoid heads."""
+    return dict(getattr(getattr(model, "head", None), "softmax_groups", {}))
+
+
+def group_metrics(scores: torch.Tensor, targets: torch.Tensor, space: LabelSpace, softmax: dict[str, bool], threshold: float = 0.5) -> dict[str, float]:
+    """Per exclusive group, against full labels: `group_acc/<g>` (top class on the images the
+    group applies to), `decoded_acc/<g>` (the decoded class-or-unknown right, over all images),
+    and where some images have no class of g, `unknown_acc/<g>` (predicted unknown on those) and
+    `unknown_auroc/<g>` (their detection by the unknown score).
+
+    Args:
+        scores: float (N, C) per-label probabilities of any head (`mlml.groups.decode_groups`).
+        targets: (N, C) full labels.
+        softmax: `softmax_groups(model)`.
+    """
+    truth = group_targets(targets.float(), torch.ones_like(targets, dtype=torch.bool), space)
+    out = {}
+    for name, dec in decode_groups(scores, space, softmax, threshold).items():
+        true, K = truth[name].cls, dec.probs.shape[1] - 1
+        out[f"group_acc/{name}"] = float(group_accuracy(dec.probs[:, :K], true))
+        out[f"decoded_acc/{name}"] = float(decoded_accuracy(dec.pred, true, K))
+        if (true == K).any():
+            out[f"unknown_acc/{name}"] = float(unknown_accuracy(dec.pred, true, K))
+            out[f"unknown_auroc/{name}"] = float(unknown_auroc(dec.probs[:, K], true, K))
+    return {k: v for k, v in out.items() if not math.isnan(v)}
+
+
 def per_class_ap(scores: torch.Tensor, targets: torch.Tensor, names: tuple[str, ...]) -> dict[str, float | None]:
     """Label name -> AP (None for a label without positives in this split)."""
     ap = mean_average_precision(scores, targets, average=None)
     return {name: (None if math.isnan(v) else float(v)) for name, v in zip(names, ap.tolist())}
 
 
-__all__ = ["predict", "split_metrics", "per_class_ap", "calibrate_thresholds", "classes_without_positives"]
+__all__ = ["predict", "split_metrics", "group_metrics", "softmax_groups", "per_class_ap", "calibrate_thresholds", "classes_without_positives"]

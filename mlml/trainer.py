@@ -48,7 +48,9 @@ from mlml.distributed import (
     resolve_device,
     restart_count,
 )
-from mlml.evaluation import calibrate_thresholds, classes_without_positives, per_class_ap, predict, split_metrics
+from mlml.evaluation import (
+    calibrate_thresholds, classes_without_positives, group_metrics, per_class_ap, predict, softmax_groups, split_metrics,
+)
 from mlml.methods import Method, MethodContext, build_method
 from mlml.models import build_model
 from mlml.provenance import environment
@@ -370,7 +372,10 @@ class Trainer:
         stats: dict = {}
         scores, targets = predict(model, self.eval_loaders[split], self.device, self.amp_dtype, stats)
         self.skipped_images[split] += stats.get("skipped_images", 0)
-        return split_metrics(scores, targets, self.cfg.eval.threshold, thresholds), scores, targets
+        metrics = split_metrics(scores, targets, self.cfg.eval.threshold, thresholds)
+        if split == "test" or self.cfg.data.val_labels == "full":   # group metrics need full labels
+            metrics |= group_metrics(scores, targets, self.data.label_space, softmax_groups(model), self.cfg.eval.threshold)
+        return metrics, scores, targets
 
     def validate(self) -> None:
         record = {"epoch": self.epoch}

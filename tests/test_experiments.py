@@ -99,3 +99,21 @@ def test_table_provenance_comes_from_the_runs_not_the_machine_that_builds_it():
     assert lines[1].startswith("Commit: abc1234 (2 runs); not recorded (1 run); Python 3.12 (2 runs)")
     assert lines[2] == "Hardware: 16 CPU cores (1 run); H100 (1 run); not recorded (1 run)"
     assert provenance("c", runs[:1])[1:3] == ["Commit: abc1234; Python 3.12", "Hardware: 16 CPU cores"]
+
+
+def test_grouped_heads_table_builds_every_run(tmp_path):
+    """Every run of the grouped-heads table, in both profiles, is a valid config whose model, data
+    and method match (grouped methods with the grouped head, pattern data, one object per image)."""
+    from mlml.config import load_config
+    from mlml.data.synthetic import synthetic_label_space
+
+    spec = read_table("grouped_heads")
+    for profile in ("quick", "full"):
+        runs = expand(spec, profile, 1, tmp_path)
+        assert len(runs) == len(spec["settings"]) * len(spec["methods"])
+        for run in runs:
+            cfg = load_config(run.config, list(run.overrides))
+            assert cfg.data.synthetic.max_objects == 1 and cfg.data.synthetic.num_patterns == 3
+            assert (cfg.model.head == "grouped") == cfg.method.name.startswith("grouped"), run.method
+            assert synthetic_label_space(cfg.data.synthetic).group("pattern").has_unknown
+            assert cfg.data.groups == ({"pattern": {"has_unknown": False}} if run.method == "grouped_no_unknown" else {})

@@ -9,9 +9,13 @@ from mlml.trainer import Trainer
 from tests.conftest import tiny_config
 
 
+# Methods that need a particular model or data to run at all.
+REQUIRES = {"grouped": ["model.head=grouped"], "grouped_teacher": ["model.head=grouped"]}
+
+
 @pytest.mark.parametrize("method", METHODS.names())
 def test_one_step_through_the_registry(method, tmp_path):
-    cfg = tiny_config(f"method.name={method}")
+    cfg = tiny_config(f"method.name={method}", *REQUIRES.get(method, []))
     trainer = Trainer(cfg, tmp_path, info=__import__("mlml.distributed", fromlist=["DistInfo"]).DistInfo())
     batch = next(iter(trainer.train_loader))
     before = [p.detach().clone() for p in trainer.model.parameters()]

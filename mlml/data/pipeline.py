@@ -31,7 +31,7 @@ from mlml.data.observation import Full, Observation, build_observation
 from mlml.data.recolour import RecolourSource
 from mlml.data.synthetic import SyntheticSource
 from mlml.data.transforms import build_views
-from mlml.labels import LabelSpace
+from mlml.labels import LabelSpace, configure_groups
 from mlml.registry import Registry
 
 SOURCES: Registry = Registry("source", entry_point_group="mlml.sources")
@@ -111,10 +111,7 @@ class Data:
     splits: dict[str, np.ndarray]
     observation: Observation
     image: Callable[[int], torch.Tensor]
-
-    @property
-    def label_space(self) -> LabelSpace:
-        return self.source.label_space
+    label_space: LabelSpace   # the source's, with the groups of `data.groups` applied
 
     @property
     def labels(self) -> LabelStore:
@@ -179,9 +176,10 @@ def build_data(cfg: DataConfig) -> Data:
     sizes = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}
     splitter = getattr(source, "splits", None)
     splits = splitter(sizes, cfg.data_seed) if splitter else default_splits(len(source), sizes, cfg.data_seed)
+    label_space = configure_groups(source.label_space, cfg.groups)
     name = cfg.observation if cfg.observation != "auto" else getattr(source, "default_observation", "single_positive")
-    observation = build_observation(name, source.label_space, cfg.data_seed, cfg.observation_args, source.labels)
+    observation = build_observation(name, label_space, cfg.data_seed, cfg.observation_args, source.labels)
     image: Callable[[int], torch.Tensor] = source.image
     if hasattr(source, "images"):
         image = ImageCache(source, np.concatenate([splits[s] for s in SPLITS]))
-    return Data(cfg, source, splits, observation, image)
+    return Data(cfg, source, splits, observation, image, label_space)
