@@ -23,6 +23,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/synthetic_generation.py
 	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/ddp_throughput.py
 
 clean:
 	rm -rf $(VENV) runs

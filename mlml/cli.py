@@ -44,7 +44,7 @@ def load_checkpoint_model(path: str):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mlml.evaluation import calibrate_thresholds, predict, split_metrics
+    from mlml.evaluation import calibrate_thresholds, group_metrics, predict, softmax_groups, split_metrics
 
     cfg, model, data = load_checkpoint_model(args.checkpoint)
     loaders = {s: data.loader(s, {"image": "none"}, cfg.run.seed, batch_size=256) for s in ("val", args.split)}
@@ -52,6 +52,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     val_scores, val_targets = predict(model, loaders["val"], device)
     scores, targets = predict(model, loaders[args.split], device)
     metrics = split_metrics(scores, targets, cfg.eval.threshold, calibrate_thresholds(val_scores, val_targets))
+    if args.split == "test" or cfg.data.val_labels == "full":
+        metrics |= group_metrics(scores, targets, data.label_space, softmax_groups(model), cfg.eval.threshold)
     print(json.dumps({f"{args.split}/{k}": round(v, 6) for k, v in metrics.items()}, indent=2))
     return 0
 
@@ -59,15 +61,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from mlml.data.image_files import decode_image
 
+    from mlml.evaluation import softmax_groups
+    from mlml.groups import decode_groups
+
     cfg, model, data = load_checkpoint_model(args.checkpoint)
-    names, size = data.label_space.names, data.image_size
+    space = data.label_space
+    names, size = space.names, data.image_size
     results = []
     for file in args.images:
         image = decode_image(file, size)                  # as training images: centre square, resized
         with torch.no_grad():
-            probs = torch.sigmoid(model(image[None])["logits"][0].float())
-        order = probs.argsort(descending=True)[: args.top].tolist()
-        results.append({"image": str(file), "labels": [{"label": names[c], "probability": round(float(probs[c]), 4)} for c in order]})
+            probs = torch.sigmoid(model(image[None])["logits"].float())            # (1, C)
+        order = probs[0].argsort(descending=True)[: args.top].tolist()
+        groups = {}
+        for name, dec in decode_groups(probs, space, softmax_groups(model), cfg.eval.threshold).items():
+            k = int(dec.pred[0])
+            labels = space.group(name).labels
+            groups[name] = {"class": names[labels[k]] if k < len(labels) else "unknown", "probability": round(float(dec.probs[0, k]), 4)}
+        results.append({"image": str(file), "labels": [{"label": names[c], "probability": round(float(probs[0, c]), 4)} for c in order],
+                        "groups": groups})
     if args.json:
         print(json.dumps(results, indent=2))
     else:
@@ -75,6 +87,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(r["image"])
             for item in r["labels"]:
                 print(f"  {item['label']:<16} {item['probability']:.3f}")
+            for name, g in r["groups"].items():
+                print(f"  [{name}] {g['class']:<10} {g['probability']:.3f}")
     return 0
 
 
@@ -114,12 +128,16 @@ def cmd_data_index(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
+    from mlml.config import ConfigError
     from mlml.experiments import list_tables, reproduce
 
     if args.list or not args.table:
-        print(list_tables())
+        print(list_tables(Path(args.results_dir)))
         return 0
-    print(reproduce(args.table, args.profile, seeds=args.seeds, jobs=args.jobs, runs_dir=Path(args.runs_dir), results_dir=Path(args.results_dir)))
+    if args.jobs < 1 or args.torchrun < 0:
+        raise ConfigError(f"--jobs must be >= 1 and --torchrun >= 0, got {args.jobs} and {args.torchrun}")
+    print(reproduce(args.table, args.profile, seeds=args.seeds, jobs=args.jobs, runs_dir=Path(args.runs_dir),
+                    results_dir=Path(args.results_dir), torchrun=args.torchrun))
     return 0
 
 
@@ -171,8 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default="quick", choices=["quick", "full"])
     p.add_argument("--seeds", type=int, help="number of seeds (default: the profile's)")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (each a subprocess)")
+    p.add_argument("--torchrun", type=int, default=0, metavar="N",
+                   help="launch each run as `torchrun --standalone --nproc_per_node=N -m mlml train ...`")
     p.add_argument("--runs-dir", default="runs")
-    p.add_argument("--results-dir", default="results")
+    p.add_argument("--results-dir", default="results", help="where tables and measured costs (<table>.timing.json) go")
     p.set_defaults(fn=cmd_reproduce)
 
     p = sub.add_parser("table", help="rebuild a table from the metrics.json files under a runs directory")

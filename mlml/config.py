@@ -34,6 +34,7 @@ class RunConfig:
     threads: int = 0              # torch CPU threads; 0 = leave torch's default
     progress: bool = True         # tqdm progress bar
     checkpoint_every: int = 0     # also write last.pt every N optimiser steps; 0 = at epoch ends only
+    dist_timeout: float = 1800.0  # seconds a collective waits for the other ranks before failing
 
 
 @dataclass
@@ -49,11 +50,12 @@ class DataConfig:
     observation_args: dict = field(default_factory=dict)
     val_labels: str = "full"      # full | observed: what validation metrics (and model selection) see
     augment: str = "flip_crop"    # none | flip_crop (the weak view; methods may ask for "strong" too)
-    batch_size: int = 128         # global batch size
+    batch_size: int = 128         # global batch per optimiser step: split over ranks, then micro-batches
     # With unlabelled training images (observation_args.labelled_fraction < 1): unlabelled images per
     # labelled one in each batch; 0 trains on the labelled images only. See MixedBatchSampler.
     unlabelled_ratio: float = 0.0
     num_workers: int = 0
+    groups: dict = field(default_factory=dict)   # group name -> overrides of the source's groups (mlml.labels.configure_groups)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     root: str = ""                # folder, recolour: the folder of class folders; annotations: what
                                   # image paths are relative to ("" = the annotation file's folder)
@@ -73,6 +75,8 @@ class ModelConfig:
     weights: str = ""             # path of a local state_dict for the backbone; "" = random init
     head: str = "linear"
     dropout: float = 0.0
+    sync_bn: bool = False         # torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)
+    find_unused_parameters: bool = False   # DDP: allow parameters without gradient in a step (or the method says so)
 
 
 @dataclass
@@ -97,6 +101,7 @@ class OptimConfig:
     warmup_epochs: float = 1.0
     schedule: str = "cosine"      # cosine | constant
     grad_clip: float = 0.0        # max grad norm; 0 = off
+    accumulate: int = 1           # micro-batches per optimiser step (gradient accumulation)
     amp: str = "auto"             # auto (on for CUDA) | on | off
 
 

@@ -9,11 +9,16 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
-from mlml.metrics import calibrate_thresholds, classes_without_positives, mean_average_precision, multilabel_metrics
+from mlml.distributed import all_gather_cat, is_distributed
+from mlml.groups import decode_groups, group_targets
+from mlml.labels import LabelSpace
+from mlml.metrics import (
+    calibrate_thresholds, classes_without_positives, decoded_accuracy, group_accuracy, mean_average_precision, multilabel_metrics,
+    unknown_accuracy, unknown_auroc,
+)
 
 
 @torch.no_grad()
@@ -21,8 +26,9 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device, amp_dtyp
     """Sigmoid scores and targets of a whole split, in dataset order, on the CPU.
 
     Each rank predicts its shard; under torch.distributed the shards are gathered and the
-    sampler's padding duplicates dropped by dataset index. Images that could not be read are left
-    out (the rows returned are the readable images, in order); their count is added to
+    sampler's padding duplicates dropped by dataset index, so every rank gets the scores a single
+    process would compute on the same weights. Images that could not be read are left out (the
+    rows returned are the readable images, in order); their count is added to
     `stats["skipped_images"]` when `stats` is given.
     """
     was_training = model.training
@@ -42,27 +48,13 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device, amp_dtyp
     if not scores:
         raise RuntimeError(f"no readable image in a split of {len(loader.dataset)} images")
     s, t, i = torch.cat(scores), torch.cat(targets), torch.cat(index)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        s, t, i = gather(s, device), gather(t, device), gather(i, device)
+    if is_distributed():   # nccl gathers CUDA tensors, gloo CPU ones
+        s, t, i = (all_gather_cat(x.to(device)).cpu() for x in (s, t, i))
     n = len(loader.dataset)
     out_s, out_t = torch.empty(n, s.shape[1]), torch.empty(n, t.shape[1])
     covered = torch.zeros(n, dtype=torch.bool)
     out_s[i], out_t[i], covered[i] = s, t, True   # duplicates carry identical values
     return out_s[covered], out_t[covered]
-
-
-def gather(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Concatenate per-rank tensors (sizes may differ along dim 0) on every rank (CPU result)."""
-    world = dist.get_world_size()
-    size = torch.tensor([len(x)], device=device)
-    sizes = [torch.empty_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size)
-    longest = int(max(sizes).item())
-    padded = torch.zeros((longest, *x.shape[1:]), dtype=x.dtype, device=device)
-    padded[: len(x)] = x.to(device)
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    return torch.cat([p[: int(k.item())].cpu() for p, k in zip(parts, sizes)])
 
 
 def split_metrics(scores: torch.Tensor, targets: torch.Tensor, threshold: float, thresholds: torch.Tensor | None) -> dict[str, float]:
@@ -71,10 +63,38 @@ def split_metrics(scores: torch.Tensor, targets: torch.Tensor, threshold: float,
     return {k: float(v) for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
 
 
+def softmax_groups(model: nn.Module) -> dict[str, bool]:
+    """Exclusive groups the model scores with one softmax (name -> has an unknown output); {} for sigmoid heads."""
+    return dict(getattr(getattr(model, "head", None), "softmax_groups", {}))
+
+
+def group_metrics(scores: torch.Tensor, targets: torch.Tensor, space: LabelSpace, softmax: dict[str, bool], threshold: float = 0.5) -> dict[str, float]:
+    """Per exclusive group, against full labels: `group_acc/<g>` (top class on the images the
+    group applies to), `decoded_acc/<g>` (the decoded class-or-unknown right, over all images),
+    and where some images have no class of g, `unknown_acc/<g>` (predicted unknown on those) and
+    `unknown_auroc/<g>` (their detection by the unknown score).
+
+    Args:
+        scores: float (N, C) per-label probabilities of any head (`mlml.groups.decode_groups`).
+        targets: (N, C) full labels.
+        softmax: `softmax_groups(model)`.
+    """
+    truth = group_targets(targets.float(), torch.ones_like(targets, dtype=torch.bool), space)
+    out = {}
+    for name, dec in decode_groups(scores, space, softmax, threshold).items():
+        true, K = truth[name].cls, dec.probs.shape[1] - 1
+        out[f"group_acc/{name}"] = float(group_accuracy(dec.probs[:, :K], true))
+        out[f"decoded_acc/{name}"] = float(decoded_accuracy(dec.pred, true, K))
+        if (true == K).any():
+            out[f"unknown_acc/{name}"] = float(unknown_accuracy(dec.pred, true, K))
+            out[f"unknown_auroc/{name}"] = float(unknown_auroc(dec.probs[:, K], true, K))
+    return {k: v for k, v in out.items() if not math.isnan(v)}
+
+
 def per_class_ap(scores: torch.Tensor, targets: torch.Tensor, names: tuple[str, ...]) -> dict[str, float | None]:
     """Label name -> AP (None for a label without positives in this split)."""
     ap = mean_average_precision(scores, targets, average=None)
     return {name: (None if math.isnan(v) else float(v)) for name, v in zip(names, ap.tolist())}
 
 
-__all__ = ["predict", "split_metrics", "per_class_ap", "calibrate_thresholds", "classes_without_positives"]
+__all__ = ["predict", "split_metrics", "group_metrics", "softmax_groups", "per_class_ap", "calibrate_thresholds", "classes_without_positives"]

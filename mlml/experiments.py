@@ -8,11 +8,16 @@ A table is a TOML file in `experiments/tables/`:
     [profiles.quick]                    # and [profiles.full]
     config = "../configs/quick.toml"    # relative to the table file
     seeds = 3
-    cost = "about 6 min on 2 CPU cores"
+    cost = "about 6 min on 2 CPU cores"   # shown by --list until a reproduction was measured
     [settings]                          # setting name -> config overrides
     single_positive = ["data.observation=single_positive"]
     [methods]                           # method name -> config overrides
     an = ["method.loss=an"]
+
+`reproduce` writes `results/<table>.md` and `.csv`, and `results/<table>.timing.json` with the
+measured cost of each profile (summed `train_seconds` of the runs, wall time of the last complete
+reproduction, hardware) that `mlml reproduce --list` shows. It also writes a TensorBoard
+custom-scalars layout at `runs/<table>/` (one chart per metric comparing every run).
 """
 
 from __future__ import annotations
@@ -21,16 +26,17 @@ import csv
 import io
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
+import time
 import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlml.config import ConfigError, load_config
+from mlml.config import Config, ConfigError, load_config
+from mlml.tensorboard import write_table_layout
 from mlml.trainer import run_dir_for
 
 TABLES_DIR = Path(__file__).resolve().parent.parent / "experiments" / "tables"
@@ -80,32 +86,93 @@ def expand(spec: dict, profile: str, seeds: int | None, runs_dir: Path) -> list[
     return runs
 
 
+def run_config(run: Run) -> Config:
+    return load_config(run.config, list(run.overrides))
+
+
 def run_dir(run: Run) -> Path:
-    return run_dir_for(load_config(run.config, list(run.overrides)))
+    return run_dir_for(run_config(run))
 
 
-def launch(run: Run, threads: int) -> None:
-    """Train one run in a subprocess (resuming its last checkpoint if it was interrupted)."""
-    cmd = [sys.executable, "-m", "mlml", "train", "--config", str(run.config), "--resume"]
+# Keys that say how a run was executed, not what it computes; they may differ between the
+# invocation that trained a run and the one that finds it done.
+EXECUTION_KEYS = ("run.threads", "run.progress", "run.out_dir")
+
+
+def flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k not in ("loss_args", "args", "observation_args"):
+            out.update(flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_done_run(run: Run, directory: Path) -> None:
+    """A finished run is reused only if it was trained with this run's config (e.g. not another profile's)."""
+    saved = flat(load_config(directory / "config.toml").to_dict())
+    wanted = flat(run_config(run).to_dict())
+    differ = [k for k in wanted if k not in EXECUTION_KEYS and saved.get(k) != wanted[k]]
+    if differ:
+        shown = ", ".join(f"{k} = {saved.get(k)!r}, wanted {wanted[k]!r}" for k in differ[:3])
+        raise ConfigError(f"{directory} holds a finished run with another config ({shown}); "
+                          "remove it or pass another --runs-dir (each profile wants its own)")
+
+
+def train_command(run: Run, threads: int, torchrun: int = 0) -> list[str]:
+    """The command line of one run: `python -m mlml train ...`, under torchrun if `torchrun` > 0."""
+    if torchrun > 0:
+        head = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}", "-m", "mlml"]
+    else:
+        head = [sys.executable, "-m", "mlml"]
+    cmd = [*head, "train", "--config", str(run.config), "--resume"]
     for o in (*run.overrides, f"run.threads={threads}", "run.progress=false"):
         cmd += ["--set", o]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    return cmd
+
+
+def launch(run: Run, threads: int, torchrun: int = 0) -> None:
+    """Train one run in a subprocess (resuming its last checkpoint if it was interrupted)."""
+    done = subprocess.run(train_command(run, threads, torchrun), capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"run {run.setting}/{run.method}/seed{run.seed} failed:\n{done.stderr[-3000:]}")
 
 
-def reproduce(name: str, profile: str, seeds: int | None = None, jobs: int = 1, runs_dir: Path = Path("runs"), results_dir: Path = Path("results")) -> str:
-    """Run every missing run of a table, then rebuild and return its Markdown table."""
+def reproduce(
+    name: str,
+    profile: str,
+    seeds: int | None = None,
+    jobs: int = 1,
+    runs_dir: Path = Path("runs"),
+    results_dir: Path = Path("results"),
+    torchrun: int = 0,
+) -> str:
+    """Run every missing run of a table, then rebuild and return its Markdown table.
+
+    Runs are subprocesses, `jobs` at a time, each under `torchrun --nproc_per_node=<torchrun>`
+    when `torchrun` > 0. A run whose `metrics.json` exists is not trained again.
+    """
     spec = read_table(name)
     runs = expand(spec, profile, seeds, runs_dir)
-    todo = [r for r in runs if not (run_dir(r) / "metrics.json").exists()]
+    dirs = {r: run_dir(r) for r in runs}
+    todo = [r for r in runs if not (dirs[r] / "metrics.json").exists()]
+    for r in runs:
+        if r not in todo:
+            check_done_run(r, dirs[r])
     print(f"{name} ({profile}): {len(runs)} runs, {len(runs) - len(todo)} already done, {len(todo)} to run", file=sys.stderr)
-    threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
+    write_table_layout(runs_dir / spec["name"], spec["name"], spec["metrics"])
+    threads = max(1, (os.cpu_count() or 1) // (max(1, jobs) * max(1, torchrun)))
+    start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        for i, _ in enumerate(pool.map(lambda r: launch(r, threads), todo)):
+        for i, _ in enumerate(pool.map(lambda r: launch(r, threads, torchrun), todo)):
             print(f"  finished {i + 1}/{len(todo)}", file=sys.stderr)
+    wall = time.perf_counter() - start
+    results = [json.loads((dirs[r] / "metrics.json").read_text()) for r in runs]
+    if todo:
+        record_timing(spec["name"], profile, results, wall if len(todo) == len(runs) else None, jobs, torchrun, results_dir)
     command = f"mlml reproduce {name} --profile {profile}" + (f" --seeds {seeds}" if seeds else "")
-    return write_table(spec, collect(runs_dir / name), results_dir, command)
+    return write_table(spec, results, results_dir, command)
 
 
 def collect(root: Path) -> list[dict]:
@@ -113,30 +180,64 @@ def collect(root: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(root.rglob("metrics.json"))]
 
 
-def git_commit() -> str:
-    """Short commit of the working tree ('+ uncommitted changes' if dirty); `MLML_COMMIT` overrides it
-    for a copy of the tree whose .git, if any, is not its own (e.g. on a remote machine)."""
-    if os.environ.get("MLML_COMMIT"):
-        return os.environ["MLML_COMMIT"]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
-    return commit + (" (with uncommitted changes)" if dirty else "")
+def n_runs(n: int) -> str:
+    return f"{n} run" + ("" if n == 1 else "s")
 
 
-def provenance(command: str) -> list[str]:
-    import numpy
-    import torch
+def minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min"
 
-    commit = git_commit()
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+
+def run_provenance(results: list[dict], key: str) -> str:
+    """The distinct values of the runs' recorded provenance `key`, with how many runs had each."""
+    counts: dict[str, int] = {}
+    for r in results:
+        value = r.get("provenance", {}).get(key, "not recorded")
+        counts[value] = counts.get(value, 0) + 1
+    if len(counts) == 1:
+        return next(iter(counts))
+    return "; ".join(f"{v} ({n_runs(n)})" for v, n in counts.items())
+
+
+def provenance(command: str, results: list[dict]) -> list[str]:
+    train_seconds = sum(r.get("train_seconds", 0.0) for r in results)
     return [
         f"Command: `{command}`",
-        f"Commit: {commit}; Python {platform.python_version()}, torch {torch.__version__}, numpy {numpy.__version__}",
-        f"Hardware: {platform.machine()}, {os.cpu_count()} CPU cores, {gpu}",
+        f"Commit: {run_provenance(results, 'commit')}; {run_provenance(results, 'versions')}",
+        f"Hardware: {run_provenance(results, 'hardware')}",
+        f"Training time: {n_runs(len(results))}, {minutes(train_seconds)} in total (sum of the runs' train_seconds)",
     ]
+
+
+def timing_file(results_dir: Path, name: str) -> Path:
+    return results_dir / f"{name}.timing.json"
+
+
+def record_timing(name: str, profile: str, results: list[dict], wall: float | None, jobs: int, torchrun: int, results_dir: Path) -> None:
+    """Update `results/<table>.timing.json`: what `profile` costs, measured; shown by `--list`.
+
+    `wall` is the wall time of a reproduction that trained every run (None if some were done
+    already: then the last complete measurement is kept).
+    """
+    path = timing_file(results_dir, name)
+    timing = json.loads(path.read_text()) if path.exists() else {}
+    entry = timing.get(profile, {})
+    entry.update(runs=len(results), seeds=len({r["seed"] for r in results}),
+                 train_seconds=round(sum(r.get("train_seconds", 0.0) for r in results), 1), hardware=run_provenance(results, 'hardware'), commit=run_provenance(results, 'commit'))
+    if wall is not None:
+        entry.update(wall_seconds=round(wall, 1), jobs=jobs, torchrun=torchrun)
+    timing[profile] = entry
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(timing, indent=2) + "\n")
+
+
+def measured_cost(entry: dict) -> str:
+    seeds = f" ({entry['seeds']} seed{'' if entry['seeds'] == 1 else 's'})" if "seeds" in entry else ""
+    text = f"measured: {n_runs(entry['runs'])}{seeds}, {minutes(entry['train_seconds'])} of training on {entry['hardware']}"
+    if "wall_seconds" in entry:
+        how = f"--jobs {entry['jobs']}" + (f" --torchrun {entry['torchrun']}" if entry.get("torchrun") else "")
+        text += f"; {minutes(entry['wall_seconds'])} wall with {how}"
+    return text
 
 
 def aggregate(results: list[dict], metrics: list[str]) -> dict[tuple[str, str], dict[str, tuple[float, float, int]]]:
@@ -155,12 +256,12 @@ def aggregate(results: list[dict], metrics: list[str]) -> dict[tuple[str, str], 
     return out
 
 
-def markdown(spec: dict, agg: dict, command: str) -> tuple[str, str]:
+def markdown(spec: dict, agg: dict, command: str, results: list[dict]) -> tuple[str, str]:
     settings = list(spec["settings"]) if spec.get("settings") else sorted({s for s, _ in agg})
     methods = list(spec["methods"]) if spec.get("methods") else sorted({m for _, m in agg})
     metrics = spec["metrics"]
     header = ["method"] + [f"{m} ({s})" if len(settings) > 1 else m for s in settings for m in metrics] + ["seeds"]
-    lines = [f"# {spec['title']}", "", *[f"{line}  " for line in provenance(command)], "",
+    lines = [f"# {spec['title']}", "", *[f"{line}  " for line in provenance(command, results)], "",
              "Mean ± sample standard deviation over seeds; test split, full labels.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     buf = io.StringIO()
@@ -180,7 +281,7 @@ def markdown(spec: dict, agg: dict, command: str) -> tuple[str, str]:
 
 
 def write_table(spec: dict, results: list[dict], results_dir: Path | None, command: str) -> str:
-    md, table_csv = markdown(spec, aggregate(results, spec["metrics"]), command)
+    md, table_csv = markdown(spec, aggregate(results, spec["metrics"]), command, results)
     if results_dir is not None:
         results_dir.mkdir(parents=True, exist_ok=True)
         (results_dir / f"{spec['name']}.md").write_text(md)
@@ -189,7 +290,8 @@ def write_table(spec: dict, results: list[dict], results_dir: Path | None, comma
 
 
 def table_from_runs(root: Path, results_dir: Path | None = None) -> str:
-    """Rebuild a table from existing runs; uses the table file named like the directory if there is one."""
+    """Rebuild a table from existing runs (and its TensorBoard layout at `root`); uses the table
+    file named like the runs' experiment if there is one."""
     results = collect(root)
     if not results:
         raise FileNotFoundError(f"no metrics.json below {root}")
@@ -198,15 +300,20 @@ def table_from_runs(root: Path, results_dir: Path | None = None) -> str:
         spec = read_table(name)
     except ConfigError:
         spec = {"name": name, "title": name, "metrics": ["test/mAP_macro"], "settings": {}, "methods": {}}
+    write_table_layout(root, spec["name"], spec["metrics"])
     return write_table(spec, results, results_dir, f"mlml table {root}")
 
 
-def list_tables() -> str:
+def list_tables(results_dir: Path = Path("results")) -> str:
+    """Every table with its profiles: seeds and cost, measured (timing.json) or else as written in the table."""
     lines = []
     for path in sorted(TABLES_DIR.glob("*.toml")):
         spec = read_table(path.stem)
         n = len(spec["settings"]) * len(spec["methods"])
+        timing_path = timing_file(results_dir, path.stem)
+        timing = json.loads(timing_path.read_text()) if timing_path.exists() else {}
         lines.append(f"{path.stem}: {spec['title']} ({n} settings x methods)")
         for prof, p in spec["profiles"].items():
-            lines.append(f"  --profile {prof}: {p.get('seeds', 3)} seeds, {p.get('cost', 'cost not measured')}")
+            cost = measured_cost(timing[prof]) if prof in timing else p.get("cost", "cost not measured")
+            lines.append(f"  --profile {prof}: {p.get('seeds', 3)} seeds, {cost}")
     return "\n".join(lines)

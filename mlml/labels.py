@@ -85,6 +85,9 @@ class LabelSpace:
             ],
         }
 
+    def applies_to_names(self, group: Group) -> tuple[str, ...]:
+        return tuple(self.names[i] for i in group.applies_to)
+
     @classmethod
     def from_dict(cls, d: dict) -> "LabelSpace":
         groups = tuple(
@@ -92,3 +95,45 @@ class LabelSpace:
             for g in d["groups"]
         )
         return cls(tuple(d["names"]), groups)
+
+
+_GROUP_KEYS = ("labels", "exclusive", "has_unknown", "applies_to")
+
+
+def configure_groups(space: LabelSpace, overrides: dict) -> LabelSpace:
+    """The label space with its groups changed by configuration (`data.groups`).
+
+    `overrides` maps a group name to a table of any of: `labels` (label names; they leave the groups
+    that held them, and groups left empty are dropped), `exclusive`, `has_unknown` (bools) and
+    `applies_to` (label names of other groups: the group applies to an image only if one of those
+    labels is positive; [] = to every image). A name that is not a group of `space` defines a new
+    group and must give `labels`. For example, in TOML:
+
+        [data.groups.pattern]
+        has_unknown = false
+    """
+    if not overrides:
+        return space
+    groups = {g.name: g for g in space.groups}
+    for name, table in overrides.items():
+        if not isinstance(table, dict) or set(table) - set(_GROUP_KEYS):
+            raise ValueError(f"data.groups.{name} must be a table with keys among {', '.join(_GROUP_KEYS)}; got {table!r}")
+        old = groups.get(name)
+        if old is None and "labels" not in table:
+            raise ValueError(f"data.groups.{name}: no such group (known: {', '.join(groups)}); a new group needs 'labels'")
+        labels = tuple(space.index(n) for n in table["labels"]) if "labels" in table else old.labels
+        for other in list(groups.values()):  # labels move: every label belongs to one group
+            if other.name != name and set(other.labels) & set(labels):
+                kept = tuple(i for i in other.labels if i not in labels)
+                groups[other.name] = Group(other.name, kept, other.exclusive, other.has_unknown, other.applies_to)
+        applies_to = tuple(space.index(n) for n in table["applies_to"]) if "applies_to" in table else (old.applies_to if old else ())
+        if set(applies_to) & set(labels):
+            raise ValueError(f"data.groups.{name}.applies_to names labels of the group itself")
+        groups[name] = Group(
+            name,
+            labels,
+            bool(table.get("exclusive", old.exclusive if old else False)),
+            bool(table.get("has_unknown", old.has_unknown if old else False)),
+            applies_to,
+        )
+    return LabelSpace(space.names, tuple(g for g in groups.values() if g.labels))

@@ -28,9 +28,13 @@ __all__ = [
     "calibrate_thresholds",
     "classes_without_positives",
     "f1_score",
+    "decoded_accuracy",
+    "group_accuracy",
     "hamming_loss",
     "mean_average_precision",
     "multilabel_metrics",
+    "unknown_accuracy",
+    "unknown_auroc",
 ]
 
 # Counts are accumulated in float64: exact up to 2**53 samples, and ratios of them stay within
@@ -355,3 +359,76 @@ def multilabel_metrics(
             "hamming_calibrated": hamming_loss(scores, targets, thresholds),
         }
     return {name: value.item() for name, value in summary.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Exclusive groups with an unknown class. A group with K classes is scored per image by a
+# predicted class `pred` (N,) in 0..K (K = unknown) and a score of "unknown"; the truth `true`
+# (N,) is the class, or K when the group does not apply to the image (or it shows none of the
+# classes). See `mlml.groups` for decoding and for the truth from full labels.
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_group(pred: Tensor, true: Tensor, num_classes: int) -> None:
+    if pred.shape != true.shape or pred.ndim != 1:
+        raise ValueError(f"pred {tuple(pred.shape)} and true {tuple(true.shape)} must be equal 1-D shapes")
+    for name, x in (("pred", pred), ("true", true)):
+        if x.numel() and (int(x.min()) < 0 or int(x.max()) > num_classes):
+            raise ValueError(f"{name} must hold classes in 0..{num_classes} ({num_classes} = unknown)")
+
+
+def group_accuracy(class_scores: Tensor, true: Tensor) -> Tensor:
+    """Accuracy of the top class on the images the group applies to (true < K), whatever the
+    unknown score: how well the classes are told apart, comparable across heads and calibrations.
+
+    Args:
+        class_scores: float (N, K) scores of the group's K classes (the unknown score left out).
+        true: long (N,) in 0..K.
+
+    >>> group_accuracy(torch.tensor([[0.9, 0.1], [0.2, 0.3], [0.6, 0.4]]), torch.tensor([0, 1, 2]))
+    tensor(1.)
+
+    Returns:
+        A float scalar; NaN when no image has a class.
+    """
+    K = class_scores.shape[1]
+    _check_group(true, true, K)
+    applies = true < K
+    pred = class_scores.argmax(1)
+    return (pred[applies] == true[applies]).float().mean() if applies.any() else torch.tensor(math.nan)
+
+
+def decoded_accuracy(pred: Tensor, true: Tensor, num_classes: int) -> Tensor:
+    """Share of all images whose decoded prediction (a class, or K = unknown) is right.
+
+    >>> decoded_accuracy(torch.tensor([0, 2, 1, 2]), torch.tensor([0, 1, 1, 2]), num_classes=2)
+    tensor(0.7500)
+    """
+    _check_group(pred, true, num_classes)
+    return (pred == true).float().mean()
+
+
+def unknown_accuracy(pred: Tensor, true: Tensor, num_classes: int) -> Tensor:
+    """Fraction of the images the group does not apply to (true == K) that are predicted unknown.
+
+    >>> unknown_accuracy(torch.tensor([0, 2, 1, 2]), torch.tensor([2, 1, 1, 2]), num_classes=2)
+    tensor(0.5000)
+    """
+    _check_group(pred, true, num_classes)
+    none = true == num_classes
+    return (pred[none] == num_classes).float().mean() if none.any() else torch.tensor(math.nan)
+
+
+def unknown_auroc(unknown_score: Tensor, true: Tensor, num_classes: int) -> Tensor:
+    """AUROC of detecting the images the group does not apply to (true == K) by `unknown_score` (N,).
+
+    >>> unknown_auroc(torch.tensor([0.9, 0.2, 0.4, 0.6]), torch.tensor([2, 0, 1, 2]), num_classes=2)
+    tensor(1.)
+
+    Returns:
+        A scalar in the dtype of the score; NaN unless both kinds of images occur.
+    """
+    _check_group(true, true, num_classes)
+    if unknown_score.shape != true.shape:
+        raise ValueError(f"unknown_score {tuple(unknown_score.shape)} and true {tuple(true.shape)} differ")
+    return auroc(unknown_score[:, None], (true == num_classes)[:, None], average=None)[0]

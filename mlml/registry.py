@@ -3,8 +3,8 @@
 A registry is a plain dict with a decorator in front and a helpful error behind: looking up an
 unknown name raises a `KeyError` that lists the known ones. Entries of installed plug-in packages
 are loaded lazily, on the first lookup, from the entry-point group the registry names
-(`mlml.methods`, `mlml.losses`, `mlml.sources`, ...). A plug-in that fails to import raises an
-error naming the plug-in and its entry point, never a silent skip.
+(`mlml.methods`, `mlml.losses`, `mlml.sources`, ...). A plug-in that fails to import, or whose
+name is already taken, raises an error naming the plug-in and its entry point, never a silent skip.
 """
 
 from __future__ import annotations
@@ -86,6 +86,14 @@ class Registry(Generic[T]):
                     f"plug-in '{ep.name}' ({ep.value}) in entry-point group "
                     f"'{self.entry_point_group}' failed to load: {err!r}"
                 ) from err
-            # A module entry point registers itself on import; a callable is registered by name.
-            if callable(obj) and ep.name not in self._entries:
-                self._entries[ep.name] = obj
+            # A module entry point registers itself on import; a callable is registered by name,
+            # unless that name is taken by something else (two plug-ins, or a plug-in and a built-in).
+            if not callable(obj):
+                continue
+            known = self._entries.setdefault(ep.name, obj)
+            if known is not obj:
+                raise PluginError(
+                    f"plug-in '{ep.name}' ({ep.value}) in entry-point group '{self.entry_point_group}' "
+                    f"clashes with the {self.kind} '{ep.name}' already registered "
+                    f"({getattr(known, '__module__', '?')}.{getattr(known, '__qualname__', known)}); rename one of them"
+                )

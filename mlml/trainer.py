@@ -5,6 +5,15 @@ Reading order: `train()` builds everything from the config, `Trainer.fit()` runs
 Checkpoints (`checkpoints/last.pt`, `checkpoints/best.pt`) hold the model, the method's state, the
 optimiser, the AMP scaler, RNG states, the position in the epoch and the config, and are written
 atomically, so `--resume` continues a stopped run exactly where it stopped.
+
+Under torchrun (N processes, one per GPU or CPU share): `data.batch_size` is the global batch of one
+optimiser step, split into N equal per-rank batches, each split again into `optim.accumulate`
+micro-batches (backward without gradient all-reduce, `no_sync`, on all but the last). The model is
+wrapped in DDP; the method (an EMA teacher, ROLE's table, per-sample state) is not, and keeps
+itself identical on every rank (`mlml.methods.base`). After every optimiser step rank 0's buffers
+(BatchNorm statistics) are broadcast, so at step boundaries every rank holds the same model.
+Only rank 0 writes files; checkpoints are read by rank 0 and broadcast. A step count means the same
+samples at any world size, so a checkpoint resumes at another world size.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ import math
 import os
 import random
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +35,25 @@ from tqdm import tqdm
 from mlml.config import Config, to_toml
 from mlml.data.dataset import epoch_sampler
 from mlml.data.pipeline import Data, build_data
-from mlml.distributed import DistInfo, barrier, init_distributed, resolve_device
-from mlml.evaluation import calibrate_thresholds, classes_without_positives, per_class_ap, predict, split_metrics
+from mlml.distributed import (
+    DistInfo,
+    all_gather_objects,
+    barrier,
+    broadcast_buffers,
+    broadcast_object,
+    init_distributed,
+    mean_over_ranks,
+    min_over_ranks,
+    rank,
+    resolve_device,
+    restart_count,
+)
+from mlml.evaluation import (
+    calibrate_thresholds, classes_without_positives, group_metrics, per_class_ap, predict, softmax_groups, split_metrics,
+)
 from mlml.methods import Method, MethodContext, build_method
 from mlml.models import build_model
+from mlml.provenance import environment
 from mlml.tensorboard import RunLogger
 
 
@@ -93,6 +118,52 @@ def observed_label_counts(data: Data, chunk: int = 8192) -> tuple[torch.Tensor, 
     return pos, len(rows) - pos
 
 
+def per_rank_batch(batch_size: int, world_size: int, accumulate: int) -> int:
+    """The loader batch of each rank: the global batch split over ranks (then into micro-batches)."""
+    if accumulate < 1:
+        raise ValueError(f"optim.accumulate must be >= 1, got {accumulate}")
+    if batch_size % (world_size * accumulate):
+        raise ValueError(
+            f"data.batch_size {batch_size} (the global batch of one optimiser step) must be divisible by "
+            f"world size x optim.accumulate = {world_size} x {accumulate}; choose a multiple of {world_size * accumulate}"
+        )
+    return batch_size // world_size
+
+
+def convert_sync_batchnorm(model: nn.Module, device: torch.device, info: DistInfo) -> nn.Module:
+    """model.sync_bn: BatchNorm -> SyncBatchNorm (statistics over the global batch); GPU only."""
+    if info.enabled and device.type == "cpu":
+        raise ValueError("model.sync_bn = true needs GPUs: SyncBatchNorm does not run on CPU (gloo); set it to false")
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+def read_checkpoint(path: Path) -> dict:
+    """Rank 0 reads the file, every rank gets its content (no shared file system needed to resume)."""
+    return broadcast_object(torch.load(path, map_location="cpu", weights_only=False) if rank() == 0 else None)
+
+
+def rank_seed(seed: int, rank: int, step: int) -> int:
+    """Seed of rank `rank`'s random stream (ranks > 0), started at optimiser step `step`."""
+    return (seed * 1_000_003 + rank * 7919 + step) % 2**63
+
+
+def rng_state() -> dict:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+
+
 def atomic_save(obj: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -109,9 +180,9 @@ class Trainer:
         seed_everything(cfg.run.seed)                       # same initial model on every rank
         self.data = build_data(cfg.data)
         self.model = build_model(cfg.model, self.data.label_space).to(self.device)
-        if cfg.data.batch_size % info.world_size:
-            raise ValueError(f"data.batch_size {cfg.data.batch_size} is not divisible by the world size {info.world_size}")
-        self.batch_per_rank = cfg.data.batch_size // info.world_size
+        if cfg.model.sync_bn:
+            self.model = convert_sync_batchnorm(self.model, self.device, info)
+        self.batch_per_rank = per_rank_batch(cfg.data.batch_size, info.world_size, cfg.optim.accumulate)
         views = {name: (cfg.data.augment if kind == "weak" else kind) for name, kind in self._method_views().items()}
         self.train_loader = self.data.loader("train", views, cfg.run.seed, info.rank, info.world_size, self.batch_per_rank)
         self.steps_per_epoch = len(self.train_loader)
@@ -130,7 +201,16 @@ class Trainer:
             student=self.model,
         )
         self.method = build_method(cfg.method, ctx).to(self.device)
-        self.ddp_model = DistributedDataParallel(self.model) if info.enabled else self.model
+        if info.rank > 0:                                   # own random stream per rank (dropout, ...)
+            seed_everything(rank_seed(cfg.run.seed, info.rank, 0))
+        self.ddp_model = self.model
+        if info.enabled:
+            # broadcast_buffers=True (the default): rank 0's BatchNorm statistics at every forward.
+            self.ddp_model = DistributedDataParallel(
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=cfg.model.find_unused_parameters or type(self.method).find_unused_parameters,
+            )
         self.optimizer = build_optimizer(cfg, self.model, self.method)
         self.amp_dtype = amp_dtype_for(cfg, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
@@ -162,22 +242,19 @@ class Trainer:
             "history": self.history,
             "skipped_images": self.skipped_images,
             "world_size": self.info.world_size,
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "numpy": np.random.get_state(),
-                "python": random.getstate(),
-            },
+            "rng": all_gather_objects(rng_state()),          # one per rank
             "config": self.cfg.to_dict(),
             "label_space": self.data.label_space.to_dict(),
         }
 
     def save(self, name: str) -> None:
+        """Called on every rank (it gathers their RNG states); rank 0 writes."""
+        state = self.state()
         if self.info.is_main:
-            atomic_save(self.state(), self.run_dir / "checkpoints" / name)
+            atomic_save(state, self.run_dir / "checkpoints" / name)
 
     def load(self, path: Path) -> None:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = read_checkpoint(path)
         self.model.load_state_dict(ckpt["model"])
         self.method.load_state_dict(ckpt["method"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -187,12 +264,11 @@ class Trainer:
         self.skipped_images = ckpt.get("skipped_images", self.skipped_images)
         # The global batch is fixed, so a step count means the same samples at any world size.
         self.step_in_epoch = ckpt["step_in_epoch"]
-        rng = ckpt["rng"]
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
+        rng = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]
+        if len(rng) == self.info.world_size or self.info.rank == 0:
+            set_rng_state(rng[self.info.rank])
+        else:                 # another world size: a fresh stream for this rank, a function of the step
+            seed_everything(rank_seed(self.cfg.run.seed, self.info.rank, self.global_step))
 
     # ------------------------------------------------------------------ training
     def fit(self) -> dict:
@@ -222,7 +298,9 @@ class Trainer:
                    disable=not (self.info.is_main and self.cfg.run.progress) or None)
         for batch in bar:
             self.skipped_images["train"] += int(batch.pop("skipped", 0))
-            if batch["index"].numel() == 0:           # every image of the batch was unreadable
+            # Every image of the batch unreadable: skip the step. Under DDP every rank must take the same
+            # steps and micro-batches, so all skip when one rank has fewer images than micro-batches.
+            if min_over_ranks(batch["index"].numel()) < (self.cfg.optim.accumulate if self.info.enabled else 1):
                 self.step_in_epoch += 1
                 continue
             factor = lr_factor(self.global_step, total, warmup, self.cfg.optim.schedule)
@@ -231,7 +309,7 @@ class Trainer:
             parts = self.train_step(batch)
             self.step_in_epoch += 1
             self.global_step += 1
-            self.method.on_step_end(self.model, self.global_step)
+            self.method.end_step(self.model, self.global_step)
             self.logger.scalars("train", parts, self.global_step)
             self.logger.scalars("train", {"lr": self.cfg.optim.lr * factor}, self.global_step)
             bar.set_postfix(loss=f"{parts['loss']:.4f}")
@@ -240,30 +318,64 @@ class Trainer:
         self.logger.scalars("data", {"skipped_images": sum(self.skipped_images.values())}, self.global_step)
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-            out = self.method.step(batch, self.ddp_model)
-        loss = out["loss"]
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite loss {loss.item()} at epoch {self.epoch + 1}, step {self.step_in_epoch + 1} "
-                f"(parts: { {k: float(v.detach()) for k, v in out.items()} }); lower optim.lr or check the loss"
-            )
+        """One optimiser step on this rank's share of the global batch, in `optim.accumulate` micro-batches.
+
+        Each micro-batch's loss is weighted by its share of the batch, so the accumulated gradient is
+        that of the whole batch's mean loss; DDP all-reduces only in the last backward. Returns the
+        loss parts, weighted the same way and averaged over ranks.
+        """
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if k != "skipped"}   # (B, ...) only
+        n = len(batch["index"])
+        micro = [m for m in zip(*(v.tensor_split(self.cfg.optim.accumulate) for v in batch.values())) if len(m[0])]
+        keys = list(batch)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        parts: dict[str, float] = {}
+        for i, tensors in enumerate(micro):
+            mb = dict(zip(keys, tensors))
+            weight = len(mb["index"]) / n
+            last = i == len(micro) - 1
+            with self.ddp_model.no_sync() if self.info.enabled and not last else nullcontext():
+                with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+                    out = self.forward(mb)
+                loss = out["loss"]
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"non-finite loss {loss.item()} at epoch {self.epoch + 1}, step {self.step_in_epoch + 1} "
+                        f"(parts: { {k: float(v.detach()) for k, v in out.items()} }); lower optim.lr or check the loss"
+                    )
+                self.scaler.scale(loss * weight).backward()
+            for k, v in out.items():
+                parts[k] = parts.get(k, 0.0) + weight * float(v.detach())
+        self.method.reduce_all_gradients()               # the method's own parameters are outside DDP
         if self.cfg.optim.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return {k: float(v.detach()) for k, v in out.items()}
+        broadcast_buffers(self.model)
+        return mean_over_ranks(parts)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        try:
+            return self.method.step(batch, self.ddp_model)
+        except RuntimeError as err:
+            if "finished reduction in the prior iteration" not in str(err):
+                raise
+            raise RuntimeError(
+                f"method '{self.cfg.method.name}' left some model parameters without a gradient in a step, "
+                "which DDP only allows with model.find_unused_parameters = true (slower; a method can also set "
+                "its class attribute find_unused_parameters = True)"
+            ) from err
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, split: str, model: nn.Module, thresholds: torch.Tensor | None = None) -> tuple[dict, torch.Tensor, torch.Tensor]:
         stats: dict = {}
         scores, targets = predict(model, self.eval_loaders[split], self.device, self.amp_dtype, stats)
         self.skipped_images[split] += stats.get("skipped_images", 0)
-        return split_metrics(scores, targets, self.cfg.eval.threshold, thresholds), scores, targets
+        metrics = split_metrics(scores, targets, self.cfg.eval.threshold, thresholds)
+        if split == "test" or self.cfg.data.val_labels == "full":   # group metrics need full labels
+            metrics |= group_metrics(scores, targets, self.data.label_space, softmax_groups(model), self.cfg.eval.threshold)
+        return metrics, scores, targets
 
     def validate(self) -> None:
         record = {"epoch": self.epoch}
@@ -284,8 +396,8 @@ class Trainer:
         """Reload the best checkpoint, calibrate thresholds on val, evaluate val and test on full labels."""
         barrier()
         best = self.run_dir / "checkpoints" / "best.pt"
-        if best.exists():
-            ckpt = torch.load(best, map_location="cpu", weights_only=False)
+        if broadcast_object(best.exists()):
+            ckpt = read_checkpoint(best)
             self.model.load_state_dict(ckpt["model"])
             self.method.load_state_dict(ckpt["method"])
         names = self.data.label_space.names
@@ -299,7 +411,7 @@ class Trainer:
             result["metrics"].update({f"test{suffix}/{k}": v for k, v in test.items()})
             result["per_class_ap"][name] = per_class_ap(test_scores, test_targets, names)
             if i == 0:
-                self.logger.final(model, self.eval_loaders["test"], test_scores, test_targets, names, self.global_step)
+                self.logger.final(model, self.eval_loaders["test"], test_scores, test_targets, names, self.global_step, self.cfg.eval.image_grid)
         result.update(
             method=self.cfg.method_label(),
             setting=self.cfg.run.setting,
@@ -308,6 +420,7 @@ class Trainer:
             best_epoch=self.best_epoch,
             epochs=self.cfg.optim.epochs,
             train_seconds=round(train_seconds, 2),
+            provenance=environment(),
             train_images_per_second=round(self.steps_per_epoch * self.cfg.data.batch_size * self.cfg.optim.epochs / max(train_seconds, 1e-9), 1),
             classes_without_positives=[names[c] for c in classes_without_positives(test_targets)],
             history=self.history,
@@ -323,8 +436,12 @@ class Trainer:
 
 
 def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dict:
-    """Train one run end to end and return its `metrics.json` content."""
-    info = init_distributed(cfg.run.device)
+    """Train one run end to end and return its `metrics.json` content.
+
+    `resume`: continue from `checkpoints/last.pt` if it exists, else start (so the same command can
+    be repeated). A worker group that torchrun restarts (`--max-restarts`) always resumes.
+    """
+    info = init_distributed(cfg.run.device, cfg.run.dist_timeout)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     run_dir = Path(run_dir) if run_dir else run_dir_for(cfg)
@@ -333,8 +450,8 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dic
         (run_dir / "config.toml").write_text(to_toml(cfg.to_dict()))
     trainer = Trainer(cfg, run_dir, info)
     last = run_dir / "checkpoints" / "last.pt"
-    if resume and last.exists():
+    if broadcast_object(last.exists()):          # rank 0's file system decides, for every rank
+        if not (resume or restart_count() > 0):
+            raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose --out")
         trainer.load(last)
-    elif last.exists() and info.is_main:
-        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose --out")
     return trainer.fit()

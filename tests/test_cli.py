@@ -48,3 +48,30 @@ def test_config_error_names_the_key(capsys, tmp_path):
 def test_python_dash_m_works():
     done = subprocess.run([sys.executable, "-m", "mlml", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "reproduce" in done.stdout
+
+
+GROUPED = ("method.name=grouped", "model.head=grouped", "data.synthetic.min_objects=1", "data.synthetic.max_objects=1",
+           "data.synthetic.num_patterns=3", "data.observation=per_group")
+
+
+def test_grouped_run_eval_and_predict(tmp_path, capsys):
+    """A grouped run reports group metrics; eval reproduces them; predict shows a class or unknown per group."""
+    out = tmp_path / "run"
+    assert main(["train", *sets(*TINY, *GROUPED), "--out", str(out)]) == 0
+    saved = json.loads((out / "metrics.json").read_text())["metrics"]
+    for key in ("test/group_acc/colour", "test/group_acc/object", "test/group_acc/pattern",
+                "test/unknown_acc/pattern", "test/unknown_auroc/pattern", "test/decoded_acc/pattern", "test/mAP_macro"):
+        assert 0 <= saved[key] <= 1, key
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out / "checkpoints" / "best.pt")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["test/unknown_auroc/pattern"] == pytest.approx(saved["test/unknown_auroc/pattern"], abs=1e-6)
+    image = tmp_path / "x.png"
+    save_image(torch.rand(3, 40, 40), image)
+    assert main(["predict", "--checkpoint", str(out / "checkpoints" / "best.pt"), str(image), "--json"]) == 0
+    groups = json.loads(capsys.readouterr().out)[0]["groups"]
+    assert set(groups) == {"colour", "object", "pattern"}
+    assert groups["pattern"]["class"] in ("stripes", "dots", "checks", "unknown") and 0 <= groups["pattern"]["probability"] <= 1
+    assert groups["colour"]["class"] != "unknown"            # no unknown class in the colour group
+    assert main(["predict", "--checkpoint", str(out / "checkpoints" / "best.pt"), str(image)]) == 0
+    assert "[pattern]" in capsys.readouterr().out

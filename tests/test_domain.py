@@ -46,11 +46,12 @@ def test_dann_schedule_values():
 def test_branch_lambda_follows_its_step_count():
     branch = DomainBranch(domain_branch_args({"weight": 1.0, "lambda_max": 0.5}), feature_dim=3, num_domains=2, total_steps=10)
     lams = []
-    for _ in range(11):
+    for step in range(11):
+        branch.step.fill_(step)                                    # as Method.end_step does
         lams.append(branch.lam())
-        branch(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))
+        assert float(branch(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))["domain_lambda"]) == pytest.approx(lams[-1])
     assert lams == pytest.approx([0.5 * dann_lambda(s / 10) for s in range(11)])
-    assert int(branch.state_dict()["step"]) == 11
+    assert int(branch.state_dict()["step"]) == 10
     constant = DomainBranch(domain_branch_args({"weight": 1.0, "schedule": "constant", "lambda_max": 0.2}), 3, 3, 10)
     assert constant.lam() == 0.2 and isinstance(constant.head, torch.nn.Sequential)
     assert isinstance(DomainBranch(domain_branch_args({"weight": 1.0, "hidden": 0}), 3, 4, 10).head, torch.nn.Linear)
@@ -76,7 +77,8 @@ def test_branch_is_off_by_default_and_with_weight_zero(tmp_path):
 
 @pytest.mark.parametrize("method", METHODS.names())
 def test_branch_runs_under_every_method(method, tmp_path):
-    cfg = tiny_config(f"method.name={method}", PER_GROUP, "method.domain_branch={weight = 0.5, hidden = 16, schedule = 'constant'}")
+    cfg = tiny_config(f"method.name={method}", *METHODS.get(method).requires, PER_GROUP,
+                      "method.domain_branch={weight = 0.5, hidden = 16, schedule = 'constant'}")
     trainer = Trainer(cfg, tmp_path, DistInfo())
     branch = trainer.method.domain_branch
     optimised = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
@@ -87,6 +89,7 @@ def test_branch_runs_under_every_method(method, tmp_path):
     assert {"domain_loss", "domain_acc", "domain_lambda"} <= set(parts) and parts["domain_lambda"] == 1.0
     assert all(math.isfinite(v) for v in parts.values())
     assert all(not torch.equal(a, b) for a, b in zip(before, branch.parameters()))
+    trainer.method.end_step(trainer.model, 1)
     assert int(branch.step) == 1
 
 

@@ -1,6 +1,11 @@
+import json
+import sys
+
 import pytest
 
-from mlml.experiments import expand, read_table, reproduce
+from mlml import experiments
+from mlml.config import ConfigError
+from mlml.experiments import expand, list_tables, read_table, reproduce, table_from_runs, train_command
 from tests.conftest import TINY
 
 
@@ -19,7 +24,7 @@ sp = [{tiny} "data.observation=single_positive"]
 an = ["method.loss=an"]
 full = ["method.loss=bce", "data.observation=full"]
 """)
-    (tmp_path / "base.toml").write_text("[optim]\nepochs = 1\n")
+    (tmp_path / "base.toml").write_text("[optim]\nweight_decay = 1e-4\n")
     return tmp_path / "tiny.toml"
 
 
@@ -28,13 +33,87 @@ def test_expand(table, tmp_path):
     assert [(r.method, r.seed) for r in runs] == [("an", 0), ("an", 1), ("full", 0), ("full", 1)]
 
 
-def test_reproduce_twice_skips_and_gives_the_same_table(table, tmp_path, capsys):
+def test_reproduce_twice_trains_nothing_the_second_time_and_gives_the_same_table(table, tmp_path, capsys, monkeypatch):
     runs, results = tmp_path / "runs", tmp_path / "results"
     first = reproduce(str(table), "quick", runs_dir=runs, results_dir=results)
     assert "4 to run" in capsys.readouterr().err
     mtimes = {p: p.stat().st_mtime for p in runs.rglob("metrics.json")}
+    timing = json.loads((results / "tiny.timing.json").read_text())["quick"]
+    assert timing["runs"] == 4 and timing["seeds"] == 2 and timing["train_seconds"] > 0 and timing["jobs"] == 1 and "CPU cores" in timing["hardware"]
+
+    def no_training(*args):
+        raise AssertionError("the second reproduction trained a run")
+
+    monkeypatch.setattr(experiments, "launch", no_training)
     second = reproduce(str(table), "quick", runs_dir=runs, results_dir=results)
     assert "0 to run" in capsys.readouterr().err
     assert {p: p.stat().st_mtime for p in runs.rglob("metrics.json")} == mtimes
-    assert first.split("Mean ±")[1] == second.split("Mean ±")[1]
-    assert "| an |" in first and (results / "tiny.csv").exists()
+    assert first == second == (results / "tiny.md").read_text()
+    assert "| an |" in first and "Training time: 4 runs" in first and (results / "tiny.csv").exists()
+    assert len(list((runs / "tiny").glob("events.out.tfevents.*"))) == 1     # the custom-scalars layout
+    rebuilt = table_from_runs(runs / "tiny")                                  # `mlml table runs/tiny`
+    assert rebuilt.split("| method |")[1] == first.split("| method |")[1]
+    assert len(list((runs / "tiny").glob("events.out.tfevents.*"))) == 1
+    # A finished run of another config (as another profile's would be) is not reused.
+    (tmp_path / "base.toml").write_text("[optim]\nweight_decay = 0.0\n")
+    with pytest.raises(ConfigError, match="optim.weight_decay = 0.0001, wanted 0.0"):
+        reproduce(str(table), "quick", runs_dir=runs, results_dir=results)
+
+
+def test_seeds_option_reproduces_a_subset(table, tmp_path, monkeypatch):
+    launched = []
+    monkeypatch.setattr(experiments, "launch", lambda run, threads, torchrun: launched.append((run.method, run.seed, torchrun)))
+    monkeypatch.setattr(experiments, "record_timing", lambda *args: None)
+    with pytest.raises(FileNotFoundError):        # nothing really trained, so no metrics.json to read
+        reproduce(str(table), "quick", seeds=1, jobs=2, runs_dir=tmp_path / "runs", torchrun=2)
+    assert sorted(launched) == [("an", 0, 2), ("full", 0, 2)]
+
+
+def test_train_command_plain_and_under_torchrun(table, tmp_path):
+    run = expand(read_table(str(table)), "quick", None, tmp_path / "runs")[0]
+    plain = train_command(run, threads=2)
+    assert plain[:5] == [sys.executable, "-m", "mlml", "train", "--config"] and "--resume" in plain
+    assert "run.threads=2" in plain and "run.seed=0" in plain
+    distributed = train_command(run, threads=1, torchrun=4)
+    assert distributed[:7] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "-m", "mlml"]
+    assert distributed[7:] == [a if a != "run.threads=2" else "run.threads=1" for a in plain[3:]]
+
+
+def test_list_shows_measured_cost_when_there_is_one(tmp_path):
+    assert "measured: " not in list_tables(tmp_path).replace("not measured: ", "")
+    entry = {"runs": 9, "seeds": 3, "train_seconds": 600.0, "hardware": "x86_64, 2 CPU cores, no GPU", "commit": "abc",
+             "wall_seconds": 330.0, "jobs": 2, "torchrun": 0}
+    (tmp_path / "baselines.timing.json").write_text(json.dumps({"quick": entry}))
+    listed = list_tables(tmp_path)
+    assert "--profile quick: 3 seeds, measured: 9 runs (3 seeds), 10.0 min of training on x86_64, 2 CPU cores, no GPU; 5.5 min wall with --jobs 2" in listed
+    assert "--profile full: 3 seeds, not yet measured (GPU)" in listed
+
+
+def test_table_provenance_comes_from_the_runs_not_the_machine_that_builds_it():
+    from mlml.experiments import provenance
+
+    runs = [{"train_seconds": 60.0, "provenance": {"commit": "abc1234", "versions": "Python 3.12", "hardware": "16 CPU cores"}},
+            {"train_seconds": 60.0, "provenance": {"commit": "abc1234", "versions": "Python 3.12", "hardware": "H100"}},
+            {"train_seconds": 60.0}]
+    lines = provenance("mlml table runs/x", runs)
+    assert lines[1].startswith("Commit: abc1234 (2 runs); not recorded (1 run); Python 3.12 (2 runs)")
+    assert lines[2] == "Hardware: 16 CPU cores (1 run); H100 (1 run); not recorded (1 run)"
+    assert provenance("c", runs[:1])[1:3] == ["Commit: abc1234; Python 3.12", "Hardware: 16 CPU cores"]
+
+
+def test_grouped_heads_table_builds_every_run(tmp_path):
+    """Every run of the grouped-heads table, in both profiles, is a valid config whose model, data
+    and method match (grouped methods with the grouped head, pattern data, one object per image)."""
+    from mlml.config import load_config
+    from mlml.data.synthetic import synthetic_label_space
+
+    spec = read_table("grouped_heads")
+    for profile in ("quick", "full"):
+        runs = expand(spec, profile, 1, tmp_path)
+        assert len(runs) == len(spec["settings"]) * len(spec["methods"])
+        for run in runs:
+            cfg = load_config(run.config, list(run.overrides))
+            assert cfg.data.synthetic.max_objects == 1 and cfg.data.synthetic.num_patterns == 3
+            assert (cfg.model.head == "grouped") == cfg.method.name.startswith("grouped"), run.method
+            assert synthetic_label_space(cfg.data.synthetic).group("pattern").has_unknown
+            assert cfg.data.groups == ({"pattern": {"has_unknown": False}} if run.method == "grouped_no_unknown" else {})

@@ -11,7 +11,7 @@ from tests.conftest import tiny_config
 
 @pytest.mark.parametrize("method", METHODS.names())
 def test_one_step_through_the_registry(method, tmp_path):
-    cfg = tiny_config(f"method.name={method}")
+    cfg = tiny_config(f"method.name={method}", *METHODS.get(method).requires)
     trainer = Trainer(cfg, tmp_path, info=__import__("mlml.distributed", fromlist=["DistInfo"]).DistInfo())
     batch = next(iter(trainer.train_loader))
     before = [p.detach().clone() for p in trainer.model.parameters()]

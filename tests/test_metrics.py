@@ -372,3 +372,55 @@ def test_invalid_options_raise(call: Callable[..., object], message: str) -> Non
 def test_non_tensor_inputs_raise() -> None:
     with pytest.raises(TypeError, match="scores must be a torch.Tensor"):
         metrics.average_precision(np.zeros((3, 2)), torch.ones(3, 2))
+
+
+# ---------------------------------------------------------------- exclusive groups with an unknown class
+
+def _group_case(seed: int, n: int = 300, k: int = 4):
+    g = torch.Generator().manual_seed(seed)
+    true = torch.randint(0, k + 1, (n,), generator=g)
+    pred = torch.where(torch.rand(n, generator=g) < 0.6, true, torch.randint(0, k + 1, (n,), generator=g))
+    score = (torch.rand(n, generator=g) + 0.5 * (true == k)).round(decimals=1)   # ties on purpose
+    return pred, true, score, k
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_group_metrics_against_naive_loops(seed):
+    from sklearn.metrics import roc_auc_score
+
+    from mlml.metrics import decoded_accuracy, group_accuracy, unknown_accuracy, unknown_auroc
+
+    pred, true, score, k = _group_case(seed)
+    class_scores = torch.rand(len(true), k, generator=torch.Generator().manual_seed(seed))
+    applicable = [i for i in range(len(true)) if true[i] < k]
+    none = [i for i in range(len(true)) if true[i] == k]
+    top = [max(range(k), key=lambda c: class_scores[i, c]) for i in range(len(true))]
+    assert group_accuracy(class_scores, true).item() == pytest.approx(sum(int(top[i] == true[i]) for i in applicable) / len(applicable))
+    assert decoded_accuracy(pred, true, k).item() == pytest.approx(sum(int(pred[i] == true[i]) for i in range(len(true))) / len(true))
+    assert unknown_accuracy(pred, true, k).item() == pytest.approx(sum(int(pred[i] == k) for i in none) / len(none))
+    assert unknown_auroc(score, true, k).item() == pytest.approx(roc_auc_score((true == k).numpy(), score.numpy()), abs=1e-6)
+
+
+def test_group_metrics_undefined_and_checked():
+    import math
+
+    from mlml.metrics import group_accuracy, unknown_accuracy, unknown_auroc
+
+    all_none = torch.tensor([2, 2])
+    assert math.isnan(group_accuracy(torch.rand(2, 2), all_none)) and math.isnan(unknown_auroc(torch.tensor([0.1, 0.2]), all_none, 2))
+    assert math.isnan(unknown_accuracy(torch.tensor([0, 1]), torch.tensor([0, 1]), 2))
+    with pytest.raises(ValueError, match="0..2"):
+        unknown_accuracy(torch.tensor([3]), torch.tensor([0]), 2)
+
+
+def test_evaluation_group_metrics_against_naive():
+    from mlml.evaluation import group_metrics
+    from mlml.labels import Group, LabelSpace
+
+    space = LabelSpace(("circle", "bar", "stripes", "dots"), (Group("object", (0, 1), True), Group("pattern", (2, 3), True, True, (0,))))
+    targets = torch.tensor([[1, 0, 1, 0], [1, 0, 0, 1], [0, 1, 0, 0], [0, 1, 0, 0]])
+    scores = torch.tensor([[0.9, 0.1, 0.6, 0.3], [0.6, 0.4, 0.7, 0.2], [0.2, 0.8, 0.1, 0.1], [0.3, 0.7, 0.5, 0.2]])
+    got = group_metrics(scores, targets, space, {"object": False, "pattern": True})
+    # pattern: unknown = 1 - sum -> [0.1, 0.1, 0.8, 0.3]; pred = [stripes, stripes, unknown, stripes]
+    assert got == pytest.approx({"group_acc/object": 1.0, "decoded_acc/object": 1.0, "group_acc/pattern": 0.5,
+                                 "decoded_acc/pattern": 0.5, "unknown_acc/pattern": 0.5, "unknown_auroc/pattern": 1.0})

@@ -106,3 +106,56 @@ def test_config_rejects_out_of_range() -> None:
 def test_index_out_of_range(source: SyntheticSource) -> None:
     with pytest.raises(IndexError):
         source.image(64)
+
+
+# ---------------------------------------------------------------- the conditional pattern group
+
+def _digest(cfg: SyntheticConfig, n: int = 40, seed: int = 3) -> str:
+    import hashlib
+
+    s = SyntheticSource(cfg, n, seed)
+    return hashlib.sha256(s.images(list(range(n))).numpy().tobytes() + s.labels.dense(np.arange(n)).numpy().tobytes()).hexdigest()[:16]
+
+
+def test_default_images_and_labels_are_unchanged() -> None:
+    """Published tables depend on the default data: patterns are opt-in and change nothing else."""
+    assert _digest(SyntheticConfig(image_size=16)) == "b9effdf4f2700c68"
+    assert _digest(SyntheticConfig(image_size=32, min_objects=1, max_objects=1)) == "3302714e6020e695"
+
+
+def test_patterns_opt_in_group_and_labels() -> None:
+    cfg = SyntheticConfig(image_size=16, min_objects=1, max_objects=1, num_patterns=3)
+    src = SyntheticSource(cfg, 200, 0)
+    space = src.label_space
+    g = space.group("pattern")
+    assert [space.names[i] for i in g.labels] == ["stripes", "dots", "checks"]
+    assert g.exclusive and g.has_unknown and space.applies_to_names(g) == ("circle", "square")
+    dense = src.labels.dense(np.arange(200))
+    plain = SyntheticSource(SyntheticConfig(image_size=16, min_objects=1, max_objects=1), 200, 0)
+    assert torch.equal(dense[:, : plain.label_space.num_labels], plain.labels.dense(np.arange(200)))
+    for i in range(200):
+        (obj,) = src.objects(i)
+        has_pattern = dense[i, list(g.labels)]
+        assert bool(has_pattern.any()) == (obj.shape in ("circle", "square"))
+        if obj.pattern:
+            assert [g.labels[k] for k in has_pattern.nonzero().flatten().tolist()] == [space.index(obj.pattern)]
+    counts = dense[:, list(g.labels)].sum(0)
+    assert (counts > 10).all()                                   # every pattern occurs
+
+
+def test_patterns_change_only_patterned_objects() -> None:
+    base = dict(image_size=16, min_objects=1, max_objects=1)
+    src = SyntheticSource(SyntheticConfig(**base, num_patterns=3), 60, 0)
+    plain = SyntheticSource(SyntheticConfig(**base), 60, 0)
+    a, b = src.images(list(range(60))), plain.images(list(range(60)))
+    assert torch.equal(a, torch.stack([src.image(i) for i in range(60)]))   # batched == one by one
+    for i in range(60):
+        same = torch.equal(a[i], b[i])
+        assert same == (not src.objects(i)[0].pattern), i
+
+
+def test_pattern_config_is_checked() -> None:
+    with pytest.raises(ValueError, match="num_patterns"):
+        SyntheticConfig(num_patterns=4)
+    with pytest.raises(ValueError, match="pattern_shapes"):
+        SyntheticConfig(num_shapes=3, pattern_shapes=["star"])

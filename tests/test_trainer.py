@@ -30,7 +30,7 @@ def test_tiny_run_beats_chance_and_writes_the_run_directory(tmp_path):
 
 
 def test_resume_after_a_stop_mid_epoch_gives_the_same_metrics(tmp_path, monkeypatch):
-    cfg = tiny_config("optim.epochs=3", "run.checkpoint_every=1")
+    cfg = tiny_config("optim.epochs=3", "run.checkpoint_every=1", "model.dropout=0.2")   # dropout: RNG state matters
     reference = train(cfg, tmp_path / "a")
     stop_mid_run(cfg, tmp_path / "b", monkeypatch, at_step=17)   # epoch 2 of 3, step 6 of 12
     ckpt = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=False)
@@ -55,3 +55,11 @@ def test_lr_schedule():
     assert lr_factor(99, 100, 0, "constant") == 1.0
     with pytest.raises(ValueError, match="schedule"):
         lr_factor(50, 100, 0, "linear")
+
+
+def test_the_same_seed_gives_the_same_metrics_on_cpu(tmp_path):
+    cfg = tiny_config("run.seed=3")
+    first, second = train(cfg, tmp_path / "a"), train(cfg, tmp_path / "b")
+    assert first["metrics"] == second["metrics"] and first["history"] == second["history"]
+    other = train(tiny_config("run.seed=4"), tmp_path / "c")
+    assert other["metrics"] != first["metrics"]

@@ -99,15 +99,19 @@ class EpochSampler(Sampler):
 
     Like `DistributedSampler`: the permutation depends on (seed, epoch); it is padded by repeating
     its start to a multiple of `world_size` and rank r takes every world_size-th item from r.
+    With `global_batch` (training) only whole global batches of the permutation are used instead,
+    so the k-th global batch, and the number of steps per epoch, are the same at any world size.
     `set_epoch(epoch, skip)` drops the first `skip` items of this rank (a resume mid-epoch).
     Yields `(index, epoch)` pairs when `with_epoch`, else plain indices.
     """
 
-    def __init__(self, n: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1, with_epoch: bool = True) -> None:
+    def __init__(self, n: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1, with_epoch: bool = True,
+                 global_batch: int = 0) -> None:
         self.n, self.shuffle, self.seed = n, shuffle, seed
         self.rank, self.world_size, self.with_epoch = rank, world_size, with_epoch
         self.epoch, self.skip = 0, 0
-        self.per_rank = math.ceil(n / world_size)
+        self.whole_batches = n // global_batch * global_batch if global_batch and n >= global_batch else 0
+        self.per_rank = self.whole_batches // world_size if self.whole_batches else math.ceil(n / world_size)
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         self.epoch, self.skip = epoch, skip
@@ -119,7 +123,10 @@ class EpochSampler(Sampler):
         else:
             order = list(range(self.n))
         total = self.per_rank * self.world_size
-        order += order[: total - self.n]                 # pad so every rank gets the same count
+        if self.whole_batches:
+            order = order[:total]                        # drop the last incomplete global batch
+        else:
+            order += order[: total - self.n]             # pad so every rank gets the same count
         return order[self.rank : total : self.world_size][self.skip :]
 
     def __iter__(self) -> Iterator:

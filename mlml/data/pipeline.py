@@ -31,7 +31,7 @@ from mlml.data.observation import Full, Observation, build_observation
 from mlml.data.recolour import RecolourSource
 from mlml.data.synthetic import SyntheticSource, nuisance_styles
 from mlml.data.transforms import build_views
-from mlml.labels import LabelSpace
+from mlml.labels import LabelSpace, configure_groups
 from mlml.registry import Registry
 
 SOURCES: Registry = Registry("source", entry_point_group="mlml.sources")
@@ -111,10 +111,7 @@ class Data:
     splits: dict[str, np.ndarray]
     observation: Observation
     image: Callable[[int], torch.Tensor]
-
-    @property
-    def label_space(self) -> LabelSpace:
-        return self.source.label_space
+    label_space: LabelSpace   # the source's, with the groups of `data.groups` applied
 
     @property
     def labels(self) -> LabelStore:
@@ -145,10 +142,14 @@ class Data:
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
             collate_fn=Collate(dataset.rows, self.labels, self.observation_for(split)),
+            # Its own generator: starting an epoch's iterator draws a worker base seed, which must not
+            # come from the global RNG, or a resume mid-epoch would shift dropout & co. (unused otherwise).
+            generator=torch.Generator().manual_seed(seed),
         )
         if train and self.observation.labelled_fraction < 1.0:
             return DataLoader(dataset, batch_sampler=self.mixed_sampler(dataset.rows, batch * world_size, seed, rank, world_size), **common)
-        sampler = EpochSampler(len(dataset), shuffle=train, seed=seed, rank=rank, world_size=world_size, with_epoch=train)
+        sampler = EpochSampler(len(dataset), shuffle=train, seed=seed, rank=rank, world_size=world_size, with_epoch=train,
+                               global_batch=batch * world_size if train else 0)
         return DataLoader(dataset, batch_size=batch, sampler=sampler, drop_last=train and len(sampler) >= batch, **common)
 
     def mixed_sampler(self, rows: np.ndarray, global_batch: int, seed: int, rank: int, world_size: int) -> MixedBatchSampler:
@@ -175,8 +176,9 @@ def build_data(cfg: DataConfig) -> Data:
     sizes = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}
     splitter = getattr(source, "splits", None)
     splits = splitter(sizes, cfg.data_seed) if splitter else default_splits(len(source), sizes, cfg.data_seed)
+    label_space = configure_groups(source.label_space, cfg.groups)
     name = cfg.observation if cfg.observation != "auto" else getattr(source, "default_observation", "single_positive")
-    observation = build_observation(name, source.label_space, cfg.data_seed, cfg.observation_args, source.labels)
+    observation = build_observation(name, label_space, cfg.data_seed, cfg.observation_args, source.labels)
     if cfg.source == "synthetic" and cfg.synthetic.nuisance == "collection":   # the shortcut scenario
         if observation.num_domains < 2:
             raise ConfigError("data.synthetic.nuisance = 'collection' needs an observation model with collections "
@@ -187,4 +189,4 @@ def build_data(cfg: DataConfig) -> Data:
     image: Callable[[int], torch.Tensor] = source.image
     if hasattr(source, "images"):
         image = ImageCache(source, np.concatenate([splits[s] for s in SPLITS]))
-    return Data(cfg, source, splits, observation, image)
+    return Data(cfg, source, splits, observation, image, label_space)

@@ -26,7 +26,7 @@ positive per image with the rest assumed negative.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -55,6 +55,13 @@ PALETTE: dict[str, tuple[float, float, float]] = {
 SHAPES: tuple[str, ...] = (
     "circle", "square", "triangle", "cross", "ring", "star", "diamond", "bar", "crescent", "arrow",
 )
+
+# Pattern classes (the conditional "pattern" group, opt-in with `num_patterns`): a darker texture
+# drawn inside the objects whose shape is one of `pattern_shapes`; other shapes are plain, so the
+# pattern group does not apply to images without such a shape.
+PATTERNS: tuple[str, ...] = ("stripes", "dots", "checks")
+_PATTERN_PERIOD = 0.5  # pattern period in object radii
+_PATTERN_DARKEN = 0.55  # the pattern multiplies the object colour by 1 - this
 
 # Object placement: candidate centres tried per object; with occlusion, two centres are at least
 # this fraction of the sum of the radii apart, so no object is hidden by a later one.
@@ -98,6 +105,12 @@ class SyntheticConfig:
             for style k of D, amplitude `nuisance_strength` / 3 in pixel values: colour-free, so
             it is not entangled with the colour labels).
         nuisance_strength: strength of a style (see `nuisance_style`).
+        num_patterns: pattern classes, the first of `PATTERNS` (at most 3); 0 (default) = no
+            pattern group, the images and labels of the colour+object data unchanged. With
+            patterns, each object whose shape is in `pattern_shapes` carries one pattern (uniform
+            over the classes, drawn from its own generator); the label space gains a group
+            "pattern" with an unknown class that applies only to images showing such a shape.
+        pattern_shapes: shape names that carry a pattern (among the first `num_shapes`).
     """
 
     image_size: int = 32
@@ -117,6 +130,8 @@ class SyntheticConfig:
     nuisance: str = "none"
     nuisance_style: str = "tint"
     nuisance_strength: float = 0.35
+    num_patterns: int = 0
+    pattern_shapes: list[str] = field(default_factory=lambda: ["circle", "square"])
 
     def __post_init__(self) -> None:
         checks = {
@@ -136,6 +151,8 @@ class SyntheticConfig:
             "nuisance": self.nuisance in ("none", "collection"),
             "nuisance_style": self.nuisance_style in ("tint", "stripes"),
             "nuisance_strength": 0 <= self.nuisance_strength <= 1,
+            "num_patterns": 0 <= self.num_patterns <= len(PATTERNS),
+            "pattern_shapes": bool(self.pattern_shapes) and set(self.pattern_shapes) <= set(SHAPES[: self.num_shapes]),
         }
         for name, ok in checks.items():
             if not ok:
@@ -153,6 +170,7 @@ class SyntheticObject:
     radius: float
     angle: float
     rgb: tuple[float, float, float]
+    pattern: str = ""  # "" = plain
 
 
 class SyntheticSource:
@@ -168,18 +186,18 @@ class SyntheticSource:
         self.cfg = cfg
         self.n = n
         self.seed = seed
-        colours, shapes = list(PALETTE)[: cfg.num_colours], SHAPES[: cfg.num_shapes]
-        nc, ns, exclusive = len(colours), len(shapes), cfg.max_objects == 1
-        self.label_space = LabelSpace(
-            tuple(colours) + shapes,
-            (Group("colour", tuple(range(nc)), exclusive), Group("object", tuple(range(nc, nc + ns)), exclusive)),
-        )
+        self.label_space = synthetic_label_space(cfg)
         self._params = _sample_params(cfg, n, seed)
         p = self._params
+        nc, ns = cfg.num_colours, cfg.num_shapes
         image_of = np.repeat(np.arange(n), cfg.max_objects)[p["present"].reshape(-1)]
-        dense = np.zeros((n, nc + ns), dtype=bool)
+        dense = np.zeros((n, self.label_space.num_labels), dtype=bool)
         dense[image_of, p["colour"][p["present"]]] = True
         dense[image_of, nc + p["shape"][p["present"]]] = True
+        if cfg.num_patterns:
+            patterned = p["present"] & (p["pattern"] >= 0)
+            image_of = np.repeat(np.arange(n), cfg.max_objects)[patterned.reshape(-1)]
+            dense[image_of, nc + ns + p["pattern"][patterned]] = True
         self.labels = LabelStore.from_dense(dense)
         # Pools shared by all images of the source, fixed by the seed alone.
         self._noise = np.random.default_rng([seed, 1]).standard_normal(_NOISE_POOL, dtype=np.float32)
@@ -202,6 +220,7 @@ class SyntheticSource:
                 radius=float(p["radius"][i, k]),
                 angle=float(p["angle"][i, k]),
                 rgb=tuple(float(c) for c in p["rgb"][i, k]),
+                pattern=PATTERNS[int(p["pattern"][i, k])] if "pattern" in p and p["pattern"][i, k] >= 0 else "",
             )
             for k in range(self.cfg.max_objects)
             if p["present"][i, k]
@@ -249,10 +268,13 @@ class SyntheticSource:
         """uint8 (B, 3, P): images `rows`, pixels flattened (P = S * S)."""
         p = {k: v[rows] for k, v in self._params.items()}
         img = self._background(p)                                                 # (B, 3, P) in [0, 1]
-        alpha = self._coverage(p)                                                 # (B, K, P)
+        alpha, shade = self._coverage(p)                                          # (B, K, P) each
         for k in range(self.cfg.max_objects):  # back to front: later objects occlude earlier ones
             if p["present"][:, k].any():
-                blend = p["rgb"][:, k, :, None] - img                             # (B, 3, P)
+                colour = p["rgb"][:, k, :, None]                                  # (B, 3, 1)
+                if shade is not None:
+                    colour = colour * shade[:, k, None]                           # (B, 3, P)
+                blend = colour - img                                              # (B, 3, P)
                 blend *= alpha[:, k, None]                                        # 0 where absent
                 img += blend
         img *= np.float32(255)
@@ -284,12 +306,15 @@ class SyntheticSource:
             img += np.float32(self.cfg.nuisance_strength / 3) * wave[:, None]
         return img
 
-    def _coverage(self, p: dict[str, np.ndarray]) -> np.ndarray:
-        """float32 (B, K, P): antialiased coverage of every object (0 where absent), shape by shape."""
+    def _coverage(self, p: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+        """float32 (B, K, P): antialiased coverage of every object (0 where absent), shape by shape;
+        and with patterns, the colour multiplier (B, K, P) of every object (1 where plain), else None."""
         B, K = p["present"].shape
         X, Y = self._grid
         alpha = np.zeros((B * K, len(X)), dtype=np.float32)
+        shade = np.ones((B * K, len(X)), dtype=np.float32) if self.cfg.num_patterns else None
         flat = {k: p[k].reshape(B * K) for k in ("shape", "x", "y", "radius", "cos", "sin")}
+        pattern = p["pattern"].reshape(B * K) if shade is not None else None
         present = p["present"].reshape(B * K)
         sharpness = np.float32(1 / self.cfg.edge) if self.cfg.edge > 0 else np.float32(1e6)
         for s, name in enumerate(SHAPES[: self.cfg.num_shapes]):
@@ -300,11 +325,41 @@ class SyntheticSource:
             c, sn = flat["cos"][rows] / r, flat["sin"][rows] / r
             u = _linear(c, sn, -(c * x + sn * y), X, Y)                           # (N, P) object coordinates,
             v = _linear(-sn, c, sn * x - c * y, X, Y)                             # radius 1
+            if shade is not None:
+                shade[rows] = _pattern_shade(pattern[rows], u, v, r * sharpness)
             d = _SDF[name](u, v)
             d *= (r * sharpness)[:, None]                                         # distance in edge widths
             np.subtract(np.float32(0.5), d, out=d)
             alpha[rows] = np.clip(d, np.float32(0), np.float32(1), out=d)
-        return alpha.reshape(B, K, len(X))
+        return alpha.reshape(B, K, len(X)), None if shade is None else shade.reshape(B, K, len(X))
+
+
+def _pattern_shade(pattern: np.ndarray, u: np.ndarray, v: np.ndarray, pixels_per_unit: np.ndarray) -> np.ndarray:
+    """float32 (N, P): colour multiplier in [1 - _PATTERN_DARKEN, 1] of N objects (pattern (N,),
+    -1 = plain) at object coordinates u, v (N, P); antialiased like the shapes. Only exactly rounded
+    operations (no trigonometry), so batches render bit-identically to single images."""
+    half = np.float32(0.5)
+    k = pixels_per_unit[:, None].astype(np.float32) * np.float32(_PATTERN_PERIOD)   # pixels per period
+
+    def wave(t: np.ndarray) -> np.ndarray:  # triangle wave in [-0.5, 0.5], period 1
+        t = t / np.float32(_PATTERN_PERIOD)
+        return np.abs(t - np.floor(t) - half) - np.float32(0.25)
+
+    mask = np.zeros_like(u)
+    for c, name in enumerate(PATTERNS):
+        rows = np.flatnonzero(pattern == c)
+        if len(rows) == 0:
+            continue
+        wu, wv, kk = wave(u[rows]), wave(v[rows]), k[rows]
+        if name == "stripes":
+            m = wv * kk
+        elif name == "dots":
+            d = np.sqrt((wu + np.float32(0.25)) ** 2 + (wv + np.float32(0.25)) ** 2) - np.float32(0.22)
+            m = -d * kk
+        else:  # checks
+            m = wu * wv * np.float32(4) * kk
+        mask[rows] = np.clip(m + half, np.float32(0), np.float32(1))
+    return np.float32(1) - np.float32(_PATTERN_DARKEN) * mask
 
 
 def nuisance_styles(n: int, train_rows: np.ndarray, train_domains: np.ndarray, num_styles: int, seed: int) -> np.ndarray:
@@ -400,7 +455,36 @@ def _sample_params(cfg: SyntheticConfig, n: int, seed: int) -> dict[str, np.ndar
         "texture_x": (ui[:, 10] * (S + 1)).astype(np.int64),
         "texture_amp": (cfg.clutter * 0.12 * (0.5 + ui[:, 11])).astype(f32),       # std of the texture
         "noise_start": ui[:, 12],                                                  # in the noise pool
+        **_sample_patterns(cfg, shape, seed),
     }
+
+
+def synthetic_label_space(cfg: SyntheticConfig) -> LabelSpace:
+    """Colours, shapes and (with `num_patterns`) patterns, in groups colour, object and pattern.
+
+    Groups are exclusive when an image holds one object (`max_objects == 1`). The pattern group
+    has an unknown class and applies to the images showing one of `pattern_shapes`."""
+    colours, shapes, patterns = list(PALETTE)[: cfg.num_colours], SHAPES[: cfg.num_shapes], PATTERNS[: cfg.num_patterns]
+    nc, ns, npat, exclusive = len(colours), len(shapes), len(patterns), cfg.max_objects == 1
+    groups = [Group("colour", tuple(range(nc)), exclusive), Group("object", tuple(range(nc, nc + ns)), exclusive)]
+    if npat:
+        applies_to = tuple(sorted(nc + shapes.index(s) for s in set(cfg.pattern_shapes)))
+        groups.append(Group("pattern", tuple(range(nc + ns, nc + ns + npat)), exclusive, True, applies_to))
+    return LabelSpace(tuple(colours) + shapes + patterns, tuple(groups))
+
+
+def _sample_patterns(cfg: SyntheticConfig, shape: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+    """{"pattern": int64 (n, K), -1 = plain} drawn from generators of their own ([seed, 3, i]), so
+    the other parameters are those of the data without patterns; {} when `num_patterns` is 0."""
+    if not cfg.num_patterns:
+        return {}
+    n, K = shape.shape
+    u = np.empty((n, K))
+    for i in range(n):
+        u[i] = np.random.default_rng([seed, 3, i]).random(K)
+    pattern = np.minimum((u * cfg.num_patterns).astype(np.int64), cfg.num_patterns - 1)
+    carries = np.isin(shape, [SHAPES.index(s) for s in cfg.pattern_shapes])
+    return {"pattern": np.where(carries, pattern, -1)}
 
 
 def _place(cfg: SyntheticConfig, radius: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -5,14 +5,21 @@ teacher, a per-sample label table, a domain head), so the optimiser and checkpoi
 `parameters()` / `state_dict()`. The trainer knows nothing of any particular method: it calls
 
     method.on_epoch_start(epoch)
-    parts = method.training_step(batch, model)      # {"loss": scalar, <part>: scalar, ...}
-    (backward, optimiser step)
-    method.on_step_end(model, step)
+    parts = method.step(batch, model)               # training_step [+ domain branch]: {"loss": scalar, <part>: scalar, ...}
+    (backward; once per optimiser step: method.reduce_all_gradients(); optimiser step)
+    method.end_step(model, step)                    # [domain branch schedule] + on_step_end
     method.on_epoch_end(epoch)
 
-and evaluates every model in `method.eval_models(model)`. The trainer calls `step`, not
-`training_step` directly: `step` adds the adversarial domain branch (mlml/methods/domain.py) when
+and evaluates every model in `method.eval_models(model)`. Subclasses implement `training_step`,
+`reduce_gradients` and `on_step_end`; the base class's `step`, `reduce_all_gradients` and
+`end_step` wrap them with the adversarial domain branch (mlml/methods/domain.py) when
 `method.domain_branch` turns it on, so every method composes with it without code of its own.
+
+Under torch.distributed (torchrun) `model` is the DDP-wrapped model in `training_step` and the
+unwrapped one in `on_step_end` / `eval_models`; the method itself is not wrapped. Its state must
+stay identical on every rank: parameters get their gradients averaged by `reduce_gradients`,
+per-sample writes gather every rank's rows first (`mlml.distributed.gather_rows`), and an EMA
+teacher updated from the (identical) unwrapped student in `on_step_end` needs nothing more.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import torch
 from torch import nn
 
 from mlml.config import MethodConfig
+from mlml.distributed import average_gradients
 from mlml.labels import LabelSpace
 from mlml.methods.domain import DomainBranch, domain_branch_args
 from mlml.registry import Registry
@@ -57,6 +65,11 @@ class Method(nn.Module):
 
     #: view name -> augmentation; "weak" stands for the configured `data.augment`.
     views: dict[str, str] = {"image": "weak"}
+    #: config overrides the method cannot run without (e.g. a head), for registry-wide tests and docs.
+    requires: tuple[str, ...] = ()
+    #: True when a training step may leave some model parameters without a gradient (a branch
+    #: used only on some steps): DDP then runs with find_unused_parameters (slower).
+    find_unused_parameters: bool = False
 
     def __init__(self, cfg: MethodConfig, ctx: MethodContext) -> None:
         super().__init__()
@@ -93,6 +106,18 @@ class Method(nn.Module):
         branch = self.domain_branch(features, domain.repeat(len(features) // len(domain)))
         return {**parts, **branch, "loss": parts["loss"] + branch["loss"]}
 
+    def reduce_all_gradients(self) -> None:
+        """`reduce_gradients`, plus the domain head's gradients averaged over ranks (outside DDP)."""
+        self.reduce_gradients()
+        if self.domain_branch is not None:
+            average_gradients(self.domain_branch.parameters())
+
+    def end_step(self, model: nn.Module, step: int) -> None:
+        """After every optimiser step: the domain branch's schedule moves to `step`, then `on_step_end`."""
+        if self.domain_branch is not None:
+            self.domain_branch.step.fill_(step)
+        self.on_step_end(model, step)
+
     def training_step(self, batch: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
@@ -104,6 +129,15 @@ class Method(nn.Module):
 
     def on_epoch_end(self, epoch: int) -> None:
         """Called after the last step of every epoch."""
+
+    def reduce_gradients(self) -> None:
+        """Called on every rank after the backward of the last micro-batch, before the optimiser step.
+
+        The method's own parameters are outside DDP: by default their gradients are averaged over
+        ranks, as DDP does for the model's. A no-op in one process. (The domain branch's are
+        averaged by `reduce_all_gradients`.)
+        """
+        average_gradients(p for n, p in self.named_parameters() if not n.startswith("domain_branch."))
 
     def eval_models(self, model: nn.Module) -> dict[str, nn.Module]:
         """The models to evaluate, by name; the first is the one tables report."""

@@ -105,7 +105,9 @@ class DomainBranch(nn.Module):
         h = int(args["hidden"])
         self.head = (nn.Sequential(nn.Linear(feature_dim, h), nn.ReLU(inplace=True), nn.Linear(h, num_domains))
                      if h else nn.Linear(feature_dim, num_domains))
-        self.register_buffer("step", torch.zeros((), dtype=torch.long))   # steps taken: resume is exact
+        # optimiser steps taken, set by Method.end_step (once per step, whatever the micro-batches);
+        # a buffer, so checkpoints carry it and resume is exact
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
     def lam(self) -> float:
         a = self.args
@@ -114,13 +116,10 @@ class DomainBranch(nn.Module):
         return float(a["lambda_max"]) * dann_lambda(float(self.step) / self.total_steps, float(a["gamma"]))
 
     def forward(self, features: Tensor, domain: Tensor) -> dict[str, Tensor]:
-        """features (N, D) and domain long (N,) -> {"loss": weighted domain loss, logged parts}.
-
-        Advances the schedule by one step (call it once per optimiser step)."""
+        """features (N, D) and domain long (N,) -> {"loss": weighted domain loss, logged parts}."""
         lam = self.lam()
         logits = self.head(grad_reverse(features, lam)).float()                # (N, num_domains)
         loss = F.cross_entropy(logits, domain)
-        self.step += 1
         return {
             "loss": float(self.args["weight"]) * loss,
             "domain_loss": loss.detach(),

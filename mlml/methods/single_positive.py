@@ -8,9 +8,10 @@ a parameter, a buffer or extra state, so checkpoints carry it.
 These methods define their own loss: `method.loss` is not read, and their hyperparameters go in
 `method.args` (an unknown key is an error); `method.loss_args` and `method.pos_weight` must stay
 empty / "none". Per-sample state is indexed by `batch["index"]`, the position in the training split,
-and written only through each method's `_write_state(index, values)`: a distributed version
-all-gathers (index, values) across ranks there before writing. Until then the methods with
-per-sample state refuse to run in more than one process.
+and written only through each method's `_write_state(index, values)`, which under torch.distributed
+all-gathers (index, values) from every rank first: every rank writes the same rows, so the state
+stays identical across ranks (tests/test_distributed.py checks it for every registered method).
+ROLE's table is a parameter outside DDP; `Method.reduce_gradients` averages its gradient.
 
 Formulas, defaults and schedules: /work/shared/REFERENCES.md (the papers and their reference code).
 """
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mlml.config import MethodConfig
+from mlml.distributed import all_gather_cat, average_row_gradient, gather_rows
 from mlml.losses import assume_negative_targets, entropy_from_logits, epr_regulariser, get_loss, large_loss_mask
 from mlml.methods.base import Method, MethodContext, register_method
 from mlml.methods.supervised import Supervised
@@ -53,12 +55,6 @@ def method_args(cfg: MethodConfig, defaults: dict) -> dict:
             "not method.loss_args / method.pos_weight"
         )
     return {**defaults, **cfg.args}
-
-
-def _single_process_only(name: str) -> None:
-    """Per-sample state is not synchronised across ranks yet: refuse rather than diverge silently."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        raise RuntimeError(f"method '{name}' keeps per-sample state and does not support multi-process training yet")
 
 
 def _train_label_chunks(ctx: MethodContext, name: str, chunk: int = 65536) -> Iterator[tuple[int, Tensor, Tensor]]:
@@ -118,7 +114,9 @@ class ROLE(Method):
     gradient exists), 1M images x 1K labels = 12 GB, and every step updates the whole table.
     Beyond a few tens of millions of entries use a method without a dense per-sample table
     (ll_r, ll_ct, ll_cp); construction fails above `max_table_entries`.
-    Single process only: the table's gradient is not synchronised across ranks.
+    Distributed: the table is outside DDP and every rank holds all of it; once per optimiser step
+    its gradient is averaged over ranks, sending only the rows the step touched (`reduce_gradients`),
+    so Adam updates it identically everywhere.
     """
 
     DEFAULTS = {
@@ -134,7 +132,6 @@ class ROLE(Method):
     def __init__(self, cfg: MethodConfig, ctx: MethodContext) -> None:
         super().__init__(cfg, ctx)
         self.args = method_args(cfg, self.DEFAULTS)
-        _single_process_only(cfg.name)
         n, c = ctx.num_train, ctx.label_space.num_labels
         limit = int(self.args["max_table_entries"])
         if n * c > limit:
@@ -144,6 +141,7 @@ class ROLE(Method):
                 "raise the limit if the memory is there, or choose a method without a per-sample table"
             )
         self.table = nn.Parameter(self._initial_table(n, c))                          # (N, C) logits
+        self._touched: list[Tensor] = []                  # batch indices since the last optimiser step
 
     def _initial_table(self, n: int, c: int) -> Tensor:
         a = self.args
@@ -159,9 +157,16 @@ class ROLE(Method):
     def param_groups(self, lr: float) -> list[dict]:
         return [{"params": [self.table], "lr_scale": float(self.args["lr_scale"]), "weight_decay": 0.0}]
 
+    def reduce_gradients(self) -> None:
+        """The table's gradient is zero outside the rows of this step's batches: average only those."""
+        touched, self._touched = self._touched, []
+        if self.table.grad is not None and touched:
+            average_row_gradient(self.table.grad, torch.cat(touched))
+
     def training_step(self, batch: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
         logits = model(batch["image"])["logits"].float()                                # (B, C)
         table_logits = self.table[batch["index"]].float()                                 # (B, C)
+        self._touched.append(batch["index"])
         loss = role_loss(logits, table_logits, batch["targets"], batch["observed"], self.args["k"])
         return {"loss": loss}
 
@@ -216,7 +221,8 @@ class EMAPL(Method):
         proportion: fraction of unobserved entries made pseudo-negative in total, 0.9.
 
     State: scores (N, C) float16, pseudo-negative mask (N, C) bool and soft targets (N, C)
-    float16, 5 bytes per entry (1M x 1K = 5 GB). Single process only for now.
+    float16, 5 bytes per entry (1M x 1K = 5 GB), on every rank; each step's scores are gathered
+    from all ranks (`_write_state`), so every rank picks the same pseudo-negatives.
     """
 
     DEFAULTS = {"alpha": 0.1, "beta": 0.9, "warmup": 5, "proportion": 0.9}
@@ -224,7 +230,6 @@ class EMAPL(Method):
     def __init__(self, cfg: MethodConfig, ctx: MethodContext) -> None:
         super().__init__(cfg, ctx)
         self.args = method_args(cfg, self.DEFAULTS)
-        _single_process_only(cfg.name)
         if int(self.args["warmup"]) < 1:
             raise ValueError(f"method 'em_apl': args.warmup must be >= 1, got {self.args['warmup']}")
         self.warmup = min(int(self.args["warmup"]), ctx.epochs - 1)
@@ -254,7 +259,8 @@ class EMAPL(Method):
 
     @torch.no_grad()
     def _write_state(self, index: Tensor, values: Tensor) -> None:
-        """Record scores (B, C) of training positions `index` (B,); under DDP, all-gather first."""
+        """Record scores (B, C) of training positions `index` (B,), gathered from every rank."""
+        index, values = gather_rows(index, values)
         self.scores[index] = values.to(self.scores.dtype)
 
     @torch.no_grad()
@@ -367,14 +373,13 @@ class LargeLossCorrectionPermanent(_LargeLoss):
     The corrections are kept as a sorted tensor of flat indices i * C + c (8 bytes per corrected
     entry, looked up with `searchsorted`), not as an N x C table; they travel in checkpoints as
     extra state. (The released code compares the scheme name with `is`, so its ll_cp likely ran as
-    ll_ct.) Single process only for now.
+    ll_ct.) Corrections made on any rank are gathered to every rank (`_write_state`).
     """
 
     correct = True
 
     def __init__(self, cfg: MethodConfig, ctx: MethodContext) -> None:
         super().__init__(cfg, ctx)
-        _single_process_only(cfg.name)
         self._corrected = torch.zeros(0, dtype=torch.long)                        # sorted flat indices
 
     def count(self, batch_size: int, num_classes: int) -> int:
@@ -405,7 +410,8 @@ class LargeLossCorrectionPermanent(_LargeLoss):
 
     @torch.no_grad()
     def _write_state(self, index: Tensor, values: Tensor) -> None:
-        """Add the corrections `values` (B, C) bool of positions `index` (B,); under DDP, all-gather first."""
+        """Add the corrections `values` (B, C) bool of positions `index` (B,), gathered from every rank."""
+        index, values = all_gather_cat(index), all_gather_cat(values)            # the union over ranks
         num_classes = values.shape[1]
         flat = (index[:, None] * num_classes + torch.arange(num_classes, device=index.device))[values]
         self._corrected = torch.cat([self._corrected.to(flat.device), flat]).unique()          # sorted

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from mlml.config import ModelConfig
+from mlml.groups import label_logits_from_softmax
 from mlml.labels import LabelSpace
 from mlml.models.backbones import BACKBONES, load_backbone_weights
 from mlml.registry import Registry
@@ -28,6 +29,46 @@ class LinearHead(nn.Module):
 
     def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"logits": self.fc(self.dropout(features))}
+
+
+@HEADS.register("grouped")
+class GroupedHead(nn.Module):
+    """One softmax per exclusive group (K outputs, K + 1 with an unknown class), sigmoids for the
+    labels of non-exclusive groups: features (B, D) -> {"logits": (B, C), "group_logits": {g: (B, K_g [+1])}}.
+
+    `logits` holds per-label scores with sigmoid(logits) = the label's probability (for exclusive
+    groups its softmax probability, `label_logits_from_softmax`), so every multi-label loss,
+    metric and table works unchanged; `group_logits` holds the raw softmax scores of the exclusive
+    groups only (the unknown class last).
+    """
+
+    def __init__(self, in_dim: int, label_space: LabelSpace, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.groups = label_space.groups
+        #: exclusive (softmax) group name -> whether it has an unknown output (see `mlml.groups.decode_groups`)
+        self.softmax_groups = {g.name: g.has_unknown for g in self.groups if g.exclusive}
+        for g in self.groups:
+            if g.exclusive and len(g.labels) + g.has_unknown < 2:
+                raise ValueError(f"group '{g.name}' is exclusive with one label and no unknown class; "
+                                 "a softmax over one output is constant: set has_unknown or exclusive = false")
+        self.fc = nn.ModuleDict({
+            g.name: nn.Linear(in_dim, len(g.labels) + int(g.exclusive and g.has_unknown)) for g in self.groups
+        })
+        order = torch.tensor([i for g in self.groups for i in g.labels])       # column j of the concat is label order[j]
+        self.register_buffer("column", torch.argsort(order), persistent=False)  # label c is column column[c]
+
+    def forward(self, features: torch.Tensor) -> dict:
+        x = self.dropout(features)
+        parts, group_logits = [], {}
+        for g in self.groups:
+            z = self.fc[g.name](x)                                              # (B, K [+1])
+            if g.exclusive:
+                group_logits[g.name] = z
+                z = label_logits_from_softmax(z, len(g.labels))                 # (B, K)
+            parts.append(z)
+        logits = torch.cat(parts, 1)[:, self.column]                            # (B, C) in label order
+        return {"logits": logits, "group_logits": group_logits}
 
 
 class MultiLabelModel(nn.Module):

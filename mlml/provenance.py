@@ -1,0 +1,47 @@
+"""Where a run came from: commit, package versions and hardware, recorded in every `metrics.json`.
+
+Tables take their provenance from their runs, not from the machine that assembles them, so a table
+rebuilt elsewhere (`mlml table`, or `mlml reproduce` over runs made on another machine) still
+names the commit and hardware that produced its numbers.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+
+def hardware() -> str:
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, {gpu}"
+
+
+def git_commit() -> str:
+    """Short commit of the mlml checkout that runs, wherever the command is started from ('+ uncommitted
+    changes' if dirty); `MLML_COMMIT` overrides it for a copy of the tree whose .git, if any, is not its
+    own (e.g. on a remote machine)."""
+    if os.environ.get("MLML_COMMIT"):
+        return os.environ["MLML_COMMIT"]
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True, cwd=here).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=here).stdout.strip()
+    return commit + (" (with uncommitted changes)" if dirty else "")
+
+
+def versions() -> str:
+    import numpy
+    import torch
+
+    return f"Python {platform.python_version()}, torch {torch.__version__}, numpy {numpy.__version__}"
+
+
+def environment() -> dict[str, str]:
+    """What `metrics.json` records under "provenance"."""
+    return {"commit": git_commit(), "versions": versions(), "hardware": hardware()}
