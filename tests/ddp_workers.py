@@ -120,6 +120,9 @@ VARIANTS = {
     "mean_teacher_adaptive": ["method.name=mean_teacher", "method.args={class_adaptive = true, k = 2.0}"],
     "mean_teacher_semi": ["method.name=mean_teacher", "data.observation_args={labelled_fraction = 0.5}",
                           "data.unlabelled_ratio=1.0"],                       # mixed labelled/unlabelled batches
+    # the domain branch's head lives in the method, outside DDP: its gradients must be averaged
+    "supervised_domain_branch": ["data.observation=per_group", "method.domain_branch={weight = 0.5, schedule = 'constant'}"],
+    "role_domain_branch": ["method.name=role", "data.observation=per_group", "method.domain_branch={weight = 0.5}"],
 }
 
 
