@@ -357,7 +357,7 @@ class Trainer:
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         try:
-            return self.method.step(batch, self.ddp_model)
+            return self.method.run_step(batch, self.ddp_model)
         except RuntimeError as err:
             if "finished reduction in the prior iteration" not in str(err):
                 raise

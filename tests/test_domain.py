@@ -108,7 +108,7 @@ def test_backbone_gets_the_reversed_domain_gradient(tmp_path):
         return last.grad.clone()
 
     task = grad(lambda: trainer.method.training_step(batch, trainer.model)["loss"])
-    both = grad(lambda: trainer.method.step(batch, trainer.model)["loss"])
+    both = grad(lambda: trainer.method.run_step(batch, trainer.model)["loss"])
     head = trainer.method.domain_branch.head
     domain = grad(lambda: torch.nn.functional.cross_entropy(head(trainer.model(batch["image"])["features"]), batch["domain"]))
     assert torch.allclose(both, task - 0.5 * 2.0 * domain, atol=1e-6)

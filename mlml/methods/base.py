@@ -5,13 +5,13 @@ teacher, a per-sample label table, a domain head), so the optimiser and checkpoi
 `parameters()` / `state_dict()`. The trainer knows nothing of any particular method: it calls
 
     method.on_epoch_start(epoch)
-    parts = method.step(batch, model)               # training_step [+ domain branch]: {"loss": scalar, <part>: scalar, ...}
+    parts = method.run_step(batch, model)           # training_step [+ domain branch]: {"loss": scalar, <part>: scalar, ...}
     (backward; once per optimiser step: method.reduce_all_gradients(); optimiser step)
     method.end_step(model, step)                    # [domain branch schedule] + on_step_end
     method.on_epoch_end(epoch)
 
 and evaluates every model in `method.eval_models(model)`. Subclasses implement `training_step`,
-`reduce_gradients` and `on_step_end`; the base class's `step`, `reduce_all_gradients` and
+`reduce_gradients` and `on_step_end`; the base class's `run_step`, `reduce_all_gradients` and
 `end_step` wrap them with the adversarial domain branch (mlml/methods/domain.py) when
 `method.domain_branch` turns it on, so every method composes with it without code of its own.
 
@@ -79,7 +79,7 @@ class Method(nn.Module):
         self.domain_branch = (DomainBranch(branch, ctx.feature_dim, ctx.num_domains, ctx.epochs * ctx.steps_per_epoch)
                               if branch["weight"] > 0 else None)
 
-    def step(self, batch: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    def run_step(self, batch: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
         """`training_step`, plus the domain branch's loss and parts when it is on.
 
         The branch sees the features of the first forward of the student's backbone in
