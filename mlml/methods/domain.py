@@ -22,13 +22,13 @@ with those (under AdamW the reduction alone hardly changes a run). The head lear
 the domain is encoded inverted rather than removed), a faster one keeps the game honest.
 
 `lambda_max = 0` makes the branch a monitor: the head still learns (its accuracy is logged), the
-backbone trains exactly as without it.
+backbone gets no gradient from it.
 
 Under torch.distributed the head is outside DDP like any method parameter: `Method.reduce_all_gradients`
 averages its gradients over ranks. The schedule's step is set once per optimiser step by
 `Method.end_step`, whatever the number of micro-batches (`optim.accumulate`).
 
-Configured per run as `method.domain_branch = {weight = 0.1, hidden = 256, schedule = "dann"}`
+Configured per run as `method.domain_branch = {weight = 0.3, lr_scale = 10.0, hidden = 256, schedule = "dann"}`
 (an empty table, or weight 0, is off). The branch lives in `Method` (mlml/methods/base.py), so
 every registered method takes it without code of its own. Domains are the batch's `domain` key
 (see mlml/data/observation.py: the collection of `per_group`, labelled vs unlabelled with
