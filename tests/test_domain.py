@@ -228,3 +228,20 @@ def test_tensorboard_gets_the_branch_parts(tmp_path):
     assert {"train/domain_loss", "train/domain_acc", "train/domain_lambda", "train/loss", "val/mAP_macro"} <= tags
     lams = [e.value for e in events.Scalars("train/domain_lambda")]
     assert lams[0] == 0.0 and lams == sorted(lams) and 0 < lams[-1] < 1       # dann: 0 at step 0, rising
+
+
+def test_labelled_vs_unlabelled_domains_under_the_mean_teacher(tmp_path):
+    """labelled_fraction < 1: domain 0 labelled, 1 unlabelled; the teacher's forward is not caught,
+    the student's weak + strong forward (2B rows) is, each copy with the batch's domains."""
+    cfg = tiny_config("method.name=mean_teacher", "data.observation_args={labelled_fraction = 0.25}",
+                      "data.unlabelled_ratio=3", "method.domain_branch={weight = 0.5, schedule = 'constant'}")
+    trainer = Trainer(cfg, tmp_path, DistInfo())
+    assert trainer.method.domain_branch.num_domains == 2
+    batch = next(iter(trainer.train_loader))
+    assert batch["domain"].tolist().count(1) == 24 and torch.equal(batch["domain"] == 0, batch["observed"].any(1))
+    seen = []
+    head = trainer.method.domain_branch.head
+    hook = head.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0].shape[0]))
+    parts = trainer.train_step(batch)
+    hook.remove()
+    assert seen == [2 * 32] and math.isfinite(parts["domain_loss"])
