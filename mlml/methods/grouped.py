@@ -13,7 +13,6 @@ cross-entropy on the strong view, weighted by a ramped-up `weight`.
 
 from __future__ import annotations
 
-import copy
 
 import torch
 from torch import Tensor, nn
@@ -22,7 +21,7 @@ from mlml.config import MethodConfig
 from mlml.groups import GroupTargets, group_cross_entropy, group_targets, pseudo_group_targets
 from mlml.losses import get_loss
 from mlml.methods.base import Method, MethodContext, register_method
-from mlml.methods.mean_teacher import ema_decay, ema_update, sigmoid_rampup
+from mlml.methods.mean_teacher import EMATeacher
 
 
 @register_method("grouped")
@@ -77,24 +76,13 @@ class GroupedTeacher(Grouped):
         if unknown:
             raise ValueError(f"method 'grouped_teacher' has no argument '{unknown[0]}'; it takes: {', '.join(sorted(self.DEFAULTS))}")
         self.args = {**self.DEFAULTS, **cfg.args}
-        if self.args["report"] not in ("teacher", "student"):
-            raise ValueError(f"method.args.report must be 'teacher' or 'student', got '{self.args['report']}'")
-        if ctx.student is None:
-            raise ValueError("method 'grouped_teacher' needs MethodContext.student (the trainer fills it)")
-        self.teacher = copy.deepcopy(ctx.student).eval()
-        self.teacher.requires_grad_(False)
-        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
-        self.rampup_steps = round(self.args["rampup"] * ctx.epochs * ctx.steps_per_epoch)
+        a = self.args
+        self.ema = EMATeacher(ctx.student, a["decay"], a["weight"], round(a["rampup"] * ctx.epochs * ctx.steps_per_epoch),
+                              a["report"], "grouped_teacher")
 
-    def train(self, mode: bool = True) -> "GroupedTeacher":
-        super().train(mode)
-        self.teacher.eval()                     # the teacher always uses running BN statistics
-        return self
-
-    def consistency_weight(self) -> float:
-        if self.rampup_steps == 0:
-            return self.args["weight"]
-        return self.args["weight"] * sigmoid_rampup(float(self.updates) / self.rampup_steps)
+    @property
+    def teacher(self) -> nn.Module:
+        return self.ema.model
 
     def training_step(self, batch: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
         B, space = len(batch["image"]), self.ctx.label_space
@@ -106,11 +94,11 @@ class GroupedTeacher(Grouped):
         known = group_targets(batch["targets"], batch["observed"], space)
         parts = self.supervised(weak, batch, known)
         with torch.no_grad():
-            teacher = self.teacher(batch["image"])["group_logits"]                   # weak view
+            teacher = self.ema(batch["image"])["group_logits"]                       # weak view
         pseudo = pseudo_group_targets(teacher, known, self.args["threshold"])
         only_pseudo = {g: GroupTargets(p.cls, p.mask & ~known[g].mask) for g, p in pseudo.items()}
         cons = sum(group_cross_entropy(strong, only_pseudo).values(), torch.zeros((), device=out["logits"].device))
-        weight = self.consistency_weight()
+        weight = self.ema.weight()
         sup = parts.pop("loss")
         parts.update(loss=sup + weight * cons, sup=sup.detach(), pseudo=cons.detach(), weight=torch.tensor(weight))
         truth = group_targets(batch["full_targets"], torch.ones_like(batch["observed"]), space)   # diagnostics only
@@ -123,12 +111,7 @@ class GroupedTeacher(Grouped):
         return parts
 
     def on_step_end(self, model: nn.Module, step: int) -> None:
-        ema_update(self.teacher, model, ema_decay(int(self.updates), self.args["decay"]))
-        self.updates += 1
+        self.ema.update(model)
 
     def eval_models(self, model: nn.Module) -> dict[str, nn.Module]:
-        pair = {"teacher": self.teacher, "student": model}
-        return pair if self.args["report"] == "teacher" else dict(reversed(list(pair.items())))
-
-    def param_groups(self, lr: float) -> list[dict]:
-        return []
+        return self.ema.eval_models(model)

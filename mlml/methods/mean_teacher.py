@@ -154,6 +154,56 @@ def pseudo_label_quality(pseudo: Tensor, mask: Tensor, full: Tensor, observed: T
     return out
 
 
+class EMATeacher(nn.Module):
+    """A frozen EMA copy of the student, with its update count and the consistency ramp-up.
+
+    Teacher-student methods hold one (`mean_teacher`, `grouped_teacher`): it is a submodule, so
+    checkpoints carry it, and it has no trainable parameter, so the optimiser never sees it. It
+    always runs in eval mode (running BatchNorm statistics, themselves EMA-averaged).
+
+    Args:
+        student: the unwrapped student (`MethodContext.student`), copied once.
+        decay: EMA decay after warm-up; `weight`: consistency weight after ramp-up;
+        rampup_steps: optimiser steps of the ramp-up (0: none); report: "teacher" or "student",
+        the model evaluated first; method: the method's name, for error messages.
+    """
+
+    def __init__(self, student: nn.Module | None, decay: float, weight: float, rampup_steps: int, report: str, method: str) -> None:
+        super().__init__()
+        if student is None:
+            raise ValueError(f"method '{method}' needs MethodContext.student (the trainer fills it)")
+        if report not in ("teacher", "student"):
+            raise ValueError(f"method.args.report must be 'teacher' or 'student', got '{report}'")
+        self.model = copy.deepcopy(student).eval()
+        self.model.requires_grad_(False)
+        self.decay, self.max_weight, self.rampup_steps, self.report = decay, weight, rampup_steps, report
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+
+    def train(self, mode: bool = True) -> "EMATeacher":
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    @torch.no_grad()
+    def forward(self, image: Tensor) -> dict[str, Tensor]:
+        return self.model(image)
+
+    def update(self, student: nn.Module) -> None:
+        """One EMA step towards the student (after each optimiser step)."""
+        ema_update(self.model, student, ema_decay(int(self.updates), self.decay))
+        self.updates += 1
+
+    def weight(self) -> float:
+        """The consistency weight at the current step."""
+        if self.rampup_steps == 0:
+            return self.max_weight
+        return self.max_weight * sigmoid_rampup(float(self.updates) / self.rampup_steps)
+
+    def eval_models(self, student: nn.Module) -> dict[str, nn.Module]:
+        pair = {"teacher": self.model, "student": student}
+        return pair if self.report == "teacher" else dict(reversed(list(pair.items())))
+
+
 @register_method("mean_teacher")
 class MeanTeacher(Method):
     """Supervised loss on observed labels + pseudo-labels from an EMA teacher on unobserved ones."""
@@ -168,26 +218,15 @@ class MeanTeacher(Method):
         self.args = {**DEFAULTS, **cfg.args}
         if self.args["targets"] not in ("hard", "soft"):
             raise ValueError(f"method.args.targets must be 'hard' or 'soft', got '{self.args['targets']}'")
-        if self.args["report"] not in ("teacher", "student"):
-            raise ValueError(f"method.args.report must be 'teacher' or 'student', got '{self.args['report']}'")
-        if ctx.student is None:
-            raise ValueError("method 'mean_teacher' needs MethodContext.student (the trainer fills it)")
         self.supervised = build_supervised_loss(cfg, ctx)
-        self.teacher = copy.deepcopy(ctx.student).eval()
-        self.teacher.requires_grad_(False)
-        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
-        self.register_buffer("prior", class_prior(ctx.positives, self.args["k"]) if self.args["class_adaptive"] else torch.zeros(0))
-        self.rampup_steps = round(self.args["rampup"] * ctx.epochs * ctx.steps_per_epoch)   # 0: no ramp-up
+        a = self.args
+        self.ema = EMATeacher(ctx.student, a["decay"], a["weight"], round(a["rampup"] * ctx.epochs * ctx.steps_per_epoch),
+                              a["report"], "mean_teacher")
+        self.register_buffer("prior", class_prior(ctx.positives, a["k"]) if a["class_adaptive"] else torch.zeros(0))
 
-    def train(self, mode: bool = True) -> "MeanTeacher":
-        super().train(mode)
-        self.teacher.eval()                     # the teacher always uses running BN statistics
-        return self
-
-    def consistency_weight(self) -> float:
-        if self.rampup_steps == 0:
-            return self.args["weight"]
-        return self.args["weight"] * sigmoid_rampup(float(self.updates) / self.rampup_steps)
+    @property
+    def teacher(self) -> nn.Module:
+        return self.ema.model
 
     def training_step(self, batch: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
         observed = batch["observed"]
@@ -196,12 +235,12 @@ class MeanTeacher(Method):
         labelled = observed.any(1)                                             # (B,) images with any label
         sup = self.supervised(weak[labelled], batch["targets"][labelled], observed[labelled]) if labelled.any() else weak.sum() * 0
         with torch.no_grad():
-            probs = torch.sigmoid(self.teacher(batch["image"])["logits"].float())  # (B, C) teacher, weak view
+            probs = torch.sigmoid(self.ema(batch["image"])["logits"].float())     # (B, C) teacher, weak view
         pos_t, neg_t = self.thresholds(probs)
         pseudo, mask = pseudo_labels(probs, observed, pos_t, neg_t, soft=self.args["targets"] == "soft")
         # The configured loss on the strong view, its labels completed by the pseudo-labels.
         cons = self.supervised(strong, torch.where(observed, batch["targets"], pseudo), observed | mask)
-        weight = self.consistency_weight()
+        weight = self.ema.weight()
         parts = {"loss": sup + weight * cons, "sup": sup.detach(), "pseudo": cons.detach(),
                  "weight": torch.tensor(weight)}
         parts.update(pseudo_label_quality(pseudo, mask, batch["full_targets"], observed))
@@ -214,12 +253,7 @@ class MeanTeacher(Method):
         return adaptive_thresholds(probs, self.prior, a["pos_threshold_min"], a["neg_margin"])
 
     def on_step_end(self, model: nn.Module, step: int) -> None:
-        ema_update(self.teacher, model, ema_decay(int(self.updates), self.args["decay"]))
-        self.updates += 1
+        self.ema.update(model)
 
     def eval_models(self, model: nn.Module) -> dict[str, nn.Module]:
-        pair = {"teacher": self.teacher, "student": model}
-        return pair if self.args["report"] == "teacher" else dict(reversed(list(pair.items())))
-
-    def param_groups(self, lr: float) -> list[dict]:
-        return []
+        return self.ema.eval_models(model)
