@@ -65,6 +65,11 @@ class DataConfig:
     store: str = ""               # file sources: index cache directory ("" = under $MLML_CACHE)
     colours: int = 6              # recolour: number of colour classes (see mlml.data.recolour)
     strict: bool = False          # an unreadable image stops the run (default: skipped and counted)
+    # source = "mixed" (mlml.data.mixed): these sources concatenated, each image's domain its source's index
+    mixed: list[str] = field(default_factory=list)         # e.g. ["synthetic", "annotations"]
+    mixed_eval: int = -1          # validation and test images come from this member (-1: the last)
+    mixed_train: list[int] = field(default_factory=list)   # training images per member ([] = at random from all)
+    mixed_unlabelled: list[int] = field(default_factory=list)  # members whose training images carry no labels
 
 
 @dataclass

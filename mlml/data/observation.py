@@ -76,6 +76,11 @@ class Observation:
     def num_domains(self) -> int:
         return 1 if self.labelled_fraction >= 1.0 else 2
 
+    @property
+    def has_unlabelled(self) -> bool:
+        """Whether some training images carry no labels (training then mixes them in by ratio)."""
+        return self.labelled_fraction < 1.0
+
     def __call__(self, rows: np.ndarray, full: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """rows int (B,), full bool (B, C) -> (targets float (B, C), observed bool (B, C))."""
         rows = np.asarray(rows, dtype=np.int64)

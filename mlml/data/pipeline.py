@@ -9,7 +9,10 @@ raise `UnreadableImageError`: the item is then skipped and counted (or the run s
 
 Sources: `synthetic` (built-in colour + object), `folder` (ImageNet-style class folders),
 `annotations` (a CSV/JSONL annotation file and a label names file), `recolour` (a folder or
-annotation file with every image recoloured to one colour class: colour + object groups).
+annotation file with every image recoloured to one colour class: colour + object groups), `mixed`
+(several of these concatenated, each a domain: `mlml.data.mixed`). A source with domains of its
+own (`domain(rows)`, `num_domains`, `unlabelled`) gives every image its domain, whatever the
+observation model.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from mlml.data.annotations import AnnotationSource
 from mlml.data.dataset import Collate, EpochSampler, MixedBatchSampler, SplitDataset
 from mlml.data.folder import ImageFolderSource
 from mlml.data.label_store import LabelStore
+from mlml.data.mixed import MemberDomains, MixedSource
 from mlml.data.observation import Full, Observation, build_observation
 from mlml.data.recolour import RecolourSource
 from mlml.data.synthetic import SyntheticSource, nuisance_styles
@@ -76,6 +80,15 @@ def recolour(cfg: DataConfig) -> RecolourSource:
     """A folder (or, when data.annotations is set, an annotation source) with a colour group added."""
     inner = annotations(cfg) if cfg.annotations else folder(cfg)
     return RecolourSource(inner, cfg.colours, cfg.data_seed)
+
+
+@SOURCES.register("mixed")
+def mixed(cfg: DataConfig) -> MixedSource:
+    """The sources named in data.mixed, concatenated; each image's domain is its source's index."""
+    if "mixed" in cfg.mixed:
+        raise ConfigError("data.mixed cannot contain 'mixed'")
+    members = [SOURCES.get(name)(cfg) for name in cfg.mixed]
+    return MixedSource(members, list(cfg.mixed), cfg.mixed_eval, cfg.mixed_train, cfg.mixed_unlabelled)
 
 
 def default_splits(n: int, sizes: dict[str, int], seed: int) -> dict[str, np.ndarray]:
@@ -146,7 +159,7 @@ class Data:
             # come from the global RNG, or a resume mid-epoch would shift dropout & co. (unused otherwise).
             generator=torch.Generator().manual_seed(seed),
         )
-        if train and self.observation.labelled_fraction < 1.0:
+        if train and self.observation.has_unlabelled:
             return DataLoader(dataset, batch_sampler=self.mixed_sampler(dataset.rows, batch * world_size, seed, rank, world_size), **common)
         sampler = EpochSampler(len(dataset), shuffle=train, seed=seed, rank=rank, world_size=world_size, with_epoch=train,
                                global_batch=batch * world_size if train else 0)
@@ -179,6 +192,8 @@ def build_data(cfg: DataConfig) -> Data:
     label_space = configure_groups(source.label_space, cfg.groups)
     name = cfg.observation if cfg.observation != "auto" else getattr(source, "default_observation", "single_positive")
     observation = build_observation(name, label_space, cfg.data_seed, cfg.observation_args, source.labels)
+    if hasattr(source, "domain"):
+        observation = MemberDomains(observation, source.domain, source.num_domains, tuple(getattr(source, "unlabelled", ())))
     if cfg.source == "synthetic" and cfg.synthetic.nuisance == "collection":   # the shortcut scenario
         if observation.num_domains < 2:
             raise ConfigError("data.synthetic.nuisance = 'collection' needs an observation model with collections "
