@@ -309,10 +309,10 @@ def list_tables(results_dir: Path = Path("results")) -> str:
     lines = []
     for path in sorted(TABLES_DIR.glob("*.toml")):
         spec = read_table(path.stem)
-        n = len(spec["settings"]) * len(spec["methods"])
         timing_path = timing_file(results_dir, path.stem)
         timing = json.loads(timing_path.read_text()) if timing_path.exists() else {}
-        lines.append(f"{path.stem}: {spec['title']} ({n} settings x methods)")
+        settings, methods = len(spec["settings"]), len(spec["methods"])
+        lines.append(f"{path.stem}: {spec['title']} ({settings} settings x {methods} methods = {settings * methods} runs a seed)")
         for prof, p in spec["profiles"].items():
             cost = measured_cost(timing[prof]) if prof in timing else p.get("cost", "cost not measured")
             lines.append(f"  --profile {prof}: {p.get('seeds', 3)} seeds, {cost}")
