@@ -20,18 +20,20 @@ def hardware() -> str:
     return f"{platform.machine()}, {os.cpu_count()} CPU cores, {gpu}"
 
 
-def git_commit() -> str:
+def git_commit(checkout: Path | None = None) -> str:
     """Short commit of the mlml checkout that runs, wherever the command is started from ('+ uncommitted
-    changes' if dirty); `MLML_COMMIT` overrides it for a copy of the tree whose .git, if any, is not its
-    own (e.g. on a remote machine)."""
+    changes' if a tracked file outside `results/` differs: tables that `mlml reproduce` rewrites there
+    are outputs, not code); `MLML_COMMIT` overrides it for a copy of the tree whose .git, if any, is not
+    its own (e.g. on a remote machine)."""
     if os.environ.get("MLML_COMMIT"):
         return os.environ["MLML_COMMIT"]
-    here = Path(__file__).resolve().parent
+    here = checkout or Path(__file__).resolve().parent
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True, cwd=here).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=here).stdout.strip()
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=here).stdout
+    dirty = [line for line in status.splitlines() if not line[3:].startswith("results/")]   # paths from the top
     return commit + (" (with uncommitted changes)" if dirty else "")
 
 
