@@ -304,6 +304,10 @@ def table_from_runs(root: Path, results_dir: Path | None = None) -> str:
     return write_table(spec, results, results_dir, f"mlml table {root}")
 
 
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
 def list_tables(results_dir: Path = Path("results")) -> str:
     """Every table with its profiles: seeds and cost, measured (timing.json) or else as written in the table."""
     lines = []
@@ -312,7 +316,7 @@ def list_tables(results_dir: Path = Path("results")) -> str:
         timing_path = timing_file(results_dir, path.stem)
         timing = json.loads(timing_path.read_text()) if timing_path.exists() else {}
         settings, methods = len(spec["settings"]), len(spec["methods"])
-        lines.append(f"{path.stem}: {spec['title']} ({settings} settings x {methods} methods = {settings * methods} runs a seed)")
+        lines.append(f"{path.stem}: {spec['title']} ({plural(settings, 'setting')} x {plural(methods, 'method')} = {plural(settings * methods, 'run')} a seed)")
         for prof, p in spec["profiles"].items():
             cost = measured_cost(timing[prof]) if prof in timing else p.get("cost", "cost not measured")
             lines.append(f"  --profile {prof}: {p.get('seeds', 3)} seeds, {cost}")
