@@ -7,10 +7,10 @@ member 1's, and so on. An image's `domain` is the index of its member, whatever 
 model, so the adversarial branch can remove what tells synthetic from real images.
 
 * **Labels.** Every member must have the same label names (in any order); labels are matched by
-  name and stored in member 0's order and groups. The members' label stores are concatenated in
-  memory (positives, and the known negatives where a member has them): fine for mixing a
-  synthetic set with a folder of up to a few million images; a single huge source is better
-  served by its own memory-mapped store.
+  name and stored in member 0's order and groups. The members' labels (positives, and known
+  negatives where a member has them) are streamed in chunks through the label store builder into
+  one store held in memory: fine for mixing a synthetic set with a folder of up to a few million
+  images; a single huge source is better served by its own memory-mapped store.
 * **Splits.** Validation and test images come from one member, `data.mixed_eval` (default -1,
   the last: "train on synthetic, test on real"). Training images are drawn at random from the
   rest of every member, or `data.mixed_train = [n0, n1, ...]` of each (summing to `n_train`).
@@ -23,31 +23,19 @@ model, so the adversarial branch can remove what tells synthetic from real image
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from mlml.config import ConfigError
-from mlml.data.label_store import LabelStore
+from mlml.data.label_store import LabelStore, LabelStoreBuilder, row_chunk
 from mlml.data.observation import Observation
 
 
-def _remapped_csr(indptr: np.ndarray | None, indices: np.ndarray | None, n: int, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(lengths, indices) of a member's CSR with its label j renamed `order[j]`, each row sorted."""
-    if indptr is None:
-        return np.zeros(n, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    lengths = np.diff(np.asarray(indptr, dtype=np.int64))
-    row = np.repeat(np.arange(n), lengths)
-    new = order[np.asarray(indices, dtype=np.int64)]
-    return lengths, new[np.lexsort((new, row))]
-
-
-def _concat_csr(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    lengths = np.concatenate([p[0] for p in parts])
-    indptr = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=indptr[1:])
-    return indptr, np.concatenate([p[1] for p in parts]).astype(np.int32)
+_CHUNK = 1 << 18
 
 
 class MixedSource:
@@ -92,21 +80,25 @@ class MixedSource:
         return sizes[0]
 
     def _concat_labels(self) -> LabelStore:
+        """The members' labels, renamed to member 0's label order, as one store held in memory."""
         names = self.label_space.names
-        positives, negatives, any_negatives = [], [], False
-        for member, source in zip(self.members, self.names):
-            theirs = member.label_space.names
-            if sorted(theirs) != sorted(names):
-                missing, extra = sorted(set(names) - set(theirs)), sorted(set(theirs) - set(names))
-                raise ConfigError(f"data.mixed: source '{source}' has other label names than '{self.names[0]}' "
-                                  f"(missing {missing[:5]}, extra {extra[:5]})")
-            order = np.array([names.index(t) for t in theirs], dtype=np.int64)
-            store, n = member.labels, len(member)
-            positives.append(_remapped_csr(store.indptr, store.indices, n, order))
-            negatives.append(_remapped_csr(store.neg_indptr, store.neg_indices, n, order))
-            any_negatives |= store.has_negatives
-        neg = _concat_csr(negatives) if any_negatives else (None, None)
-        return LabelStore(*_concat_csr(positives), len(names), *neg)
+        with tempfile.TemporaryDirectory(prefix="mlml-mixed-") as tmp:
+            builder = LabelStoreBuilder(Path(tmp), len(names))
+            for member, source in zip(self.members, self.names):
+                theirs = member.label_space.names
+                if sorted(theirs) != sorted(names):
+                    missing, extra = sorted(set(names) - set(theirs)), sorted(set(theirs) - set(names))
+                    raise ConfigError(f"data.mixed: source '{source}' has other label names than '{self.names[0]}' "
+                                      f"(missing {missing[:5]}, extra {extra[:5]})")
+                order = np.array([names.index(t) for t in theirs], dtype=np.int64)   # their label j -> ours
+                store = member.labels
+                for start in range(0, len(member), _CHUNK):
+                    rows = np.arange(start, min(len(member), start + _CHUNK))
+                    lengths, pos = row_chunk(store.indptr, store.indices, rows)
+                    neg_lengths, neg = row_chunk(store.neg_indptr, store.neg_indices, rows)
+                    builder.add_chunk(lengths, order[pos.astype(np.int64)], neg_lengths,
+                                      None if neg is None else order[neg.astype(np.int64)])   # re-sorted per row
+            return builder.close().in_memory()
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
