@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+from mlml.checkpoint import load_checkpoint
 from mlml.config import load_config
 from mlml.metrics import mean_average_precision
 from mlml.trainer import lr_factor, train
@@ -33,7 +34,7 @@ def test_resume_after_a_stop_mid_epoch_gives_the_same_metrics(tmp_path, monkeypa
     cfg = tiny_config("optim.epochs=3", "run.checkpoint_every=1", "model.dropout=0.2")   # dropout: RNG state matters
     reference = train(cfg, tmp_path / "a")
     stop_mid_run(cfg, tmp_path / "b", monkeypatch, at_step=17)   # epoch 2 of 3, step 6 of 12
-    ckpt = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=False)
+    ckpt = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")
     assert (ckpt["epoch"], ckpt["step_in_epoch"]) == (1, 5)
     resumed = train(cfg, tmp_path / "b", resume=True)
     assert resumed["metrics"] == reference["metrics"]
