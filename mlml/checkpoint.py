@@ -26,6 +26,7 @@ import json
 import os
 import pickle
 import random
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 
 from mlml.config import to_toml
-from mlml.files import _write_all, fsync_dir, write_error
+from mlml.files import _write_all, discard, fsync_dir, write_error
 
 MAGIC = b"MLML-CHECKPOINT\n"
 FORMAT = 1
@@ -175,7 +176,7 @@ def save_checkpoint(obj: dict, path: Path, keep_previous: bool = False) -> None:
             os.replace(path, previous_path(path))
         os.replace(tmp, path)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
+        discard(tmp)
         raise write_error(path, err) from err
     fsync_dir(path.parent)
 
@@ -227,10 +228,16 @@ def load_checkpoint(path: str | Path) -> dict:
                               "use the previous checkpoint (last.prev.pt) or copy it again")
     try:
         obj = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise CheckpointError(f"checkpoint {path} " + UNSAFE.format(path=path)) from None
+    except pickle.UnpicklingError as err:
+        unsafe = re.search(r"GLOBAL ([\w.]+)", str(err))                 # the refused Python object
+        if unsafe:
+            raise CheckpointError(f"checkpoint {path} (it refers to {unsafe.group(1)}) " + UNSAFE.format(path=path)) from None
+        raise CheckpointError(f"checkpoint {path} cannot be read (its payload is not a valid torch file, although its "
+                              "checksum matches: written garbled); "
+                              "use the previous checkpoint (last.prev.pt) or copy it again") from None
     except Exception as err:                                             # noqa: BLE001 - any reader error
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err})") from None
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); "
+                              "use the previous checkpoint (last.prev.pt) or copy it again") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a dict")
     return _decode_config(obj, path)

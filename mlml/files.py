@@ -53,7 +53,15 @@ def write_error(path: Path, err: OSError) -> WriteError:
     advice = {errno.ENOSPC: "free disk space", errno.EDQUOT: "free quota",
               errno.EACCES: "make the directory writable", errno.EROFS: "choose a writable directory",
               errno.EPERM: "make the directory writable"}.get(err.errno, "check the file system")
-    return WriteError(err.errno, f"cannot write {path}: {reason}; {advice} and run again (the previous file, if any, is unchanged)")
+    return WriteError(f"cannot write {path}: {reason}; {advice} and run again (the previous file, if any, is unchanged)")
+
+
+def discard(path: Path) -> None:
+    """Remove a temporary file after a failed write, if it is there and can be removed."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
@@ -70,7 +78,7 @@ def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
             os.close(fd)
         os.replace(tmp, path)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
+        discard(tmp)
         raise write_error(path, err) from err
     fsync_dir(path.parent)
 
