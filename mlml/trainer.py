@@ -339,16 +339,17 @@ class Trainer:
         warmup = int(cfg.optim.warmup_epochs * self.steps_per_epoch)
         self.logger.start(self.global_step)
         self.segment_start = time.perf_counter()
-        while self.epoch < cfg.optim.epochs:
-            self.train_epoch(total, warmup)
-            self.method.on_epoch_end(self.epoch)
-            self.epoch, self.step_in_epoch = self.epoch + 1, 0
-            if self.epoch % cfg.eval.every == 0 or self.epoch == cfg.optim.epochs:
-                self.validate()
-            self.checkpoint_now(due=True)
-        metrics = self.finish(self.train_seconds())
-        self.logger.close()
-        return metrics
+        try:
+            while self.epoch < cfg.optim.epochs:
+                self.train_epoch(total, warmup)
+                self.method.on_epoch_end(self.epoch)
+                self.epoch, self.step_in_epoch = self.epoch + 1, 0
+                if self.epoch % cfg.eval.every == 0 or self.epoch == cfg.optim.epochs:
+                    self.validate()
+                self.checkpoint_now(due=True)
+            return self.finish(self.train_seconds())
+        finally:
+            self.logger.close()                     # also when stopped: the events so far are flushed
 
     def train_epoch(self, total: int, warmup: int) -> None:
         sampler = epoch_sampler(self.train_loader)
