@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from mlml.config import Config, to_toml
+from mlml.config import Config, run_dir_for, to_toml
 from mlml.data.dataset import epoch_sampler
 from mlml.data.pipeline import Data, build_data
 from mlml.distributed import (
@@ -55,11 +55,6 @@ from mlml.methods import Method, MethodContext, build_method
 from mlml.models import build_model
 from mlml.provenance import environment
 from mlml.tensorboard import RunLogger
-
-
-def run_dir_for(cfg: Config) -> Path:
-    """runs/<experiment>/<setting>/<method>/seed<k>/ (DESIGN.md)."""
-    return Path(cfg.run.out_dir) / cfg.run.experiment / cfg.run.setting / cfg.method_label() / f"seed{cfg.run.seed}"
 
 
 def seed_everything(seed: int) -> None:
