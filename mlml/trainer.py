@@ -194,6 +194,7 @@ class Trainer:
             negatives=negatives,
             train_labels=lambda idx: self.data.observation(train_rows[idx], self.data.labels.dense(train_rows[idx])),
             student=self.model,
+            hidden_labels_for_diagnostics=lambda idx: self.data.hidden_labels("train", idx.cpu().numpy()).to(idx.device),
         )
         self.method = build_method(cfg.method, ctx).to(self.device)
         if info.rank > 0:                                   # own random stream per rank (dropout, ...)
