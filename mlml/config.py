@@ -34,6 +34,7 @@ class RunConfig:
     threads: int = 0              # torch CPU threads; 0 = leave torch's default
     progress: bool = True         # tqdm progress bar
     checkpoint_every: int = 0     # also write last.pt every N optimiser steps; 0 = at epoch ends only
+    checkpoint_minutes: float = 0.0   # also write last.pt when this many minutes passed since the last one; 0 = off
     dist_timeout: float = 1800.0  # seconds a collective waits for the other ranks before failing
 
 
