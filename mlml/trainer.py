@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from mlml.config import Config, to_toml
+from mlml.config import Config, to_toml, validate_config
 from mlml.data.dataset import epoch_sampler
 from mlml.data.pipeline import Data, build_data
 from mlml.distributed import (
@@ -49,7 +49,8 @@ from mlml.distributed import (
     restart_count,
 )
 from mlml.evaluation import (
-    calibrate_thresholds, classes_without_positives, group_metrics, per_class_ap, predict, softmax_groups, split_metrics,
+    calibrate_thresholds, check_selection, classes_without_positives, group_metrics, per_class_ap, predict, softmax_groups,
+    split_metrics,
 )
 from mlml.methods import Method, MethodContext, build_method
 from mlml.models import build_model
@@ -69,15 +70,14 @@ def seed_everything(seed: int) -> None:
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
-    """Learning-rate multiplier at optimiser step `step` (0-based): linear warm-up, then cosine or constant."""
+    """Learning-rate multiplier at optimiser step `step` (0-based): linear warm-up, then cosine or
+    constant (`schedule`, checked when the config is loaded)."""
     if step < warmup:
         return (step + 1) / warmup
     if schedule == "constant":
         return 1.0
-    if schedule == "cosine":
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    raise ValueError(f"unknown optim.schedule '{schedule}'; known: constant, cosine")
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def build_optimizer(cfg: Config, model: nn.Module, method: Method) -> torch.optim.Optimizer:
@@ -91,17 +91,13 @@ def build_optimizer(cfg: Config, model: nn.Module, method: Method) -> torch.opti
     ]
     for g in groups:
         g["lr"] = cfg.optim.lr * g["lr_scale"]
-    if cfg.optim.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.optim.lr)
-    if cfg.optim.name == "sgd":
+    if cfg.optim.name == "sgd":                  # optim.name is adamw or sgd (checked at load time)
         return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum, nesterov=True)
-    raise ValueError(f"unknown optim.name '{cfg.optim.name}'; known: adamw, sgd")
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr)
 
 
 def amp_dtype_for(cfg: Config, device: torch.device) -> torch.dtype | None:
     """bf16 on GPUs that have it, else fp16 (with a grad scaler); None = full precision."""
-    if cfg.optim.amp not in ("auto", "on", "off"):
-        raise ValueError(f"optim.amp must be auto, on or off, got '{cfg.optim.amp}'")
     if cfg.optim.amp == "off" or device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -120,8 +116,6 @@ def observed_label_counts(data: Data, chunk: int = 8192) -> tuple[torch.Tensor, 
 
 def per_rank_batch(batch_size: int, world_size: int, accumulate: int) -> int:
     """The loader batch of each rank: the global batch split over ranks (then into micro-batches)."""
-    if accumulate < 1:
-        raise ValueError(f"optim.accumulate must be >= 1, got {accumulate}")
     if batch_size % (world_size * accumulate):
         raise ValueError(
             f"data.batch_size {batch_size} (the global batch of one optimiser step) must be divisible by "
@@ -201,6 +195,7 @@ class Trainer:
             student=self.model,
         )
         self.method = build_method(cfg.method, ctx).to(self.device)
+        check_selection(cfg.eval.select, cfg.data.val_labels == "full", list(self.method.eval_models(self.model)), self.data.label_space)
         if info.rank > 0:                                   # own random stream per rank (dropout, ...)
             seed_everything(rank_seed(cfg.run.seed, info.rank, 0))
         self.ddp_model = self.model
@@ -441,6 +436,7 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dic
     `resume`: continue from `checkpoints/last.pt` if it exists, else start (so the same command can
     be repeated). A worker group that torchrun restarts (`--max-restarts`) always resumes.
     """
+    validate_config(cfg)                         # also for configs built in code, not loaded
     info = init_distributed(cfg.run.device, cfg.run.dist_timeout)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
