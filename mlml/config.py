@@ -76,6 +76,7 @@ class DataConfig:
     root: str = ""                # folder, recolour: the folder of class folders; annotations: what
                                   # image paths are relative to ("" = the annotation file's folder)
     annotations: str = ""         # annotations (and recolour over annotations): .csv or .jsonl file
+    allow_outside_root: bool = False   # annotations: accept image paths that lead outside data.root (../x.png, /abs)
     label_names: str = ""         # annotations: .txt or .json label names file
     image_size: int = 64          # file sources: images decoded to (3, S, S), centre square
     store: str = ""               # file sources: index cache directory ("" = under $MLML_CACHE)
