@@ -72,7 +72,8 @@ def folder(cfg: DataConfig) -> ImageFolderSource:
 @SOURCES.register("annotations")
 def annotations(cfg: DataConfig) -> AnnotationSource:
     root = _path(cfg, "root", "folder") if cfg.root else None
-    return AnnotationSource(_path(cfg, "annotations"), _path(cfg, "label_names"), root, _image_size(cfg), cfg.store or None)
+    return AnnotationSource(_path(cfg, "annotations"), _path(cfg, "label_names"), root, _image_size(cfg), cfg.store or None,
+                            cfg.allow_outside_root)
 
 
 @SOURCES.register("recolour")
