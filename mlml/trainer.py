@@ -46,7 +46,7 @@ from mlml.checkpoint import (
     CheckpointError, config_differences, first_non_finite, load_checkpoint, previous_path, rng_state, save_checkpoint,
     set_rng_state,
 )
-from mlml.config import Config, ConfigError, to_toml
+from mlml.config import Config, ConfigError, run_dir_for, to_toml, validate_config
 from mlml.data.dataset import epoch_sampler
 from mlml.data.pipeline import Data, build_data
 from mlml.distributed import (
@@ -65,7 +65,8 @@ from mlml.distributed import (
 )
 from mlml.files import FileLock, atomic_write_text
 from mlml.evaluation import (
-    calibrate_thresholds, classes_without_positives, group_metrics, per_class_ap, predict, softmax_groups, split_metrics,
+    calibrate_thresholds, check_selection, classes_without_positives, group_metrics, per_class_ap, predict, softmax_groups,
+    split_metrics,
 )
 from mlml.methods import Method, MethodContext, build_method
 from mlml.models import build_model
@@ -89,11 +90,6 @@ class ConfigChangedError(ConfigError):
     """`--resume` of a checkpoint written by another config."""
 
 
-def run_dir_for(cfg: Config) -> Path:
-    """runs/<experiment>/<setting>/<method>/seed<k>/ (DESIGN.md)."""
-    return Path(cfg.run.out_dir) / cfg.run.experiment / cfg.run.setting / cfg.method_label() / f"seed{cfg.run.seed}"
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -101,15 +97,14 @@ def seed_everything(seed: int) -> None:
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
-    """Learning-rate multiplier at optimiser step `step` (0-based): linear warm-up, then cosine or constant."""
+    """Learning-rate multiplier at optimiser step `step` (0-based): linear warm-up, then cosine or
+    constant (`schedule`, checked when the config is loaded)."""
     if step < warmup:
         return (step + 1) / warmup
     if schedule == "constant":
         return 1.0
-    if schedule == "cosine":
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    raise ValueError(f"unknown optim.schedule '{schedule}'; known: constant, cosine")
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def build_optimizer(cfg: Config, model: nn.Module, method: Method) -> torch.optim.Optimizer:
@@ -123,17 +118,13 @@ def build_optimizer(cfg: Config, model: nn.Module, method: Method) -> torch.opti
     ]
     for g in groups:
         g["lr"] = cfg.optim.lr * g["lr_scale"]
-    if cfg.optim.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.optim.lr)
-    if cfg.optim.name == "sgd":
+    if cfg.optim.name == "sgd":                  # optim.name is adamw or sgd (checked at load time)
         return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum, nesterov=True)
-    raise ValueError(f"unknown optim.name '{cfg.optim.name}'; known: adamw, sgd")
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr)
 
 
 def amp_dtype_for(cfg: Config, device: torch.device) -> torch.dtype | None:
     """bf16 on GPUs that have it, else fp16 (with a grad scaler); None = full precision."""
-    if cfg.optim.amp not in ("auto", "on", "off"):
-        raise ValueError(f"optim.amp must be auto, on or off, got '{cfg.optim.amp}'")
     if cfg.optim.amp == "off" or device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -152,8 +143,6 @@ def observed_label_counts(data: Data, chunk: int = 8192) -> tuple[torch.Tensor, 
 
 def per_rank_batch(batch_size: int, world_size: int, accumulate: int) -> int:
     """The loader batch of each rank: the global batch split over ranks (then into micro-batches)."""
-    if accumulate < 1:
-        raise ValueError(f"optim.accumulate must be >= 1, got {accumulate}")
     if batch_size % (world_size * accumulate):
         raise ValueError(
             f"data.batch_size {batch_size} (the global batch of one optimiser step) must be divisible by "
@@ -221,8 +210,10 @@ class Trainer:
             negatives=negatives,
             train_labels=lambda idx: self.data.observation(train_rows[idx], self.data.labels.dense(train_rows[idx])),
             student=self.model,
+            hidden_labels_for_diagnostics=lambda idx: self.data.hidden_labels("train", idx.cpu().numpy()).to(idx.device),
         )
         self.method = build_method(cfg.method, ctx).to(self.device)
+        check_selection(cfg.eval.select, cfg.data.val_labels == "full", list(self.method.eval_models(self.model)), self.data.label_space)
         if info.rank > 0:                                   # own random stream per rank (dropout, ...)
             seed_everything(rank_seed(cfg.run.seed, info.rank, 0))
         self.ddp_model = self.model
@@ -508,6 +499,7 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False, allow_
     the config and data are built, the run lock is taken and the checkpoint (if any) is checked.
     Raises `Preempted` after writing `last.pt` when SIGTERM or SIGUSR1 arrives.
     """
+    validate_config(cfg)                         # also for configs built in code, not loaded
     info = init_distributed(cfg.run.device, cfg.run.dist_timeout)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)

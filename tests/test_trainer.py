@@ -63,9 +63,7 @@ def test_lr_schedule():
     assert lr_factor(9, 100, 10, "cosine") == pytest.approx(1.0)
     assert lr_factor(10, 100, 10, "cosine") == pytest.approx(1.0)
     assert lr_factor(55, 100, 10, "cosine") == pytest.approx(0.5)
-    assert lr_factor(99, 100, 0, "constant") == 1.0
-    with pytest.raises(ValueError, match="schedule"):
-        lr_factor(50, 100, 0, "linear")
+    assert lr_factor(99, 100, 0, "constant") == 1.0    # an unknown schedule is refused at load (test_config)
 
 
 def test_the_same_seed_gives_the_same_metrics_on_cpu(tmp_path):
