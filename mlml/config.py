@@ -251,7 +251,7 @@ def _device(v: str) -> bool:
 
     try:
         return v == "auto" or torch.device(v).type in ("cpu", "cuda", "mps")
-    except RuntimeError:
+    except (RuntimeError, ValueError, TypeError):
         return False
 
 
@@ -260,7 +260,7 @@ CHECKS: dict[str, Check] = {
     "run.experiment": (_path_part, "a non-empty name without '/' (it is a run directory)"),
     "run.setting": (_path_part, "a non-empty name without '/' (it is a run directory)"),
     "run.method_label": (lambda v: v == "" or _path_part(v), "empty or a name without '/' (it is a run directory)"),
-    "run.seed": _at_least(0),
+    "run.seed": _within(0, 2**32, hi_open=True),             # numpy's seed range
     "run.device": (_device, "auto, cpu, cuda or cuda:<index>"),
     "run.threads": _at_least(0),
     "run.checkpoint_every": _at_least(0),
@@ -268,7 +268,7 @@ CHECKS: dict[str, Check] = {
     "data.n_train": _at_least(1),
     "data.n_val": (lambda v: v >= 1, ">= 1 (validation selects the best epoch and calibrates thresholds)"),
     "data.n_test": _at_least(1),
-    "data.data_seed": _at_least(0),
+    "data.data_seed": _within(0, 2**32, hi_open=True),
     "data.val_labels": _one_of("full", "observed"),
     "data.batch_size": _at_least(1),
     "data.unlabelled_ratio": _at_least(0),

@@ -6,6 +6,7 @@ predictions and applied unchanged to test predictions.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -94,15 +95,22 @@ def group_metrics(scores: torch.Tensor, targets: torch.Tensor, space: LabelSpace
 def split_metric_names() -> list[str]:
     """The keys `split_metrics` reports (without calibrated thresholds), read off a two-image
     example, so the list cannot drift from the metrics."""
-    return sorted(split_metrics(torch.tensor([[0.2], [0.8]]), torch.tensor([[0.0], [1.0]]), 0.5, None))
+    return list(_example_metric_names()[0])
 
 
 def group_metric_kinds() -> list[str]:
     """The `<kind>` of each `<kind>/<group>` key of `group_metrics`, read off an example group
     where one image shows none of the classes (so the unknown metrics appear too)."""
+    return list(_example_metric_names()[1])
+
+
+@functools.cache
+def _example_metric_names() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    split = split_metrics(torch.tensor([[0.2], [0.8]]), torch.tensor([[0.0], [1.0]]), 0.5, None)
     space = LabelSpace(("a", "b"), (Group("g", (0, 1), exclusive=True),))
     targets = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
-    return sorted(k.split("/")[0] for k in group_metrics(torch.tensor([[0.9, 0.1], [0.2, 0.7], [0.1, 0.2]]), targets, space, {}))
+    groups = group_metrics(torch.tensor([[0.9, 0.1], [0.2, 0.7], [0.1, 0.2]]), targets, space, {})
+    return tuple(sorted(split)), tuple(sorted(k.split("/")[0] for k in groups))
 
 
 def validation_metric_names(model_names: list[str], space: LabelSpace | None, full_labels: bool) -> list[str]:

@@ -46,9 +46,9 @@ from mlml.checkpoint import (
     CheckpointError, config_differences, first_non_finite, load_checkpoint, previous_path, rng_state, save_checkpoint,
     set_rng_state,
 )
-from mlml.config import Config, ConfigError, run_dir_for, to_toml, validate_config
+from mlml.config import Config, ConfigError, config_hash, run_dir_for, to_toml, validate_config
 from mlml.data.dataset import epoch_sampler
-from mlml.data.pipeline import Data, build_data
+from mlml.data.pipeline import Data, build_data, split_hash
 from mlml.distributed import (
     DistInfo,
     all_gather_objects,
@@ -481,6 +481,8 @@ class Trainer:
             classes_without_positives=[names[c] for c in classes_without_positives(test_targets)],
             history=self.history,
         )
+        # What the numbers depend on: tables refuse to aggregate runs that differ in them.
+        result.update(config=self.cfg.to_dict(), config_hash=config_hash(self.cfg), split_hash=split_hash(self.data.splits))
         result["data/skipped_images"] = sum(self.skipped_images.values())
         result["data/skipped_images_by_split"] = dict(self.skipped_images)
         self.logger.hparams(self.cfg, result["metrics"])

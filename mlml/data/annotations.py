@@ -125,6 +125,8 @@ def read_label_names(path: str | Path) -> LabelSpace:
             if isinstance(data, list):
                 return LabelSpace(_label_list(data))
             names, groups = [], []
+            if not isinstance(data, dict) or not isinstance(data["groups"], list) or not data["groups"]:
+                raise TypeError('expected a list of names or {"groups": [...]} with at least one group')
             for g in data["groups"]:
                 start = len(names)
                 names.extend(_label_list(g["labels"]))
