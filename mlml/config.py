@@ -40,8 +40,8 @@ class RunConfig:
 @dataclass
 class DataConfig:
     source: str = "synthetic"
-    n_train: int = 6000
-    n_val: int = 1500
+    n_train: int = 6000           # split sizes; a source with its own splits is capped at them (a random
+    n_val: int = 1500             # subset of data_seed), -1 = the whole split
     n_test: int = 3000
     data_seed: int = 0            # fixes the images and which labels are observed, across runs
     observation: str = "auto"     # auto (the source's default: single_positive for synthetic data,
@@ -59,7 +59,11 @@ class DataConfig:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     root: str = ""                # folder, recolour: the folder of class folders; annotations: what
                                   # image paths are relative to ("" = the annotation file's folder)
-    annotations: str = ""         # annotations (and recolour over annotations): .csv or .jsonl file
+    annotations: str | dict = ""  # annotations (and recolour over annotations): .csv or .jsonl file, or one
+                                  # per split {train = "...", val = "...", test = "..."}; the formats' files
+    split_file: str = ""          # file sources: .csv (path,split) or .json ({split: [paths]}) fixing the splits
+    eval_labels: str = "auto"     # complete | annotated (metrics on listed positives and negatives only) |
+                                  # auto (annotated when the source lists negatives, else complete)
     label_names: str = ""         # annotations: .txt or .json label names file
     image_size: int = 64          # file sources: images decoded to (3, S, S), centre square
     store: str = ""               # file sources: index cache directory ("" = under $MLML_CACHE)

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from mlml.config import Config, to_toml
 from mlml.data.dataset import epoch_sampler
-from mlml.data.pipeline import Data, build_data
+from mlml.data.pipeline import Data, build_data, split_hash
 from mlml.distributed import (
     DistInfo,
     all_gather_objects,
@@ -417,6 +417,7 @@ class Trainer:
             setting=self.cfg.run.setting,
             experiment=self.cfg.run.experiment,
             seed=self.cfg.run.seed,
+            split_hash=split_hash(self.data.splits),
             best_epoch=self.best_epoch,
             epochs=self.cfg.optim.epochs,
             train_seconds=round(train_seconds, 2),

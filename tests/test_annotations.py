@@ -34,7 +34,7 @@ def test_csv_and_jsonl_give_the_same_rows(tmp_path):
     ]) + "\n\n")
     expected = [("x/1.png", [0, 2], [1]), ("x/2.png", [], []), ("x/3,b.png", [1], [0, 3])]
     for f in (csv_file, jsonl):
-        assert [(p, sorted(pos), sorted(neg)) for p, pos, neg in read_annotations(f, SPACE)] == expected
+        assert [(p, sorted(pos), sorted(neg)) for p, pos, neg, *_ in read_annotations(f, SPACE)] == expected
 
 
 @pytest.mark.parametrize("name, text, where, reason", [

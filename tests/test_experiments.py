@@ -117,3 +117,14 @@ def test_grouped_heads_table_builds_every_run(tmp_path):
             assert (cfg.model.head == "grouped") == cfg.method.name.startswith("grouped"), run.method
             assert synthetic_label_space(cfg.data.synthetic).group("pattern").has_unknown
             assert cfg.data.groups == ({"pattern": {"has_unknown": False}} if run.method == "grouped_no_unknown" else {})
+
+
+def test_runs_on_different_splits_never_share_a_row():
+    spec = {"name": "t", "title": "t", "metrics": ["test/mAP_macro"], "settings": {}, "methods": {"an": []}}
+    runs = [{"setting": "s", "method": "an", "seed": k, "split_hash": h, "metrics": {"test/mAP_macro": v}}
+            for k, (h, v) in enumerate([("aaaa", 0.5), ("aaaa", 0.7), ("bbbb", 0.9)])]
+    md = experiments.write_table(spec, runs, None, "cmd")
+    assert "| an [split aaaa] | 0.6000 ± 0.1414 | 2 |" in md and "| an [split bbbb] | 0.9000 ± 0.0000 | 1 |" in md
+    assert "Splits (split_hash): aaaa (2 runs); bbbb (1 run)" in md
+    one = experiments.write_table(spec, runs[:2], None, "cmd")
+    assert "| an | 0.6000 ± 0.1414 | 2 |" in one and "Splits (split_hash): aaaa (2 runs)" in one

@@ -7,23 +7,32 @@ Label names file (`data.label_names`):
 
 Annotation file (`data.annotations`), one image per line, paths relative to `data.root` (default:
 the annotation file's folder):
-  * `.csv`: a header naming the columns `path`, `positives` and optionally `negatives`; a label
-    cell lists names separated by `;` (empty: none).
+  * `.csv`: a header naming the columns `path`, `positives` and optionally `negatives` and
+    `split`; a label cell lists names separated by `;` (empty: none).
 
-        path,positives,negatives
-        images/0001.jpg,cat;sofa,dog
-        images/0002.jpg,dog,
+        path,positives,negatives,split
+        images/0001.jpg,cat;sofa,dog,train
+        images/0002.jpg,dog,,test
 
   * `.jsonl`: one object per line, `{"path": "images/0001.jpg", "positives": ["cat", "sofa"],
-    "negatives": ["dog"]}` (`negatives` optional; no other keys).
+    "negatives": ["dog"], "split": "train"}` (`negatives` and `split` optional; no other keys).
+
+Fixed splits: a `split` column/key (train, val or test; on every line or on none), or one file
+per split, `data.annotations = {train = "train.csv", val = "val.csv", test = "test.csv"}` (paths
+relative to `data.root`, default the train file's folder). A source with splits is split as it
+says (see `mlml.data.pipeline`); one without is split at random.
 
 What is listed is what is known: listed positives are positive, listed negatives negative, every
 other label unknown (the `annotated` observation model). Evaluation on such a source uses the
-stored positives as full labels and counts every unlisted label negative. A line that cannot be
-used (bad syntax, missing path, unknown label name, a label listed twice or both positive and
-negative) stops with `AnnotationError` naming file, line and reason, before any training.
+stored positives as full labels and counts every unlisted label negative, unless negatives are
+listed (`data.eval_labels`). A line that cannot be used (bad syntax, missing path, unknown label
+name, a label listed twice or both positive and negative, a bad split) stops with
+`AnnotationError` naming file, line and reason, before any training.
 Image files are not opened while indexing (millions of stats are slow on network storage); a
 missing or corrupt image is found when loaded, and skipped and counted then.
+
+The standard formats (`mlml.data.formats`: COCO, Pascal VOC, Open Images, Tencent ML-Images) are
+readers that yield the same `Entry` rows into the same index (`write_index`).
 """
 
 from __future__ import annotations
@@ -31,13 +40,27 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator, NamedTuple
 
-from mlml.data.image_files import FileSource, StringColumnWriter, cached_index, default_store_dir, file_signature
-from mlml.data.label_store import LabelStoreBuilder
+import numpy as np
+
+from mlml.data.image_files import SPLITS, FileSource, StringColumnWriter, cached_index, default_store_dir, file_signature
+from mlml.data.label_store import LabelStoreBuilder, finish_npy
 from mlml.labels import Group, LabelSpace
 
 SEPARATOR = ";"
+COLUMNS = ("path", "positives", "negatives", "split")
+
+
+class Entry(NamedTuple):
+    """One image of an annotation source, as every reader yields it."""
+
+    path: str               # relative to the source's root
+    positives: list[int]    # label indices
+    negatives: list[int]    # known negative label indices
+    split: str              # one of SPLITS, or "" (the source gives no split)
+    file: Path              # where it was read, for messages
+    line: int
 
 
 class AnnotationError(ValueError):
@@ -77,8 +100,8 @@ def read_label_names(path: str | Path) -> LabelSpace:
     raise AnnotationError(path, 1, "label names file must end in .txt or .json")
 
 
-def read_annotations(path: Path, label_space: LabelSpace) -> Iterator[tuple[str, list[int], list[int]]]:
-    """(image path, positive indices, negative indices) of each line, checked, streamed."""
+def read_annotations(path: Path, label_space: LabelSpace, split: str = "") -> Iterator[Entry]:
+    """The entries of each line, checked, streamed. `split`: the split of every line (one file per split)."""
     index = {name: i for i, name in enumerate(label_space.names)}
     if path.suffix == ".csv":
         lines = _csv_lines(path)
@@ -86,7 +109,7 @@ def read_annotations(path: Path, label_space: LabelSpace) -> Iterator[tuple[str,
         lines = _jsonl_lines(path)
     else:
         raise AnnotationError(path, 1, "annotation file must end in .csv or .jsonl")
-    for line_no, image, positives, negatives in lines:
+    for line_no, image, positives, negatives, own_split in lines:
         if not image:
             raise AnnotationError(path, line_no, "no image path")
         pos, neg = [], []
@@ -95,22 +118,31 @@ def read_annotations(path: Path, label_space: LabelSpace) -> Iterator[tuple[str,
                 if name not in index:
                     raise AnnotationError(path, line_no, f"unknown label '{name}' ({kind}); it is not in the label names file")
                 out.append(index[name])
-        if len(set(pos)) != len(pos) or len(set(neg)) != len(neg):
-            raise AnnotationError(path, line_no, "a label is listed twice")
-        both = set(pos) & set(neg)
-        if both:
-            raise AnnotationError(path, line_no, f"label '{label_space.names[both.pop()]}' is both positive and negative")
-        yield image, pos, neg
+        check_labels(path, line_no, pos, neg, label_space)
+        if own_split and own_split not in SPLITS:
+            raise AnnotationError(path, line_no, f"split '{own_split}' is not one of {', '.join(SPLITS)}")
+        if split and own_split and own_split != split:
+            raise AnnotationError(path, line_no, f"split '{own_split}' in the {split} file")
+        yield Entry(image, pos, neg, split or own_split, path, line_no)
 
 
-def _csv_lines(path: Path) -> Iterator[tuple[int, str, list[str], list[str]]]:
+def check_labels(path: Path, line_no: int, pos: list[int], neg: list[int], label_space: LabelSpace) -> None:
+    """A line's label indices: none twice, none both positive and negative."""
+    if len(set(pos)) != len(pos) or len(set(neg)) != len(neg):
+        raise AnnotationError(path, line_no, "a label is listed twice")
+    both = set(pos) & set(neg)
+    if both:
+        raise AnnotationError(path, line_no, f"label '{label_space.names[both.pop()]}' is both positive and negative")
+
+
+def _csv_lines(path: Path) -> Iterator[tuple[int, str, list[str], list[str], str]]:
     with open(path, newline="") as f:
         reader = csv.reader(f)
         header = [h.strip() for h in next(reader, [])]
         missing = {"path", "positives"} - set(header)
-        unknown = set(header) - {"path", "positives", "negatives"}
+        unknown = set(header) - set(COLUMNS)
         if missing or unknown:
-            raise AnnotationError(path, 1, f"the header must name path, positives[, negatives]; got {','.join(header) or 'nothing'}")
+            raise AnnotationError(path, 1, f"the header must name path, positives[, negatives][, split]; got {','.join(header) or 'nothing'}")
         col = {name: header.index(name) for name in header}
         try:
             for cells in reader:
@@ -119,12 +151,13 @@ def _csv_lines(path: Path) -> Iterator[tuple[int, str, list[str], list[str]]]:
                 if len(cells) != len(header):
                     raise AnnotationError(path, reader.line_num, f"{len(cells)} fields, the header has {len(header)}")
                 labels = [[n.strip() for n in cells[col[k]].split(SEPARATOR) if n.strip()] if k in col else [] for k in ("positives", "negatives")]
-                yield reader.line_num, cells[col["path"]].strip(), labels[0], labels[1]
+                split = cells[col["split"]].strip() if "split" in col else ""
+                yield reader.line_num, cells[col["path"]].strip(), labels[0], labels[1], split
         except csv.Error as err:
             raise AnnotationError(path, reader.line_num, f"bad CSV: {err}") from None
 
 
-def _jsonl_lines(path: Path) -> Iterator[tuple[int, str, list[str], list[str]]]:
+def _jsonl_lines(path: Path) -> Iterator[tuple[int, str, list[str], list[str], str]]:
     with open(path) as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
@@ -133,46 +166,91 @@ def _jsonl_lines(path: Path) -> Iterator[tuple[int, str, list[str], list[str]]]:
                 item = json.loads(line)
             except json.JSONDecodeError as err:
                 raise AnnotationError(path, line_no, f"bad JSON: {err}") from None
-            if not isinstance(item, dict) or set(item) - {"path", "positives", "negatives"}:
-                raise AnnotationError(path, line_no, "a line must be an object with keys path, positives[, negatives]")
+            if not isinstance(item, dict) or set(item) - set(COLUMNS):
+                raise AnnotationError(path, line_no, "a line must be an object with keys path, positives[, negatives][, split]")
             lists = [item.get(k, []) for k in ("positives", "negatives")]
-            if not isinstance(item.get("path", ""), str) or not all(isinstance(v, list) and all(isinstance(n, str) for n in v) for v in lists):
-                raise AnnotationError(path, line_no, "path must be a string and positives/negatives lists of label names")
-            yield line_no, item.get("path", ""), lists[0], lists[1]
+            if not all(isinstance(item.get(k, ""), str) for k in ("path", "split")) or \
+                    not all(isinstance(v, list) and all(isinstance(n, str) for n in v) for v in lists):
+                raise AnnotationError(path, line_no, "path and split must be strings and positives/negatives lists of label names")
+            yield line_no, item.get("path", ""), lists[0], lists[1], item.get("split", "")
 
 
-def build_annotation_index(annotations: Path, label_space: LabelSpace, root: Path, out: Path) -> dict:
-    """Stream the annotation file into `out` (labels/ and paths); returns the source.json content."""
+def write_index(entries: Iterable[Entry], label_space: LabelSpace, root: Path, out: Path, kind: str, origin: Path | str) -> dict:
+    """Stream `entries` into `out` (labels/, paths, split.npy when they carry splits); returns source.json's content.
+
+    Every entry has a split or none does: a source is split by its annotations or at random, never half and half.
+    `origin` (the annotation file, or folder) is named when there is no entry at all.
+    """
     builder = LabelStoreBuilder(out / "labels", label_space.num_labels)
     paths = StringColumnWriter(out / "paths")
-    count = 0
-    for image, pos, neg in read_annotations(annotations, label_space):
-        paths.add(image)
-        builder.add(pos, neg)
-        count += 1
-    if count == 0:
-        raise AnnotationError(annotations, 1, "no annotated images")
+    codes = {name: k for k, name in enumerate(SPLITS)}
+    first: Entry | None = None
+    with open(out / "split.raw", "wb") as split_file:
+        for entry in entries:
+            first = first or entry
+            if bool(entry.split) != bool(first.split):
+                with_split, without = (entry, first) if entry.split else (first, entry)
+                raise AnnotationError(without.file, without.line, f"no split, but {with_split.file}:{with_split.line} has one")
+            paths.add(entry.path)
+            builder.add(entry.positives, entry.negatives)
+            split_file.write(np.int8(codes.get(entry.split, -1)).tobytes())
+    if first is None:
+        raise AnnotationError(origin, 1, "no annotated images")
     builder.close()
     paths.close()
-    return {"kind": "annotations", "root": str(root.resolve()), "label_space": label_space.to_dict()}
+    if first.split:
+        finish_npy(out / "split.raw", out / "split.npy", np.dtype(np.int8), paths.count)
+    else:
+        (out / "split.raw").unlink()
+    return {"kind": kind, "root": str(root.resolve()), "label_space": label_space.to_dict()}
 
 
-class AnnotationSource(FileSource):
-    """Images listed in an annotation file, with the labels it gives them.
+def split_files(annotations: str | Path | dict) -> dict[str, Path]:
+    """`data.annotations` as {split: file}: one file (split "") or one file per split name."""
+    if isinstance(annotations, dict):
+        bad = set(annotations) - set(SPLITS)
+        if bad or not annotations:
+            raise AnnotationError("data.annotations", 1, f"split files must be named {', '.join(SPLITS)}; got {', '.join(annotations) or 'none'}")
+        return {split: Path(file) for split, file in annotations.items()}
+    return {"": Path(annotations)}
+
+
+class IndexedSource(FileSource):
+    """A file source whose index a reader builds from annotation files; cached by their signature.
 
     Args:
-        annotations: the `.csv` or `.jsonl` annotation file.
+        kind: the source's name (cache folder prefix, messages).
+        files: the input files the index depends on (the first keys the default cache folder).
+        root: folder image paths are relative to.
+        image_size: images are decoded to (3, image_size, image_size) (centre square).
+        read: out folder -> source.json content (see `write_index`).
+        store: where the index is cached (default: under $MLML_CACHE, keyed by the first file).
+        extra: anything else the index depends on (options), part of the signature.
+    """
+
+    def __init__(self, kind: str, files: list[Path], root: Path, image_size: int, read: Callable[[Path], dict],
+                 store: str | Path | None = None, extra: Iterable = ()) -> None:
+        signature = [*file_signature(*files), str(root.resolve()), *extra]
+        store = Path(store) if store else default_store_dir(kind, files[0])
+        super().__init__(cached_index(store, signature, read), image_size)
+
+
+class AnnotationSource(IndexedSource):
+    """Images listed in annotation files, with the labels (and splits) they give them.
+
+    Args:
+        annotations: the `.csv` or `.jsonl` annotation file, or {split: file}, one per split.
         label_names: the `.txt` or `.json` label names file.
-        root: folder the image paths are relative to (default: the annotation file's folder).
+        root: folder the image paths are relative to (default: the (first) annotation file's folder).
         image_size: images are decoded to (3, image_size, image_size) (centre square).
         store: where the index is cached (default: under $MLML_CACHE, keyed by the file's path).
     """
 
-    def __init__(self, annotations: str | Path, label_names: str | Path, root: str | Path | None, image_size: int, store: str | Path | None = None) -> None:
-        annotations, label_names = Path(annotations), Path(label_names)
-        root = Path(root) if root else annotations.parent
-        signature = [*file_signature(annotations, label_names), str(root.resolve())]
-        store = Path(store) if store else default_store_dir("annotations", annotations)
+    def __init__(self, annotations: str | Path | dict, label_names: str | Path, root: str | Path | None, image_size: int,
+                 store: str | Path | None = None) -> None:
+        files, label_names = split_files(annotations), Path(label_names)
+        root = Path(root) if root else next(iter(files.values())).parent
         label_space = read_label_names(label_names)
-        index = cached_index(store, signature, lambda out: build_annotation_index(annotations, label_space, root, out))
-        super().__init__(index, image_size)
+        entries = lambda: (e for split, file in files.items() for e in read_annotations(file, label_space, split))   # noqa: E731
+        read = lambda out: write_index(entries(), label_space, root, out, "annotations", next(iter(files.values())))  # noqa: E731
+        super().__init__("annotations", [*files.values(), label_names], root, image_size, read, store, [sorted(files)])
