@@ -61,6 +61,7 @@ class DataConfig:
                                   # image paths are relative to ("" = the annotation file's folder)
     annotations: str | dict = ""  # annotations (and recolour over annotations): .csv or .jsonl file, or one
                                   # per split {train = "...", val = "...", test = "..."}; the formats' files
+    confidence_threshold: float = 0.5   # tencent: a listed label with at least this confidence is positive
     split_file: str = ""          # file sources: .csv (path,split) or .json ({split: [paths]}) fixing the splits
     eval_labels: str = "auto"     # complete | annotated (metrics on listed positives and negatives only) |
                                   # auto (annotated when the source lists negatives, else complete)

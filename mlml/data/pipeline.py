@@ -41,6 +41,10 @@ from mlml.config import ConfigError, DataConfig
 from mlml.data.annotations import AnnotationError, AnnotationSource, split_files
 from mlml.data.dataset import Collate, EpochSampler, MixedBatchSampler, SplitDataset
 from mlml.data.folder import ImageFolderSource
+from mlml.data.formats.coco import CocoSource
+from mlml.data.formats.openimages import OpenImagesSource
+from mlml.data.formats.tencent import TencentSource
+from mlml.data.formats.voc import VocSource
 from mlml.data.image_files import SPLITS
 from mlml.data.label_store import LabelStore
 from mlml.data.mixed import MemberDomains, MixedSource
@@ -100,6 +104,35 @@ def annotations(cfg: DataConfig) -> AnnotationSource:
     root = _path(cfg, "root", "folder") if cfg.root else None
     files = annotation_files(cfg)
     return AnnotationSource(files if "" not in files else files[""], _path(cfg, "label_names"), root, _image_size(cfg), cfg.store or None)
+
+
+def _optional(cfg: DataConfig, key: str, kind: str = "file") -> Path | None:
+    return _path(cfg, key, kind) if getattr(cfg, key) else None
+
+
+@SOURCES.register("coco")
+def coco(cfg: DataConfig) -> CocoSource:
+    return CocoSource(annotation_files(cfg), _optional(cfg, "root", "folder"), _image_size(cfg), _optional(cfg, "label_names"), cfg.store or None)
+
+
+@SOURCES.register("voc")
+def voc(cfg: DataConfig) -> VocSource:
+    """data.root: the VOC year folder; data.annotations: {split: image set name} (default: train, val, test)."""
+    if isinstance(cfg.annotations, str) and cfg.annotations:
+        raise ConfigError("data.source = 'voc': data.annotations names image sets per split, e.g. {train = \"trainval\", test = \"test\"}")
+    sets = dict(cfg.annotations) or None
+    return VocSource(_path(cfg, "root", "folder"), _image_size(cfg), sets, _optional(cfg, "label_names"), cfg.store or None)
+
+
+@SOURCES.register("openimages")
+def openimages(cfg: DataConfig) -> OpenImagesSource:
+    return OpenImagesSource(annotation_files(cfg), _path(cfg, "label_names"), _optional(cfg, "root", "folder"), _image_size(cfg), cfg.store or None)
+
+
+@SOURCES.register("tencent")
+def tencent(cfg: DataConfig) -> TencentSource:
+    return TencentSource(annotation_files(cfg), _path(cfg, "label_names"), _optional(cfg, "root", "folder"), _image_size(cfg),
+                         cfg.confidence_threshold, cfg.store or None)
 
 
 @SOURCES.register("recolour")
