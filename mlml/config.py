@@ -120,6 +120,7 @@ class EvalConfig:
     every: int = 1                # evaluate on validation every N epochs
     select: str = "val/mAP_macro" # metric choosing best.pt; test metrics use the best checkpoint
     threshold: float = 0.5        # fixed threshold for F1/Hamming (calibrated ones are reported too)
+    min_positives: int = 1        # data.eval_labels = annotated: classes with fewer annotated positives are reported apart
     image_grid: int = 16          # test images logged to TensorBoard with true and predicted labels
 
 

@@ -49,7 +49,8 @@ from mlml.distributed import (
     restart_count,
 )
 from mlml.evaluation import (
-    calibrate_thresholds, classes_without_positives, group_metrics, per_class_ap, predict, softmax_groups, split_metrics,
+    calibrate_thresholds, classes_without_positives, few_positive_classes, group_metrics, per_class_ap, predict, softmax_groups,
+    split_metrics,
 )
 from mlml.methods import Method, MethodContext, build_method
 from mlml.models import build_model
@@ -368,19 +369,21 @@ class Trainer:
             ) from err
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, split: str, model: nn.Module, thresholds: torch.Tensor | None = None) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    def evaluate(self, split: str, model: nn.Module, thresholds: torch.Tensor | None = None) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Metrics, scores, targets and (annotated evaluation) the mask of annotated entries of a split."""
         stats: dict = {}
-        scores, targets = predict(model, self.eval_loaders[split], self.device, self.amp_dtype, stats)
+        scores, targets, observed = predict(model, self.eval_loaders[split], self.device, self.amp_dtype, stats, masked=True)
         self.skipped_images[split] += stats.get("skipped_images", 0)
-        metrics = split_metrics(scores, targets, self.cfg.eval.threshold, thresholds)
-        if split == "test" or self.cfg.data.val_labels == "full":   # group metrics need full labels
+        mask = observed if self.data.annotated(split) else None
+        metrics = split_metrics(scores, targets, self.cfg.eval.threshold, thresholds, mask, self.cfg.eval.min_positives)
+        if mask is None and (split == "test" or self.cfg.data.val_labels == "full"):   # group metrics need full labels
             metrics |= group_metrics(scores, targets, self.data.label_space, softmax_groups(model), self.cfg.eval.threshold)
-        return metrics, scores, targets
+        return metrics, scores, targets, mask
 
     def validate(self) -> None:
         record = {"epoch": self.epoch}
         for i, (name, model) in enumerate(self.method.eval_models(self.model).items()):
-            metrics, _, _ = self.evaluate("val", model)
+            metrics, *_ = self.evaluate("val", model)
             prefix = "val" if i == 0 else f"val_{name}"
             record.update({f"{prefix}/{k}": v for k, v in metrics.items()})
             self.logger.scalars(prefix, metrics, self.global_step)
@@ -404,12 +407,14 @@ class Trainer:
         result: dict = {"metrics": {}, "per_class_ap": {}}
         for i, (name, model) in enumerate(self.method.eval_models(self.model).items()):
             suffix = "" if i == 0 else f"_{name}"
-            val, val_scores, val_targets = self.evaluate("val", model)
-            thresholds = calibrate_thresholds(val_scores, val_targets)
-            test, test_scores, test_targets = self.evaluate("test", model, thresholds)
+            val, val_scores, val_targets, val_mask = self.evaluate("val", model)
+            thresholds = calibrate_thresholds(val_scores, val_targets, val_mask)
+            test, test_scores, test_targets, test_mask = self.evaluate("test", model, thresholds)
             result["metrics"].update({f"val{suffix}/{k}": v for k, v in val.items()})
             result["metrics"].update({f"test{suffix}/{k}": v for k, v in test.items()})
-            result["per_class_ap"][name] = per_class_ap(test_scores, test_targets, names)
+            result["per_class_ap"][name] = per_class_ap(test_scores, test_targets, names, test_mask)
+            if i == 0 and test_mask is not None:
+                result["classes_few_positives"] = [names[c] for c in few_positive_classes(test_targets, test_mask, self.cfg.eval.min_positives)]
             if i == 0:
                 self.logger.final(model, self.eval_loaders["test"], test_scores, test_targets, names, self.global_step, self.cfg.eval.image_grid)
         result.update(
@@ -424,6 +429,7 @@ class Trainer:
             provenance=environment(),
             train_images_per_second=round(self.steps_per_epoch * self.cfg.data.batch_size * self.cfg.optim.epochs / max(train_seconds, 1e-9), 1),
             classes_without_positives=[names[c] for c in classes_without_positives(test_targets)],
+            eval_labels=self.data.eval_labels,
             history=self.history,
         )
         result["data/skipped_images"] = sum(self.skipped_images.values())

@@ -31,7 +31,7 @@ def exported(tmp_path_factory):
 
 def files_config(out, tmp_path, annotations, *extra):
     return tiny_config("data.source=annotations", f"data.annotations={annotations}", f"data.label_names={out / 'labels.json'}",
-                       "data.image_size=16", f"data.store={tmp_path / 'store'}", "data.n_train=-1", "data.n_val=-1", "data.n_test=-1", *extra)
+                       "data.image_size=16", f"data.root={out}", f"data.store={tmp_path / 'store'}", "data.n_train=-1", "data.n_val=-1", "data.n_test=-1", *extra)
 
 
 def paths_of(data, split):
@@ -98,3 +98,34 @@ def test_training_on_a_fixed_split_never_sees_a_test_image(exported, tmp_path, m
     assert seen == paths_of(data, "train")                                    # every training image, and only those
     assert not seen & paths_of(data, "test") and not seen & paths_of(data, "val")
     assert result["split_hash"] == split_hash(data.splits)
+
+
+def test_eval_labels_follow_the_source_and_annotated_evaluation_masks(exported, tmp_path):
+    """A source listing negatives is evaluated on its annotated entries; the run reports rare classes apart."""
+    import torch
+
+    from mlml.trainer import train
+
+    lines = [json.loads(line) for line in (exported / "split.jsonl").read_text().splitlines()]
+    names = [n for g in json.loads((exported / "labels.json").read_text())["groups"] for n in g["labels"]]
+    with open(tmp_path / "partial.jsonl", "w") as f:            # every other unlisted label a known negative
+        for i, item in enumerate(lines):
+            negatives = [n for k, n in enumerate(names) if n not in item["positives"] and (k + i) % 2]
+            f.write(json.dumps({**item, "negatives": negatives}) + "\n")
+    partial = files_config(exported, tmp_path / "p", str(tmp_path / "partial.jsonl"), "eval.min_positives=3")
+    data = build_data(partial.data)
+    assert data.eval_labels == "annotated" and data.annotated("test") and not data.annotated("train")
+    batch = next(iter(data.loader("test", {"image": "none"}, seed=0)))
+    rows = data.splits["test"][batch["index"].numpy()]
+    assert torch.equal(batch["observed"], data.labels.dense(rows) | data.labels.dense_negatives(rows))
+    assert build_data(files_config(exported, tmp_path / "c", str(exported / "split.jsonl")).data).eval_labels == "complete"
+    complete = files_config(exported, tmp_path / "p", str(tmp_path / "partial.jsonl"), "data.eval_labels=complete")
+    assert build_data(complete.data).eval_labels == "complete"
+    with pytest.raises(ConfigError, match="needs a source that lists negatives"):
+        build_data(files_config(exported, tmp_path / "c", str(exported / "split.jsonl"), "data.eval_labels=annotated").data)
+    result = train(partial, tmp_path / "run")
+    m = result["metrics"]
+    assert result["eval_labels"] == "annotated"
+    assert m["test/classes_evaluated"] + m["test/classes_few_positives"] == len(names)
+    assert len(result["classes_few_positives"]) == m["test/classes_few_positives"] and 0 <= m["test/mAP_macro"] <= 1
+    assert "test/group_acc/colour" not in m                      # group metrics need complete labels

@@ -253,6 +253,7 @@ class Data:
     observation: Observation
     image: Callable[[int], torch.Tensor]
     label_space: LabelSpace   # the source's, with the groups of `data.groups` applied
+    eval_labels: str = "complete"   # data.eval_labels resolved: complete | annotated
 
     @property
     def labels(self) -> LabelStore:
@@ -264,10 +265,16 @@ class Data:
         return int(size) if size else int(self.image(int(self.splits["train"][0])).shape[-1])
 
     def observation_for(self, split: str) -> Observation:
-        """Training sees the observation model; test always full labels; val as configured."""
+        """Training sees the observation model; test full (or annotated) labels; val as configured."""
         if split == "train" or (split == "val" and self.cfg.val_labels == "observed"):
             return self.observation
+        if self.eval_labels == "annotated":
+            return build_observation("annotated", self.label_space, self.cfg.data_seed, {}, self.labels)
         return Full(self.label_space, self.cfg.data_seed)
+
+    def annotated(self, split: str) -> bool:
+        """Whether `split`'s metrics use only the annotated entries (its loader's `observed` is their mask)."""
+        return self.eval_labels == "annotated" and not (split == "train" or (split == "val" and self.cfg.val_labels == "observed"))
 
     def dataset(self, split: str, views: dict[str, str], seed: int) -> SplitDataset:
         return SplitDataset(self.image, self.splits[split], build_views(views, self.image_size), seed, self.cfg.strict)
@@ -343,4 +350,16 @@ def build_data(cfg: DataConfig, cache: tuple[str, ...] = SPLITS) -> Data:
     image: Callable[[int], torch.Tensor] = source.image
     if hasattr(source, "images"):
         image = ImageCache(source, np.concatenate([splits[s] for s in cache]))
-    return Data(cfg, source, splits, observation, image, label_space)
+    return Data(cfg, source, splits, observation, image, label_space, resolve_eval_labels(cfg, source.labels))
+
+
+def resolve_eval_labels(cfg: DataConfig, labels: LabelStore) -> str:
+    """data.eval_labels: auto follows the source (annotated where it lists negatives, else complete)."""
+    if cfg.eval_labels not in ("auto", "complete", "annotated"):
+        raise ConfigError(f"data.eval_labels must be auto, complete or annotated, got '{cfg.eval_labels}'")
+    if cfg.eval_labels == "annotated" and not labels.has_negatives:
+        raise ConfigError("data.eval_labels = 'annotated' needs a source that lists negatives (this one lists none: "
+                          "every annotated entry would be a positive)")
+    if cfg.eval_labels == "auto":
+        return "annotated" if labels.has_negatives else "complete"
+    return cfg.eval_labels
