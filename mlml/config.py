@@ -142,6 +142,11 @@ class Config:
         return self.method.loss if self.method.name == "supervised" else f"{self.method.name}-{self.method.loss}"
 
 
+def run_dir_for(cfg: Config) -> Path:
+    """runs/<experiment>/<setting>/<method>/seed<k>/ (docs/design.md, "Run directory")."""
+    return Path(cfg.run.out_dir) / cfg.run.experiment / cfg.run.setting / cfg.method_label() / f"seed{cfg.run.seed}"
+
+
 def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     """Build dataclass `cls` from a nested dict, checking every key and type."""
     if not isinstance(data, dict):

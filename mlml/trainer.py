@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from mlml.config import Config, to_toml
+from mlml.config import Config, run_dir_for, to_toml
 from mlml.data.dataset import epoch_sampler
 from mlml.data.pipeline import Data, build_data, split_hash
 from mlml.distributed import (
@@ -56,11 +56,6 @@ from mlml.methods import Method, MethodContext, build_method
 from mlml.models import build_model
 from mlml.provenance import environment
 from mlml.tensorboard import RunLogger
-
-
-def run_dir_for(cfg: Config) -> Path:
-    """runs/<experiment>/<setting>/<method>/seed<k>/ (DESIGN.md)."""
-    return Path(cfg.run.out_dir) / cfg.run.experiment / cfg.run.setting / cfg.method_label() / f"seed{cfg.run.seed}"
 
 
 def seed_everything(seed: int) -> None:
@@ -200,6 +195,7 @@ class Trainer:
             negatives=negatives,
             train_labels=lambda idx: self.data.observation(train_rows[idx], self.data.labels.dense(train_rows[idx])),
             student=self.model,
+            hidden_labels_for_diagnostics=lambda idx: self.data.hidden_labels("train", idx.cpu().numpy()).to(idx.device),
         )
         self.method = build_method(cfg.method, ctx).to(self.device)
         if info.rank > 0:                                   # own random stream per rank (dropout, ...)
