@@ -34,7 +34,8 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device, amp_dtyp
     sampler's padding duplicates dropped by dataset index, so every rank gets the scores a single
     process would compute on the same weights. Images that could not be read are left out (the
     rows returned are the readable images, in order); their count is added to
-    `stats["skipped_images"]` when `stats` is given.
+    `stats["skipped_images"]` when `stats` is given, and `stats["positions"]` holds the dataset
+    positions of the rows returned.
     """
     was_training = model.training
     model.eval()
@@ -60,6 +61,8 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device, amp_dtyp
     out_s, out_t, out_m = torch.empty(n, s.shape[1]), torch.empty(n, t.shape[1]), torch.empty(n, m.shape[1], dtype=torch.bool)
     covered = torch.zeros(n, dtype=torch.bool)
     out_s[i], out_t[i], out_m[i], covered[i] = s, t, m, True   # duplicates carry identical values
+    if stats is not None:
+        stats["positions"] = torch.nonzero(covered).flatten()
     return (out_s[covered], out_t[covered], out_m[covered]) if masked else (out_s[covered], out_t[covered])
 
 

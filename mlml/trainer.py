@@ -18,6 +18,7 @@ samples at any world size, so a checkpoint resumes at another world size.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -52,6 +53,7 @@ from mlml.evaluation import (
     calibrate_thresholds, classes_without_positives, few_positive_classes, group_metrics, per_class_ap, predict, softmax_groups,
     split_metrics,
 )
+from mlml.inference import inference_metadata
 from mlml.methods import Method, MethodContext, build_method
 from mlml.models import build_model
 from mlml.provenance import environment
@@ -242,7 +244,13 @@ class Trainer:
             "rng": all_gather_objects(rng_state()),          # one per rank
             "config": self.cfg.to_dict(),
             "label_space": self.data.label_space.to_dict(),
+            "inference": self.inference_metadata(),
         }
+
+    def inference_metadata(self, thresholds: torch.Tensor | None = None, state_dict: dict | None = None) -> dict:
+        """What `mlml predict` needs from a checkpoint (mlml.inference); thresholds once calibrated."""
+        return inference_metadata(dataclasses.asdict(self.cfg.model), self.data.label_space, self.data.image_size,
+                                  self.cfg.eval.threshold, thresholds, state_dict)
 
     def save(self, name: str) -> None:
         """Called on every rank (it gathers their RNG states); rank 0 writes."""
@@ -395,6 +403,7 @@ class Trainer:
         """Reload the best checkpoint, calibrate thresholds on val, evaluate val and test on full labels."""
         barrier()
         best = self.run_dir / "checkpoints" / "best.pt"
+        ckpt = None
         if broadcast_object(best.exists()):
             ckpt = read_checkpoint(best)
             self.model.load_state_dict(ckpt["model"])
@@ -409,6 +418,13 @@ class Trainer:
             result["metrics"].update({f"val{suffix}/{k}": v for k, v in val.items()})
             result["metrics"].update({f"test{suffix}/{k}": v for k, v in test.items()})
             result["per_class_ap"][name] = per_class_ap(test_scores, test_targets, names, test_mask)
+            if i == 0 and ckpt is not None and self.info.is_main:
+                # best.pt (the file users copy) gains the calibrated thresholds, and the reported model's weights
+                # when that is not the student. It is read for its weights, never resumed from: without the RNG
+                # states (numpy objects) it loads with weights_only=True.
+                ckpt.pop("rng", None)
+                ckpt["inference"] = self.inference_metadata(thresholds, None if model is self.model else model.state_dict())
+                atomic_save(ckpt, best)
             if i == 0 and test_mask is not None:
                 result["classes_few_positives"] = [names[c] for c in few_positive_classes(test_targets, test_mask, self.cfg.eval.min_positives)]
             if i == 0:

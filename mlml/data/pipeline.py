@@ -262,7 +262,9 @@ class Data:
     @property
     def image_size(self) -> int:
         size = getattr(self.source, "image_size", None)
-        return int(size) if size else int(self.image(int(self.splits["train"][0])).shape[-1])
+        cached = getattr(self.image, "position", None)            # an ImageCache: one of its rows
+        row = next(iter(cached)) if cached else int(self.splits["train"][0])
+        return int(size) if size else int(self.image(row).shape[-1])
 
     def hidden_labels(self, split: str, positions: np.ndarray) -> torch.Tensor:
         """bool (n, C): the full ground truth of `positions` in `split` — the answer key.
