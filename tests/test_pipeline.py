@@ -129,3 +129,14 @@ def test_eval_labels_follow_the_source_and_annotated_evaluation_masks(exported, 
     assert m["test/classes_evaluated"] + m["test/classes_few_positives"] == len(names)
     assert len(result["classes_few_positives"]) == m["test/classes_few_positives"] and 0 <= m["test/mAP_macro"] <= 1
     assert "test/group_acc/colour" not in m                      # group metrics need complete labels
+
+
+def test_an_image_in_two_split_files_is_refused(tmp_path):
+    (tmp_path / "labels.txt").write_text("cat\ndog\n")
+    (tmp_path / "train.csv").write_text("path,positives\n1.png,cat\n2.png,dog\n")
+    (tmp_path / "test.csv").write_text("path,positives\n3.png,cat\n./2.png,dog\n")
+    files = f'{{train = "{tmp_path / "train.csv"}", test = "{tmp_path / "test.csv"}"}}'
+    cfg = tiny_config("data.source=annotations", f"data.annotations={files}", f"data.label_names={tmp_path / 'labels.txt'}",
+                      f"data.store={tmp_path / 's'}")
+    with pytest.raises(AnnotationError, match=r"test.csv:3: image './2.png' is listed twice, first on line 3 of .*train.csv"):
+        build_data(cfg.data)

@@ -6,7 +6,9 @@ Label names file (`data.label_names`):
     "exclusive": true}, ...]}` (every label in exactly one group; label order = listed order).
 
 Annotation file (`data.annotations`), one image per line, paths relative to `data.root` (default:
-the annotation file's folder):
+the annotation file's folder), each image once; a path that leads outside the root (`../x.png`, an
+absolute path elsewhere) is refused unless `data.allow_outside_root = true` (see
+`resolve_image_path`; readers of other formats call it and `DuplicateCheck` too):
   * `.csv`: a header naming the columns `path`, `positives` and optionally `negatives` and
     `split`; a label cell lists names separated by `;` (empty: none).
 
@@ -19,26 +21,29 @@ the annotation file's folder):
 
 Fixed splits: a `split` column/key (train, val or test; on every line or on none), or one file
 per split, `data.annotations = {train = "train.csv", val = "val.csv", test = "test.csv"}` (paths
-relative to `data.root`, default the train file's folder). A source with splits is split as it
-says (see `mlml.data.pipeline`); one without is split at random.
+relative to `data.root`, default the first file's folder; an image in two files is refused). A
+source with splits is split as it says (see `mlml.data.pipeline`); one without, at random.
 
 What is listed is what is known: listed positives are positive, listed negatives negative, every
 other label unknown (the `annotated` observation model). Evaluation on such a source uses the
 stored positives as full labels and counts every unlisted label negative, unless negatives are
-listed (`data.eval_labels`). A line that cannot be used (bad syntax, missing path, unknown label
-name, a label listed twice or both positive and negative, a bad split) stops with
-`AnnotationError` naming file, line and reason, before any training.
+listed (`data.eval_labels`). A line that cannot be used (bad syntax, not UTF-8, missing path, a
+path outside the root, an image listed twice, unknown label name, a label listed twice or both
+positive and negative, a bad split) stops with a one-line `AnnotationError` naming file, line and
+reason, before any training.
 Image files are not opened while indexing (millions of stats are slow on network storage); a
 missing or corrupt image is found when loaded, and skipped and counted then.
 
 The standard formats (`mlml.data.formats`: COCO, Pascal VOC, Open Images, Tencent ML-Images) are
-readers that yield the same `Entry` rows into the same index (`write_index`).
+readers that yield the same `Entry` rows into the same index (`write_index`, which checks every
+reader's paths with `resolve_image_path` and `DuplicateCheck`).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple
 
@@ -66,8 +71,65 @@ class Entry(NamedTuple):
 class AnnotationError(ValueError):
     """A line of an annotation or label names file cannot be used."""
 
-    def __init__(self, file: Path | str, line: int, reason: str) -> None:
-        super().__init__(f"{file}:{line}: {reason}")
+    def __init__(self, file: Path | str, line: int | None, reason: str) -> None:
+        where = f"{file}:{line}" if line is not None else f"{file}"
+        super().__init__(f"{where}: {reason}".replace("\r", "\\r").replace("\n", "\\n"))
+
+
+def resolve_image_path(root: Path, image: str, allow_outside: bool, file: Path | str, line: int) -> str:
+    """`image` (a path from line `line` of annotation file `file`), checked to lie inside `root`.
+
+    The check is on the path's text (`..`, absolute paths; no file is touched, millions of stats are
+    slow): symbolic links inside the root are followed, as whoever can make them owns the data.
+    `allow_outside` (`data.allow_outside_root`) accepts any path. Returns `image` as stored.
+    """
+    if not image:
+        raise AnnotationError(file, line, "no image path")
+    if "\x00" in image:
+        raise AnnotationError(file, line, f"image path {image!r} contains a NUL character")
+    try:
+        image.encode()
+    except UnicodeEncodeError:
+        raise AnnotationError(file, line, f"image path {image!r} is not valid Unicode") from None
+    if not allow_outside:
+        base = os.path.abspath(root)
+        full = os.path.normpath(os.path.join(base, image))
+        if os.path.commonpath([base, full]) != base or full == base:
+            raise AnnotationError(file, line, f"image path {image!r} leads outside data.root ({base}); "
+                                              "set data.allow_outside_root = true if that is intended")
+    return image
+
+
+class DuplicateCheck:
+    """Refuses an image listed twice in one annotation file (paths compared after normalisation).
+
+    Keeps a 64-bit hash per path, not the path, so millions of lines fit in little memory.
+    """
+
+    def __init__(self, file: Path | str) -> None:
+        self.file, self.first_line = file, {}
+
+    def add(self, image: str, line: int, file: Path | str | None = None) -> None:
+        """`file`: where the line is, when one check spans several files (one per split)."""
+        where = (str(file or self.file), line)
+        first = self.first_line.setdefault(hash(os.path.normpath(image)), where)
+        if first != where:
+            elsewhere = f" of {first[0]}" if first[0] != where[0] else ""
+            raise AnnotationError(where[0], line, f"image {image!r} is listed twice, first on line {first[1]}{elsewhere}")
+
+
+def text_lines(path: Path) -> Iterator[str]:
+    """The lines of a UTF-8 text file (a leading byte-order mark dropped); a line that is not UTF-8,
+    or a file that cannot be read, raises `AnnotationError` naming it."""
+    try:
+        with open(path, "rb") as f:
+            for line_no, raw in enumerate(f, 1):
+                try:
+                    yield raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+                except UnicodeDecodeError as err:
+                    raise AnnotationError(path, line_no, f"not UTF-8 text (byte {err.start}: {err.reason})") from None
+    except OSError as err:
+        raise AnnotationError(path, None, f"cannot read: {err.strerror or err}") from None
 
 
 def read_label_names(path: str | Path) -> LabelSpace:
@@ -75,7 +137,7 @@ def read_label_names(path: str | Path) -> LabelSpace:
     path = Path(path)
     if path.suffix == ".txt":
         names: dict[str, None] = {}                       # ordered, with O(1) membership
-        for line_no, line in enumerate(path.read_text().splitlines(), 1):
+        for line_no, line in enumerate(text_lines(path), 1):
             name = line.strip()
             if name and not name.startswith("#"):
                 if name in names:
@@ -86,22 +148,38 @@ def read_label_names(path: str | Path) -> LabelSpace:
         return LabelSpace(tuple(names))
     if path.suffix == ".json":
         try:
-            data = json.loads(path.read_text())
+            data = json.loads("".join(text_lines(path)))
             if isinstance(data, list):
-                return LabelSpace(tuple(str(n) for n in data))
+                return LabelSpace(_label_list(data))
             names, groups = [], []
             for g in data["groups"]:
                 start = len(names)
-                names.extend(str(n) for n in g["labels"])
-                groups.append(Group(g["name"], tuple(range(start, len(names))), bool(g.get("exclusive", False))))
+                names.extend(_label_list(g["labels"]))
+                if not isinstance(g["name"], str) or not isinstance(g.get("exclusive", False), bool):
+                    raise TypeError("a group's name must be a string and exclusive true or false")
+                groups.append(Group(g["name"], tuple(range(start, len(names))), g.get("exclusive", False)))
             return LabelSpace(tuple(names), tuple(groups))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, RecursionError) as err:
+            if isinstance(err, AnnotationError):
+                raise
             raise AnnotationError(path, getattr(err, "lineno", 1), f"not a label names file: {err!r}") from None
     raise AnnotationError(path, 1, "label names file must end in .txt or .json")
 
 
-def read_annotations(path: Path, label_space: LabelSpace, split: str = "") -> Iterator[Entry]:
-    """The entries of each line, checked, streamed. `split`: the split of every line (one file per split)."""
+def _label_list(names: object) -> tuple[str, ...]:
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n.strip() == n and n for n in names):
+        raise TypeError("labels must be a non-empty list of names (strings without surrounding spaces)")
+    return tuple(names)
+
+
+def read_annotations(path: Path, label_space: LabelSpace, root: Path | None = None,
+                     allow_outside_root: bool = False, split: str = "") -> Iterator[Entry]:
+    """The entries of each line, checked, streamed. `split`: the split of every line (one file per split).
+
+    Each image once, and (unless `allow_outside_root`) inside `root` (default: the file's folder).
+    """
+    root = path.parent if root is None else root
+    seen = DuplicateCheck(path)
     index = {name: i for i, name in enumerate(label_space.names)}
     if path.suffix == ".csv":
         lines = _csv_lines(path)
@@ -110,8 +188,8 @@ def read_annotations(path: Path, label_space: LabelSpace, split: str = "") -> It
     else:
         raise AnnotationError(path, 1, "annotation file must end in .csv or .jsonl")
     for line_no, image, positives, negatives, own_split in lines:
-        if not image:
-            raise AnnotationError(path, line_no, "no image path")
+        resolve_image_path(root, image, allow_outside_root, path, line_no)
+        seen.add(image, line_no)
         pos, neg = [], []
         for names, out, kind in ((positives, pos, "positive"), (negatives, neg, "negative")):
             for name in names:
@@ -136,51 +214,55 @@ def check_labels(path: Path, line_no: int, pos: list[int], neg: list[int], label
 
 
 def _csv_lines(path: Path) -> Iterator[tuple[int, str, list[str], list[str], str]]:
-    with open(path, newline="") as f:
-        reader = csv.reader(f)
+    reader = csv.reader(text_lines(path))
+    try:
         header = [h.strip() for h in next(reader, [])]
         missing = {"path", "positives"} - set(header)
         unknown = set(header) - set(COLUMNS)
         if missing or unknown:
             raise AnnotationError(path, 1, f"the header must name path, positives[, negatives][, split]; got {','.join(header) or 'nothing'}")
+        if len(set(header)) != len(header):
+            raise AnnotationError(path, 1, f"the header names a column twice: {','.join(header)}")
         col = {name: header.index(name) for name in header}
-        try:
-            for cells in reader:
-                if not cells:
-                    continue
-                if len(cells) != len(header):
-                    raise AnnotationError(path, reader.line_num, f"{len(cells)} fields, the header has {len(header)}")
-                labels = [[n.strip() for n in cells[col[k]].split(SEPARATOR) if n.strip()] if k in col else [] for k in ("positives", "negatives")]
-                split = cells[col["split"]].strip() if "split" in col else ""
-                yield reader.line_num, cells[col["path"]].strip(), labels[0], labels[1], split
-        except csv.Error as err:
-            raise AnnotationError(path, reader.line_num, f"bad CSV: {err}") from None
+        for cells in reader:
+            if not cells:
+                continue
+            if len(cells) != len(header):
+                raise AnnotationError(path, reader.line_num, f"{len(cells)} fields, the header has {len(header)}")
+            labels = [[n.strip() for n in cells[col[k]].split(SEPARATOR) if n.strip()] if k in col else [] for k in ("positives", "negatives")]
+            split = cells[col["split"]].strip() if "split" in col else ""
+            yield reader.line_num, cells[col["path"]].strip(), labels[0], labels[1], split
+    except csv.Error as err:
+        raise AnnotationError(path, reader.line_num, f"bad CSV: {err}") from None
 
 
 def _jsonl_lines(path: Path) -> Iterator[tuple[int, str, list[str], list[str], str]]:
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise AnnotationError(path, line_no, f"bad JSON: {err}") from None
-            if not isinstance(item, dict) or set(item) - set(COLUMNS):
-                raise AnnotationError(path, line_no, "a line must be an object with keys path, positives[, negatives][, split]")
-            lists = [item.get(k, []) for k in ("positives", "negatives")]
-            if not all(isinstance(item.get(k, ""), str) for k in ("path", "split")) or \
-                    not all(isinstance(v, list) and all(isinstance(n, str) for n in v) for v in lists):
-                raise AnnotationError(path, line_no, "path and split must be strings and positives/negatives lists of label names")
-            yield line_no, item.get("path", ""), lists[0], lists[1], item.get("split", "")
+    for line_no, line in enumerate(text_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as err:
+            raise AnnotationError(path, line_no, f"bad JSON: {err}") from None
+        if not isinstance(item, dict) or set(item) - set(COLUMNS):
+            raise AnnotationError(path, line_no, "a line must be an object with keys path, positives[, negatives][, split]")
+        lists = [item.get(k, []) for k in ("positives", "negatives")]
+        if not all(isinstance(item.get(k, ""), str) for k in ("path", "split")) or \
+                not all(isinstance(v, list) and all(isinstance(n, str) for n in v) for v in lists):
+            raise AnnotationError(path, line_no, "path and split must be strings and positives/negatives lists of label names")
+        yield line_no, item.get("path", ""), lists[0], lists[1], item.get("split", "")
 
 
-def write_index(entries: Iterable[Entry], label_space: LabelSpace, root: Path, out: Path, kind: str, origin: Path | str) -> dict:
+def write_index(entries: Iterable[Entry], label_space: LabelSpace, root: Path, out: Path, kind: str, origin: Path | str,
+                allow_outside_root: bool = False) -> dict:
     """Stream `entries` into `out` (labels/, paths, split.npy when they carry splits); returns source.json's content.
 
+    Every reader's paths are checked here: inside `root` unless `allow_outside_root`
+    (`resolve_image_path`), and each image once across all files, so no image is in two splits.
     Every entry has a split or none does: a source is split by its annotations or at random, never half and half.
     `origin` (the annotation file, or folder) is named when there is no entry at all.
     """
+    seen = DuplicateCheck(origin)
     builder = LabelStoreBuilder(out / "labels", label_space.num_labels)
     paths = StringColumnWriter(out / "paths")
     codes = {name: k for k, name in enumerate(SPLITS)}
@@ -191,6 +273,8 @@ def write_index(entries: Iterable[Entry], label_space: LabelSpace, root: Path, o
             if bool(entry.split) != bool(first.split):
                 with_split, without = (entry, first) if entry.split else (first, entry)
                 raise AnnotationError(without.file, without.line, f"no split, but {with_split.file}:{with_split.line} has one")
+            resolve_image_path(root, entry.path, allow_outside_root, entry.file, entry.line)
+            seen.add(entry.path, entry.line, entry.file)
             paths.add(entry.path)
             builder.add(entry.positives, entry.negatives)
             split_file.write(np.int8(codes.get(entry.split, -1)).tobytes())
@@ -226,11 +310,12 @@ class IndexedSource(FileSource):
         read: out folder -> source.json content (see `write_index`).
         store: where the index is cached (default: under $MLML_CACHE, keyed by the first file).
         extra: anything else the index depends on (options), part of the signature.
+        allow_outside_root: the index accepts image paths leading outside `root` (part of the signature).
     """
 
     def __init__(self, kind: str, files: list[Path], root: Path, image_size: int, read: Callable[[Path], dict],
-                 store: str | Path | None = None, extra: Iterable = ()) -> None:
-        signature = [*file_signature(*files), str(root.resolve()), *extra]
+                 store: str | Path | None = None, extra: Iterable = (), allow_outside_root: bool = False) -> None:
+        signature = [*file_signature(*files), str(root.resolve()), *extra, *(["outside"] if allow_outside_root else [])]
         store = Path(store) if store else default_store_dir(kind, files[0])
         super().__init__(cached_index(store, signature, read), image_size)
 
@@ -244,13 +329,18 @@ class AnnotationSource(IndexedSource):
         root: folder the image paths are relative to (default: the (first) annotation file's folder).
         image_size: images are decoded to (3, image_size, image_size) (centre square).
         store: where the index is cached (default: under $MLML_CACHE, keyed by the file's path).
+        allow_outside_root: accept image paths that lead outside `root` (`data.allow_outside_root`).
     """
 
     def __init__(self, annotations: str | Path | dict, label_names: str | Path, root: str | Path | None, image_size: int,
-                 store: str | Path | None = None) -> None:
+                 store: str | Path | None = None, allow_outside_root: bool = False) -> None:
         files, label_names = split_files(annotations), Path(label_names)
         root = Path(root) if root else next(iter(files.values())).parent
         label_space = read_label_names(label_names)
-        entries = lambda: (e for split, file in files.items() for e in read_annotations(file, label_space, split))   # noqa: E731
-        read = lambda out: write_index(entries(), label_space, root, out, "annotations", next(iter(files.values())))  # noqa: E731
-        super().__init__("annotations", [*files.values(), label_names], root, image_size, read, store, [sorted(files)])
+        first = next(iter(files.values()))
+
+        def read(out: Path) -> dict:
+            entries = (e for split, file in files.items() for e in read_annotations(file, label_space, root, allow_outside_root, split))
+            return write_index(entries, label_space, root, out, "annotations", first, allow_outside_root)
+
+        super().__init__("annotations", [*files.values(), label_names], root, image_size, read, store, [sorted(files)], allow_outside_root)

@@ -103,7 +103,8 @@ def annotation_files(cfg: DataConfig) -> dict[str, Path]:
 def annotations(cfg: DataConfig) -> AnnotationSource:
     root = _path(cfg, "root", "folder") if cfg.root else None
     files = annotation_files(cfg)
-    return AnnotationSource(files if "" not in files else files[""], _path(cfg, "label_names"), root, _image_size(cfg), cfg.store or None)
+    return AnnotationSource(files if "" not in files else files[""], _path(cfg, "label_names"), root, _image_size(cfg), cfg.store or None,
+                            cfg.allow_outside_root)
 
 
 def _optional(cfg: DataConfig, key: str, kind: str = "file") -> Path | None:
@@ -112,7 +113,8 @@ def _optional(cfg: DataConfig, key: str, kind: str = "file") -> Path | None:
 
 @SOURCES.register("coco")
 def coco(cfg: DataConfig) -> CocoSource:
-    return CocoSource(annotation_files(cfg), _optional(cfg, "root", "folder"), _image_size(cfg), _optional(cfg, "label_names"), cfg.store or None)
+    return CocoSource(annotation_files(cfg), _optional(cfg, "root", "folder"), _image_size(cfg), _optional(cfg, "label_names"),
+                      cfg.store or None, cfg.allow_outside_root)
 
 
 @SOURCES.register("voc")
@@ -121,18 +123,20 @@ def voc(cfg: DataConfig) -> VocSource:
     if isinstance(cfg.annotations, str) and cfg.annotations:
         raise ConfigError("data.source = 'voc': data.annotations names image sets per split, e.g. {train = \"trainval\", test = \"test\"}")
     sets = dict(cfg.annotations) or None
-    return VocSource(_path(cfg, "root", "folder"), _image_size(cfg), sets, _optional(cfg, "label_names"), cfg.store or None)
+    return VocSource(_path(cfg, "root", "folder"), _image_size(cfg), sets, _optional(cfg, "label_names"), cfg.store or None,
+                     cfg.allow_outside_root)
 
 
 @SOURCES.register("openimages")
 def openimages(cfg: DataConfig) -> OpenImagesSource:
-    return OpenImagesSource(annotation_files(cfg), _path(cfg, "label_names"), _optional(cfg, "root", "folder"), _image_size(cfg), cfg.store or None)
+    return OpenImagesSource(annotation_files(cfg), _path(cfg, "label_names"), _optional(cfg, "root", "folder"), _image_size(cfg),
+                            cfg.store or None, cfg.allow_outside_root)
 
 
 @SOURCES.register("tencent")
 def tencent(cfg: DataConfig) -> TencentSource:
     return TencentSource(annotation_files(cfg), _path(cfg, "label_names"), _optional(cfg, "root", "folder"), _image_size(cfg),
-                         cfg.confidence_threshold, cfg.store or None)
+                         cfg.confidence_threshold, cfg.store or None, cfg.allow_outside_root)
 
 
 @SOURCES.register("recolour")

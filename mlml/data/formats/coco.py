@@ -175,12 +175,12 @@ class CocoSource(IndexedSource):
     """Images of COCO instances files with their annotated categories as positives (see module doc)."""
 
     def __init__(self, files: dict[str, Path], root: Path | None, image_size: int, label_names: Path | None = None,
-                 store: str | Path | None = None) -> None:
+                 store: str | Path | None = None, allow_outside_root: bool = False) -> None:
         root = root or coco_root(files)
 
         def read(out: Path) -> dict:
             space, entries = read_coco(files, root, read_label_names(label_names) if label_names else None)
-            return write_index(entries, space, root, out, "coco", next(iter(files.values())))
+            return write_index(entries, space, root, out, "coco", next(iter(files.values())), allow_outside_root)
 
         inputs = [*files.values(), *([label_names] if label_names else [])]
-        super().__init__("coco", inputs, root, image_size, read, store, [sorted(files)])
+        super().__init__("coco", inputs, root, image_size, read, store, [sorted(files)], allow_outside_root)

@@ -98,9 +98,9 @@ class OpenImagesSource(IndexedSource):
     """Images of Open Images image-level label files with their verified labels (see module doc)."""
 
     def __init__(self, files: dict[str, Path], label_names: Path, root: Path | None, image_size: int,
-                 store: str | Path | None = None) -> None:
+                 store: str | Path | None = None, allow_outside_root: bool = False) -> None:
         root = root or next(iter(files.values())).parent
         space, mids = read_class_descriptions(label_names)
         entries = lambda: (e for split, f in files.items() for e in read_openimages(f, mids, space, split))   # noqa: E731
-        read = lambda out: write_index(entries(), space, root, out, "openimages", next(iter(files.values())))   # noqa: E731
-        super().__init__("openimages", [*files.values(), label_names], root, image_size, read, store, [sorted(files)])
+        read = lambda out: write_index(entries(), space, root, out, "openimages", next(iter(files.values())), allow_outside_root)  # noqa: E731
+        super().__init__("openimages", [*files.values(), label_names], root, image_size, read, store, [sorted(files)], allow_outside_root)

@@ -63,7 +63,8 @@ def read_tencent(path: Path, label_space: LabelSpace, split: str = "") -> Iterat
             yield Entry(fields[0], [], [], split, path, line_no), listed, [pairs[k] for k in listed]
 
 
-def write_tencent_index(files: dict[str, Path], label_space: LabelSpace, threshold: float, root: Path, out: Path) -> dict:
+def write_tencent_index(files: dict[str, Path], label_space: LabelSpace, threshold: float, root: Path, out: Path,
+                        allow_outside_root: bool = False) -> dict:
     """The index of the lists, with every listed label's confidence beside it."""
     listed_store = LabelStoreBuilder(out / "confidence", label_space.num_labels)
     with open(out / "confidence.raw", "wb") as conf_file:
@@ -74,7 +75,7 @@ def write_tencent_index(files: dict[str, Path], label_space: LabelSpace, thresho
                     conf_file.write(np.asarray(conf, dtype=np.float32).tobytes())
                     yield entry._replace(positives=[k for k, c in zip(listed, conf) if c >= threshold])
 
-        info = write_index(entries(), label_space, root, out, "tencent", next(iter(files.values())))
+        info = write_index(entries(), label_space, root, out, "tencent", next(iter(files.values())), allow_outside_root)
     store = listed_store.close()
     finish_npy(out / "confidence.raw", out / "confidence.npy", np.dtype(np.float32), int(store.indptr[-1]))
     return info
@@ -84,13 +85,14 @@ class TencentSource(IndexedSource):
     """Images of Tencent ML-Images lists; positives: listed labels with confidence >= `threshold` (see module doc)."""
 
     def __init__(self, files: dict[str, Path], label_names: Path, root: Path | None, image_size: int, threshold: float = 0.5,
-                 store: str | Path | None = None) -> None:
+                 store: str | Path | None = None, allow_outside_root: bool = False) -> None:
         if not 0.0 < threshold <= 1.0:
             raise ValueError(f"data.confidence_threshold = {threshold} is out of range (0, 1]")
         root = root or next(iter(files.values())).parent
         space = read_dictionary(label_names)
-        read = lambda out: write_tencent_index(files, space, threshold, root, out)   # noqa: E731
-        super().__init__("tencent", [*files.values(), label_names], root, image_size, read, store, [sorted(files), threshold])
+        read = lambda out: write_tencent_index(files, space, threshold, root, out, allow_outside_root)   # noqa: E731
+        super().__init__("tencent", [*files.values(), label_names], root, image_size, read, store, [sorted(files), threshold],
+                         allow_outside_root)
         self.listed = LabelStore.open(self.store / "confidence")
         self.confidence = load_npy(self.store / "confidence.npy")
 

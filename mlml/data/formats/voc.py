@@ -77,11 +77,11 @@ class VocSource(IndexedSource):
     """Images of VOC image sets with their non-difficult classes positive (see module doc)."""
 
     def __init__(self, root: Path, image_size: int, sets: dict[str, str] | None = None, label_names: Path | None = None,
-                 store: str | Path | None = None) -> None:
+                 store: str | Path | None = None, allow_outside_root: bool = False) -> None:
         files = image_sets(root, sets)
         space = read_label_names(label_names) if label_names else LabelSpace(CLASSES)
-        read = lambda out: write_index(read_voc(root, files, space), space, root, out, "voc", root)   # noqa: E731
+        read = lambda out: write_index(read_voc(root, files, space), space, root, out, "voc", root, allow_outside_root)   # noqa: E731
         inputs = [*files.values(), *([label_names] if label_names else [])]
         # An edited XML file is not seen (thousands of stats); one added or removed changes the folder's mtime.
         annotations_mtime = (root / "Annotations").stat().st_mtime_ns if (root / "Annotations").is_dir() else 0
-        super().__init__("voc", inputs, root, image_size, read, store, [sorted(files), annotations_mtime])
+        super().__init__("voc", inputs, root, image_size, read, store, [sorted(files), annotations_mtime], allow_outside_root)
