@@ -129,16 +129,43 @@ def cmd_data_index(args: argparse.Namespace) -> int:
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from mlml.config import ConfigError
-    from mlml.experiments import list_tables, reproduce
+    from mlml.experiments import launcher_resources, list_tables, reproduce, status
 
     if args.list or not args.table:
         print(list_tables(Path(args.results_dir)))
         return 0
+    if args.status:
+        print(status(args.table, args.profile, seeds=args.seeds, runs_dir=Path(args.runs_dir)))
+        return 0
     if args.jobs < 1 or args.torchrun < 0:
         raise ConfigError(f"--jobs must be >= 1 and --torchrun >= 0, got {args.jobs} and {args.torchrun}")
+    launcher = slurm_launcher(args, launcher_resources(args.table, args.profile, args.slurm))
     print(reproduce(args.table, args.profile, seeds=args.seeds, jobs=args.jobs, runs_dir=Path(args.runs_dir),
-                    results_dir=Path(args.results_dir), torchrun=args.torchrun))
+                    results_dir=Path(args.results_dir), torchrun=args.torchrun, launcher=launcher))
     return 0
+
+
+def add_launcher_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--launcher", default="local", choices=["local", "slurm"],
+                   help="local: processes on this machine; slurm: one SLURM job each, through submitit (pip install 'mlml[cluster]')")
+    p.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
+                   help="SLURM resources over the [launcher.slurm] section (repeatable): partition, nodes, gpus_per_node, "
+                        "cpus_per_task, mem_gb, time_min, account, job_name, sbatch.<option>, setup, checkpoint_every, "
+                        "max_requeues, signal_delay_s")
+    p.add_argument("--no-wait", dest="wait", action="store_false", help="--launcher slurm: submit and return, do not wait for the jobs")
+    p.add_argument("--poll", type=float, default=30.0, metavar="SECONDS", help="--launcher slurm: how often to read the jobs' states while waiting")
+
+
+def slurm_launcher(args: argparse.Namespace, resources):
+    """The SLURM launcher of `--launcher slurm`, else None (local processes)."""
+    from mlml.config import ConfigError
+    from mlml.launchers import SlurmLauncher
+
+    if args.launcher == "local":
+        if args.slurm:
+            raise ConfigError("--slurm options need --launcher slurm")
+        return None
+    return SlurmLauncher(resources, wait=args.wait, poll=args.poll)
 
 
 def cmd_table(args: argparse.Namespace) -> int:
@@ -193,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="launch each run as `torchrun --standalone --nproc_per_node=N -m mlml train ...`")
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--results-dir", default="results", help="where tables and measured costs (<table>.timing.json) go")
+    p.add_argument("--status", action="store_true", help="show each run as done, running, pending, failed (with its log) or missing")
+    add_launcher_args(p)
     p.set_defaults(fn=cmd_reproduce)
 
     p = sub.add_parser("table", help="rebuild a table from the metrics.json files under a runs directory")
