@@ -1,4 +1,4 @@
-"""The `mlml` command line: train, eval, predict, reproduce, table."""
+"""The `mlml` command line: train, eval, predict, data, reproduce, search, table."""
 
 from __future__ import annotations
 
@@ -168,6 +168,27 @@ def slurm_launcher(args: argparse.Namespace, resources):
     return SlurmLauncher(resources, wait=args.wait, poll=args.poll)
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    import os
+
+    from mlml.config import ConfigError
+    from mlml.launchers import launcher_section, slurm_resources
+    from mlml.search import SearchSpec, read_space, search
+
+    if args.trials < 1 or args.workers < 1:
+        raise ConfigError(f"--trials and --workers must be >= 1, got {args.trials} and {args.workers}")
+    study = args.study or f"{Path(args.config).stem}-{Path(args.space).stem}"
+    out = Path(args.out or Path("runs") / "search" / study).resolve()
+    resources = slurm_resources([launcher_section(read_space(Path(args.space)))], args.slurm, f"{args.space}: launcher.slurm")
+    launcher = slurm_launcher(args, resources)
+    threads = resources.threads if launcher else max(1, (os.cpu_count() or 1) // args.workers)
+    spec = SearchSpec(config=str(Path(args.config).resolve()), overrides=list(args.overrides), space=str(Path(args.space).resolve()),
+                      storage=args.storage or f"sqlite:///{out / 'study.db'}", study=study, out=str(out), metric=args.metric,
+                      pruner=args.pruner, startup_trials=args.startup_trials, seed=args.seed, threads=threads)
+    print(search(spec, args.trials, args.workers, launcher))
+    return 0
+
+
 def cmd_table(args: argparse.Namespace) -> int:
     from mlml.experiments import table_from_runs
 
@@ -223,6 +244,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--status", action="store_true", help="show each run as done, running, pending, failed (with its log) or missing")
     add_launcher_args(p)
     p.set_defaults(fn=cmd_reproduce)
+
+    p = sub.add_parser("search", help="hyper-parameter search on validation metrics (Optuna; pip install 'mlml[cluster]')")
+    p.add_argument("config", help="TOML config the trials start from")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key in every trial (repeatable)")
+    p.add_argument("--space", required=True, help="search space TOML ([params], [[enqueue]], [launcher.slurm]; see mlml/search.py)")
+    p.add_argument("--trials", type=int, required=True, help="trials the study holds when done (complete, pruned or failed)")
+    p.add_argument("--workers", type=int, default=1, help="local processes, or SLURM jobs with --launcher slurm, sharing the study")
+    p.add_argument("--metric", default="val/mAP_macro", help="validation metric to maximise")
+    p.add_argument("--pruner", default="median", choices=["median", "halving", "none"],
+                   help="median: stop a trial below the median of finished ones at the same epoch; halving: successive halving")
+    p.add_argument("--startup-trials", type=int, default=5, help="finished trials before the median rule prunes and TPE models")
+    p.add_argument("--storage", help="Optuna storage URL, e.g. postgresql://user@host/db (default: sqlite:///<out>/study.db)")
+    p.add_argument("--study", help="study name (default: <config>-<space>)")
+    p.add_argument("--out", help="trial runs, trials.md and best.toml (default: runs/search/<study>)")
+    p.add_argument("--seed", type=int, default=0, help="sampler seed")
+    add_launcher_args(p)
+    p.set_defaults(fn=cmd_search)
 
     p = sub.add_parser("table", help="rebuild a table from the metrics.json files under a runs directory")
     p.add_argument("runs_dir")

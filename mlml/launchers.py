@@ -258,15 +258,20 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def run_states(dirs: list[Path]) -> dict[Path, RunState]:
-    """Each run's state, from its directory and (for a submitted job) the scheduler."""
+def run_finished(run_dir: Path) -> bool:
+    return (run_dir / "metrics.json").exists()
+
+
+def run_states(dirs: list[Path], done: Callable[[Path], bool] = run_finished) -> dict[Path, RunState]:
+    """Each run's state, from its directory (`done`: its metrics.json exists) and, for a submitted
+    job, the scheduler."""
     jobs = {d: json.loads(job_file(d).read_text()) for d in dirs if job_file(d).exists()}
-    pending_slurm = [j["job_id"] for d, j in jobs.items() if j["cluster"] == "slurm" and not (d / "metrics.json").exists()]
+    pending_slurm = [j["job_id"] for d, j in jobs.items() if j["cluster"] == "slurm" and not done(d)]
     scheduler = sacct_states(pending_slurm)
     out = {}
     for d in dirs:
         job = jobs.get(d)
-        if (d / "metrics.json").exists():
+        if done(d):
             out[d] = RunState("done", f"{job['cluster']} {job['job_id']}" if job else "")
         elif job is None:
             out[d] = RunState("missing")
@@ -350,13 +355,13 @@ class SlurmLauncher:
                                f"resubmits them (they resume from checkpoints/last.pt):\n{shown}")
         return True
 
-    def wait_for(self, dirs: list[Path]) -> dict[Path, RunState]:
+    def wait_for(self, dirs: list[Path], done: Callable[[Path], bool] = run_finished) -> dict[Path, RunState]:
         """Poll the runs' states every `poll` seconds until none is pending or running."""
         last = None
         while True:
             for job in self.jobs:
                 job.done()             # a local executor's job: reaps its process once it ended
-            states = run_states(dirs)
+            states = run_states(dirs, done)
             counts = {k: sum(s.state == k for s in states.values()) for k in ("pending", "running", "done", "failed")}
             if counts != last:
                 print("  " + ", ".join(f"{v} {k}" for k, v in counts.items()), file=sys.stderr, flush=True)

@@ -25,6 +25,7 @@ import random
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -222,6 +223,7 @@ class Trainer:
         self.best, self.best_epoch, self.history = -math.inf, -1, []
         self.skipped_images = {"train": 0, "val": 0, "test": 0}   # unreadable images met (per pass)
         self.logger = RunLogger(run_dir, enabled=info.is_main)
+        self.on_validate: Callable[[int, dict], None] | None = None   # see train()
 
     def _method_views(self) -> dict[str, str]:
         from mlml.methods import METHODS
@@ -391,6 +393,8 @@ class Trainer:
         if record[key] > self.best:
             self.best, self.best_epoch = record[key], self.epoch
             self.save("best.pt")
+        if self.on_validate is not None:
+            self.on_validate(self.epoch, record)
 
     def finish(self, train_seconds: float) -> dict:
         """Reload the best checkpoint, calibrate thresholds on val, evaluate val and test on full labels."""
@@ -435,11 +439,14 @@ class Trainer:
         return result
 
 
-def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dict:
+def train(cfg: Config, run_dir: Path | None = None, resume: bool = False,
+          on_validate: Callable[[int, dict], None] | None = None) -> dict:
     """Train one run end to end and return its `metrics.json` content.
 
     `resume`: continue from `checkpoints/last.pt` if it exists, else start (so the same command can
     be repeated). A worker group that torchrun restarts (`--max-restarts`) always resumes.
+    `on_validate(epoch, record)`: called on every rank after each validation with the epoch's
+    history record (validation metrics); an exception it raises stops training (a search's pruning).
     """
     info = init_distributed(cfg.run.device, cfg.run.dist_timeout)
     if cfg.run.threads:
@@ -449,6 +456,7 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dic
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(to_toml(cfg.to_dict()))
     trainer = Trainer(cfg, run_dir, info)
+    trainer.on_validate = on_validate
     last = run_dir / "checkpoints" / "last.pt"
     if broadcast_object(last.exists()):          # rank 0's file system decides, for every rank
         if not (resume or restart_count() > 0):

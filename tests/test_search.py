@@ -1,0 +1,90 @@
+"""`mlml search`: Optuna trials on validation metrics, parallel workers on one SQLite study, pruning, best config."""
+
+import sqlite3
+
+import pytest
+
+from mlml import cli
+from mlml.config import ConfigError
+from mlml.search import quotas, read_space
+
+optuna = pytest.importorskip("optuna")
+
+CONFIG = """
+[run]
+device = "cpu"
+[data]
+n_train = 384
+n_val = 128
+n_test = 192
+batch_size = 32
+observation = "single_positive"
+[data.synthetic]
+image_size = 16
+[model]
+width = 8
+[optim]
+epochs = 3
+warmup_epochs = 0.0
+[eval]
+image_grid = 4
+"""
+
+# Two good learning rates first, then two of 0 (the model never moves): once a good trial has
+# finished, the median rule prunes the lr = 0 trials after their first epoch, whichever worker runs them.
+SPACE = """
+[params]
+"optim.lr" = {low = 0.0, high = 1e-2}
+[[enqueue]]
+"optim.lr" = 5e-3
+[[enqueue]]
+"optim.lr" = 4e-3
+[[enqueue]]
+"optim.lr" = 0.0
+[[enqueue]]
+"optim.lr" = 0.0
+"""
+
+
+def test_two_workers_share_one_sqlite_study_prune_and_write_a_best_config_that_trains(tmp_path, capsys):
+    (tmp_path / "cfg.toml").write_text(CONFIG)
+    (tmp_path / "space.toml").write_text(SPACE)
+    out = tmp_path / "out"
+    argv = ["search", str(tmp_path / "cfg.toml"), "--space", str(tmp_path / "space.toml"), "--trials", "4",
+            "--workers", "2", "--startup-trials", "1", "--out", str(out)]
+    assert cli.main(argv) == 0
+    table = capsys.readouterr().out.strip()
+    study = optuna.load_study(study_name="cfg-space", storage=f"sqlite:///{out / 'study.db'}")
+    trials = study.get_trials()
+    assert sorted(t.number for t in trials) == [0, 1, 2, 3]                   # N trials, none run twice
+    assert {t.state.name for t in trials} <= {"COMPLETE", "PRUNED"}
+    pruned = [t for t in trials if t.state.name == "PRUNED"]
+    assert pruned and all(t.params["optim.lr"] == 0.0 and t.user_attrs["epochs"] == 1 for t in pruned)
+    assert len({t.user_attrs["pid"] for t in trials}) == 2                    # two processes worked
+    assert sorted(p.name for p in out.glob("trial*") if p.is_dir()) == ["trial0", "trial1", "trial2", "trial3"]
+    assert all(len(list((out / f"trial{i}").glob("config.toml"))) == 1 for i in range(4))
+    assert "| 2 | pruned |" in table or "| 3 | pruned |" in table
+    best = study.best_trial
+    assert best.params["optim.lr"] > 0 and f"Best: trial {best.number}" in table and (out / "trials.md").read_text().strip() == table
+    # The best config is a complete config that `mlml train` takes, with the best trial's value.
+    assert f"lr = {best.params['optim.lr']!r}" in (out / "best.toml").read_text()
+    assert cli.main(["train", "--config", str(out / "best.toml"), "--set", "optim.epochs=1", "--out", str(tmp_path / "best_run")]) == 0
+    assert (tmp_path / "best_run" / "metrics.json").exists()
+    capsys.readouterr()
+    # A second invocation with the study complete runs nothing and rewrites the same table.
+    assert cli.main(argv) == 0 and capsys.readouterr().out.strip() == table
+    with sqlite3.connect(out / "study.db") as db:
+        assert db.execute("select count(*) from trials").fetchone()[0] == 4
+
+
+def test_space_and_metric_errors_name_the_key(tmp_path, capsys):
+    (tmp_path / "cfg.toml").write_text(CONFIG)
+    (tmp_path / "space.toml").write_text('[params]\n"optim.lrr" = [1e-3]\n')
+    base = ["search", str(tmp_path / "cfg.toml"), "--space", str(tmp_path / "space.toml"), "--trials", "1", "--out", str(tmp_path / "o")]
+    assert cli.main(base) == 2 and "optim.lrr" in capsys.readouterr().err
+    (tmp_path / "space.toml").write_text('[params]\n"optim.lr" = [1e-3]\n')
+    assert cli.main([*base, "--metric", "test/mAP_macro"]) == 2 and "validation metrics only" in capsys.readouterr().err
+    (tmp_path / "space.toml").write_text('[params]\n"optim.lr" = {low = 1}\n')
+    with pytest.raises(ConfigError, match="optim.lr"):
+        read_space(tmp_path / "space.toml")
+    assert quotas(5, 2) == [3, 2] and quotas(1, 3) == [1]
