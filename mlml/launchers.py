@@ -168,9 +168,12 @@ class TrainJob:
         self.process = subprocess.Popen(cmd)
         code = self.process.wait()
         if code != 0 and self.terminated:
-            print(f"training stopped by SIGTERM (exit {code}): preempted, requeueing", file=sys.stderr, flush=True)
-            signal.raise_signal(env._usr_sig())    # submitit's preemption path: checkpoint, then requeue
-            return
+            state = job_state(env.job_id) if env.cluster == "slurm" else "RUNNING"
+            if requeue_after_sigterm(state):
+                print(f"training stopped by SIGTERM (exit {code}), job {state}: preempted, requeueing", file=sys.stderr, flush=True)
+                signal.raise_signal(env._usr_sig())    # submitit's preemption path: checkpoint, then requeue
+                return
+            raise RuntimeError(f"training stopped by SIGTERM (exit {code}) with the job {state}: not requeued here")
         if code != 0:
             raise RuntimeError(f"mlml train exited with status {code}: {' '.join(cmd)}")
 
@@ -193,6 +196,19 @@ class TrainJob:
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(**state)
+
+
+def requeue_after_sigterm(state: str) -> bool:
+    """Whether a job whose training died of SIGTERM requeues itself, from its SLURM state: not when
+    the user cancelled it (CANCELLED), nor when SLURM requeues it itself (REQUEUED, PENDING)."""
+    return state not in {"CANCELLED", "REQUEUED", "PENDING", "REQUEUE_HOLD", "COMPLETED", "FAILED"}
+
+
+def job_state(job_id: str) -> str:
+    try:
+        return sacct_states([job_id]).get(job_id, "UNKNOWN")
+    except RuntimeError:
+        return "UNKNOWN"
 
 
 # ---------------------------------------------------------------------------------- states

@@ -7,7 +7,7 @@ REQUEUED, COMPLETED, FAILED, CANCELLED), `restarts`, and the process ids of the 
 step. `sbatch` starts a detached supervisor that runs the script (again after `scontrol requeue`,
 with the same job id and SLURM_RESTART_COUNT + 1); the job waits while `$FAKE_SLURM_STATE/hold` exists.
 `scancel --signal=SIG ID` signals the job step's processes (as SLURM does: not the batch shell);
-plain `scancel ID` kills the job.
+plain `scancel ID` marks the job CANCELLED and sends SIGTERM to all its processes.
 """
 
 from __future__ import annotations
@@ -95,6 +95,7 @@ def supervise(job_id: str) -> None:
             write(d / "batch.pid", str(batch.pid))
             code = batch.wait()
         if (d / "cancelled").exists():
+            (d / "requeue").unlink(missing_ok=True)
             write(d / "state", "CANCELLED")
             return
         if (d / "requeue").exists():
@@ -145,10 +146,11 @@ def scancel(args: list[str]) -> int:
             ids.append(a)
     for job_id in ids:
         d = job_dir(job_id)
-        if sig is None:
+        if sig is None:                  # as SLURM: CANCELLED at once, SIGTERM to every process, later SIGKILL
             (d / "cancelled").touch()
-            signal_group(d / "step.pid", signal.SIGKILL)
-            signal_group(d / "batch.pid", signal.SIGKILL)
+            write(d / "state", "CANCELLED")
+            signal_group(d / "step.pid", signal.SIGTERM)
+            signal_group(d / "batch.pid", signal.SIGTERM)
         else:
             name = sig if sig.startswith("SIG") else f"SIG{sig}"
             signal_group(d / "step.pid", getattr(signal, name))

@@ -86,6 +86,13 @@ def test_scheduler_states_map_to_run_states():
     assert slurm_state("UNKNOWN", now - 10) == "pending" and slurm_state("UNKNOWN", now - 3600) == "failed"
 
 
+def test_sigterm_requeues_a_preempted_job_but_not_a_cancelled_or_already_requeued_one():
+    from mlml.launchers import requeue_after_sigterm
+
+    assert requeue_after_sigterm("RUNNING") and requeue_after_sigterm("PREEMPTED") and requeue_after_sigterm("UNKNOWN")
+    assert not any(requeue_after_sigterm(s) for s in ("CANCELLED", "REQUEUED", "PENDING"))
+
+
 def test_missing_extra_is_named(monkeypatch):
     monkeypatch.setitem(sys.modules, "submitit", None)      # as if not installed
     with pytest.raises(ConfigError, match=r"pip install 'mlml\[cluster\]'"):

@@ -88,3 +88,33 @@ def test_space_and_metric_errors_name_the_key(tmp_path, capsys):
     with pytest.raises(ConfigError, match="optim.lr"):
         read_space(tmp_path / "space.toml")
     assert quotas(5, 2) == [3, 2] and quotas(1, 3) == [1]
+
+
+def test_a_worker_runs_as_a_submitit_job(tmp_path):
+    """`--launcher slurm` hands workers to submitit; its local executor runs one here (one trial)."""
+    pytest.importorskip("submitit")
+    from mlml.launchers import SlurmLauncher, SlurmResources
+    from mlml.search import SearchSpec, search
+
+    (tmp_path / "cfg.toml").write_text(CONFIG.replace("epochs = 3", "epochs = 1"))
+    (tmp_path / "space.toml").write_text('[params]\n"optim.lr" = [5e-3]\n')
+    out = tmp_path / "out"
+    spec = SearchSpec(config=str(tmp_path / "cfg.toml"), overrides=[], space=str(tmp_path / "space.toml"),
+                      storage=f"sqlite:///{out / 'study.db'}", study="s", out=str(out), threads=1)
+    table = search(spec, 1, launcher=SlurmLauncher(SlurmResources(), poll=0.2, cluster="local"))
+    assert "| 0 | complete |" in table and (out / "best.toml").exists()
+    (worker,) = (out / "workers").iterdir()
+    assert (worker / "done").read_text() == "1\n" and (worker / "slurm" / "job.json").exists()
+
+
+def test_the_shipped_space_reads_and_its_values_are_config_keys():
+    from pathlib import Path
+
+    from mlml.search import SearchSpec, check
+
+    root = Path(__file__).resolve().parent.parent / "experiments"
+    spec = SearchSpec(config=str(root / "configs" / "quick.toml"), overrides=[], space=str(root / "search" / "quick.toml"),
+                      storage="sqlite://", study="s", out="o")
+    space = check(spec)
+    assert [p.name for p in space["params"]] == ["optim.lr", "optim.weight_decay", "method.loss"]
+    assert space["launcher"]["slurm"]["gpus_per_node"] == 1
