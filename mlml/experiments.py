@@ -35,10 +35,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlml.config import Config, ConfigError, load_config
+from mlml.config import Config, ConfigError, load_config, run_dir_for
 from mlml.launchers import SlurmLauncher, SlurmResources, launcher_section, run_states, slurm_resources
 from mlml.tensorboard import write_table_layout
-from mlml.trainer import run_dir_for
 
 TABLES_DIR = Path(__file__).resolve().parent.parent / "experiments" / "tables"
 

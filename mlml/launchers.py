@@ -165,15 +165,13 @@ class TrainJob:
         signal.signal(signal.SIGTERM, self._on_sigterm)    # submitit ignores it; remember it
         cmd = node_command(self.train_args, self.nodes, self.procs, env.job_id, env.hostnames[0])
         print(f"mlml job {env.job_id} on {env.hostname}: {' '.join(cmd)}", file=sys.stderr, flush=True)
-        self.process = subprocess.Popen(cmd)
+        # The training process ignores SIGUSR2 (SLURM sends it to every process of the job before the
+        # time limit): submitit's handler here stops it with SIGTERM, on which it writes last.pt.
+        self.process = subprocess.Popen(cmd, preexec_fn=lambda: signal.signal(signal.SIGUSR2, signal.SIG_IGN))
         code = self.process.wait()
         if code != 0 and self.terminated:
-            state = job_state(env.job_id) if env.cluster == "slurm" else "RUNNING"
-            if requeue_after_sigterm(state):
-                print(f"training stopped by SIGTERM (exit {code}), job {state}: preempted, requeueing", file=sys.stderr, flush=True)
-                signal.raise_signal(env._usr_sig())    # submitit's preemption path: checkpoint, then requeue
-                return
-            raise RuntimeError(f"training stopped by SIGTERM (exit {code}) with the job {state}: not requeued here")
+            requeue_preempted(f"training stopped by SIGTERM (exit {code})")
+            return
         if code != 0:
             raise RuntimeError(f"mlml train exited with status {code}: {' '.join(cmd)}")
 
@@ -202,6 +200,18 @@ def requeue_after_sigterm(state: str) -> bool:
     """Whether a job whose training died of SIGTERM requeues itself, from its SLURM state: not when
     the user cancelled it (CANCELLED), nor when SLURM requeues it itself (REQUEUED, PENDING)."""
     return state not in {"CANCELLED", "REQUEUED", "PENDING", "REQUEUE_HOLD", "COMPLETED", "FAILED"}
+
+
+def requeue_preempted(what: str) -> None:
+    """Inside a job stopped by SIGTERM: requeue it through submitit's preemption path (checkpoint,
+    `scontrol requeue`, exit) unless it was cancelled or SLURM requeues it itself."""
+    submitit = require("submitit", "the SLURM launcher")
+    env = submitit.JobEnvironment()
+    state = job_state(env.job_id) if env.cluster == "slurm" else "RUNNING"
+    if not requeue_after_sigterm(state):
+        raise RuntimeError(f"{what} with the job {state}: not requeued here")
+    print(f"{what}, job {state}: preempted, requeueing", file=sys.stderr, flush=True)
+    signal.raise_signal(env._usr_sig())
 
 
 def job_state(job_id: str) -> str:

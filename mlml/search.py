@@ -156,7 +156,7 @@ def counted(trial: Any) -> bool:
 
 def objective(spec: SearchSpec, params: list[Param], worker: str) -> Any:
     optuna = require("optuna", "mlml search")
-    from mlml.trainer import train
+    from mlml.trainer import Preempted, train
 
     def run(trial: Any) -> float:
         values = {p.name: p.suggest(trial) for p in params}
@@ -177,6 +177,9 @@ def objective(spec: SearchSpec, params: list[Param], worker: str) -> Any:
             result = train(cfg, Path(spec.out) / f"trial{trial.number}", on_validate=report)
         except optuna.TrialPruned:
             raise
+        except Preempted as err:        # the worker stops (see `work`); its trial fails, uncounted
+            stopped.append(err)
+            raise
         except Exception as err:
             trial.set_user_attr("error", f"{type(err).__name__}: {err}"[:500])
             raise
@@ -184,6 +187,8 @@ def objective(spec: SearchSpec, params: list[Param], worker: str) -> Any:
             trial.set_user_attr("seconds", round(time.perf_counter() - start, 1))
         return result["metrics"][spec.metric]
 
+    stopped: list[Exception] = []
+    run.stopped = stopped
     return run
 
 
@@ -203,6 +208,8 @@ def work(spec: SearchSpec, quota: int, worker: str, seed_offset: int = 0) -> int
     ran = 0
     while sum(counted(t) and t.user_attrs.get("worker") == worker for t in study.get_trials(deepcopy=False)) < quota:
         study.optimize(run, n_trials=1, catch=(Exception,), gc_after_trial=True)
+        if run.stopped:                 # SIGTERM (preemption): stop here, the trial's state is lost
+            raise run.stopped[0]
         ran += 1
     return ran
 
@@ -218,7 +225,14 @@ class SearchWorker:
         self.spec, self.quota, self.worker, self.seed_offset, self.done = spec, quota, worker, seed_offset, done
 
     def __call__(self) -> int:
-        ran = work(self.spec, self.quota, self.worker, self.seed_offset)
+        from mlml.launchers import requeue_preempted
+        from mlml.trainer import Preempted
+
+        try:
+            ran = work(self.spec, self.quota, self.worker, self.seed_offset)
+        except Preempted as err:
+            requeue_preempted(f"search worker {self.worker}: {err}")
+            return 0
         Path(self.done).write_text(f"{ran}\n")
         return ran
 

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from mlml.checkpoint import load_checkpoint
 from mlml.data.dataset import EpochSampler, MixedBatchSampler
 from mlml.distributed import DistInfo
 from mlml.methods import METHODS
@@ -42,7 +43,7 @@ def two_ranks(tmp_path_factory) -> Path:
 
 
 def load_ranks(out: Path, name: str) -> list[dict]:
-    return [torch.load(out / f"{name}.rank{r}.pt", weights_only=False) for r in range(2)]
+    return [torch.load(out / f"{name}.rank{r}.pt", weights_only=True) for r in range(2)]
 
 
 def assert_identical(a, b, where: str = "") -> None:
@@ -134,16 +135,17 @@ def test_only_rank_0_writes_the_run_directory(two_ranks):
     files = sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())
     events = [f for f in files if f.startswith("events.out.tfevents")]
     assert len(events) == 1, files                                  # one TensorBoard writer
-    assert sorted(set(files) - set(events)) == ["checkpoints/best.pt", "checkpoints/last.pt", "config.toml", "metrics.json"]
+    assert sorted(set(files) - set(events)) == ["checkpoints/best.pt", "checkpoints/last.prev.pt", "checkpoints/last.pt",
+                                                "config.toml", "metrics.json"]
 
 
 def test_resume_at_world_size_1_of_a_world_size_2_checkpoint(two_ranks, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(two_ranks / "stopped", run)
-    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
     assert (ckpt["world_size"], ckpt["global_step"], ckpt["epoch"], ckpt["step_in_epoch"]) == (2, STOP_AT, 1, 1)
     result = train(tiny_config(*DDP), run, resume=True)
-    final = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    final = load_checkpoint(run / "checkpoints" / "last.pt")
     assert (final["world_size"], final["global_step"], final["epoch"]) == (1, 6, 2)
     assert [h["epoch"] for h in result["history"]] == [1, 2]
     assert 0 < result["metrics"]["test/mAP_macro"] <= 1

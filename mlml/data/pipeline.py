@@ -72,7 +72,8 @@ def folder(cfg: DataConfig) -> ImageFolderSource:
 @SOURCES.register("annotations")
 def annotations(cfg: DataConfig) -> AnnotationSource:
     root = _path(cfg, "root", "folder") if cfg.root else None
-    return AnnotationSource(_path(cfg, "annotations"), _path(cfg, "label_names"), root, _image_size(cfg), cfg.store or None)
+    return AnnotationSource(_path(cfg, "annotations"), _path(cfg, "label_names"), root, _image_size(cfg), cfg.store or None,
+                            cfg.allow_outside_root)
 
 
 @SOURCES.register("recolour")
@@ -134,6 +135,15 @@ class Data:
     def image_size(self) -> int:
         size = getattr(self.source, "image_size", None)
         return int(size) if size else int(self.image(int(self.splits["train"][0])).shape[-1])
+
+    def hidden_labels(self, split: str, positions: np.ndarray) -> torch.Tensor:
+        """bool (n, C): the full ground truth of `positions` in `split` — the answer key.
+
+        For evaluation and logged diagnostics only (e.g. pseudo-label precision); never a training
+        signal. Batches do not carry it; a method reaches it only through
+        `MethodContext.hidden_labels_for_diagnostics`.
+        """
+        return self.labels.dense(self.splits[split][np.asarray(positions, dtype=np.int64)])
 
     def observation_for(self, split: str) -> Observation:
         """Training sees the observation model; test always full labels; val as configured."""
