@@ -285,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="launch each run as `torchrun --standalone --nproc_per_node=N -m mlml train ...`")
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--results-dir", default="results", help="where tables and measured costs (<table>.timing.json) go")
-    p.add_argument("--status", action="store_true", help="show each run as done, running, pending, failed (with its log) or missing")
+    p.add_argument("--status", action="store_true", help="show each run as done, running, pending, failed (with its log), stopped or missing")
     add_launcher_args(p)
     p.set_defaults(fn=cmd_reproduce)
 

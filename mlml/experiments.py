@@ -202,8 +202,8 @@ def launcher_resources(name: str, profile: str, overrides: list[str]) -> SlurmRe
 
 
 def status(name: str, profile: str, seeds: int | None = None, runs_dir: Path = Path("runs")) -> str:
-    """Each run of a table as done, running, pending, failed (with its log's last lines) or missing,
-    from the run directories and the scheduler."""
+    """Each run of a table as done, running, pending, failed (with its log's last lines), stopped
+    (a checkpoint but no job) or missing, from the run directories and the scheduler."""
     spec = read_table(name)
     runs = expand(spec, profile, seeds, runs_dir)
     dirs = {r: run_dir(r) for r in runs}
@@ -213,7 +213,7 @@ def status(name: str, profile: str, seeds: int | None = None, runs_dir: Path = P
         s = states[dirs[r]]
         lines.append(f"{r.setting}/{r.method}/seed{r.seed}: {s.state}" + (f" ({s.job})" if s.job else ""))
         lines.extend(f"    | {line}" for line in s.log.splitlines())
-    counts = {k: sum(s.state == k for s in states.values()) for k in ("done", "running", "pending", "failed", "missing")}
+    counts = {k: sum(s.state == k for s in states.values()) for k in ("done", "running", "pending", "failed", "stopped", "missing")}
     summary = f"{name} ({profile}): {n_runs(len(runs))}: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v)
     if counts["done"] == len(runs):
         summary += f"; `mlml reproduce {name} --profile {profile}` writes the table"

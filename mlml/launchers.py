@@ -18,7 +18,8 @@ training process, and requeues the job; on SIGTERM (what SLURM sends to a preemp
 the training process dies and the job requeues itself through the same path. The requeued job runs
 the same command, and `--resume` continues from `checkpoints/last.pt` (an epoch end, or every
 `checkpoint_every` steps). A run's state (`run_states`) is read from its directory (`metrics.json`:
-done) and the scheduler (`sacct`): pending, running, done, failed (or missing: never submitted).
+done) and the scheduler (`sacct`): pending, running, done, failed (or, without a job: missing, or
+stopped when it has a checkpoint).
 
 submitit and optuna are the optional extra `mlml[cluster]`; `require` names it when they are missing.
 """
@@ -223,7 +224,7 @@ def job_state(job_id: str) -> str:
 
 # ---------------------------------------------------------------------------------- states
 class RunState(NamedTuple):
-    state: str          # done | running | pending | failed | missing
+    state: str          # done | running | pending | failed | missing | stopped
     job: str = ""       # "slurm 1234", "" when no job was submitted
     log: str = ""       # last lines of the job's log (failed runs)
 
@@ -299,8 +300,8 @@ def run_states(dirs: list[Path], done: Callable[[Path], bool] = run_finished) ->
         job = jobs.get(d)
         if done(d):
             out[d] = RunState("done", f"{job['cluster']} {job['job_id']}" if job else "")
-        elif job is None:
-            out[d] = RunState("missing")
+        elif job is None:               # never submitted; "stopped": started (by hand or locally), not finished
+            out[d] = RunState("stopped" if (d / "checkpoints" / "last.pt").exists() else "missing")
         else:
             if job["cluster"] == "slurm":
                 state = slurm_state(scheduler.get(job["job_id"], "UNKNOWN"), job["submitted"])
@@ -366,7 +367,7 @@ class SlurmLauncher:
         states = run_states(list(todo))
         submitted = 0
         for d, args in todo.items():
-            if states[d].state in ("missing", "failed"):
+            if states[d].state in ("missing", "stopped", "failed"):
                 job_id = self.submit(d, self.train_job(args))
                 print(f"  submitted {d} as {self.cluster} job {job_id}" + (" (resubmitted: it had failed)" if states[d].state == "failed" else ""), file=sys.stderr)
                 submitted += 1

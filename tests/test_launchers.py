@@ -136,6 +136,7 @@ def test_fake_slurm_sigterm_requeue_status_and_resubmission_give_the_local_table
     # The second run will fail: a corrupt checkpoint that its --resume cannot read.
     (second / "checkpoints").mkdir(parents=True)
     (second / "checkpoints" / "last.pt").write_text("not a checkpoint")
+    assert states()[0] == ["missing", "stopped"]
     (tmp_path / "slurm").mkdir()
     (tmp_path / "slurm" / "hold").touch()                  # the scheduler starts nothing yet
     flags = ["--launcher", "slurm", "--slurm", "checkpoint_every=4", "--poll", "0.2"]
