@@ -11,7 +11,7 @@ tensors, the config as TOML text). The file is a one-line header and a torch pay
 
 so a truncated, empty or garbled file is recognised before anything is unpickled and reported by
 name (`CheckpointError`), and the payload records the hash of the config that wrote it
-(`config_hash`, over every key but those in `EXECUTION_KEYS`), which a resume compares with its own.
+(`mlml.config.config_hash`, over every key but `EXECUTION_KEYS`), which a resume checks.
 
 Checkpoints of older mlml versions pickled numpy and Python objects and can only be read with
 `weights_only=False`, which runs whatever code the file contains. `convert_legacy` (the command
@@ -34,48 +34,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from mlml.config import to_toml
+from mlml.config import EXECUTION_KEYS, config_diff, config_hash, to_toml
 from mlml.files import _write_all, discard, fsync_dir, write_error
 
 MAGIC = b"MLML-CHECKPOINT\n"
 FORMAT = 1
 LEGACY_MAGIC = b"PK\x03\x04"          # a plain torch.save file (zip)
 
-# Config keys that say how a run is executed, not what it computes: they may change on resume.
-EXECUTION_KEYS = frozenset({
-    "run.threads", "run.progress", "run.out_dir", "run.device", "run.dist_timeout",
-    "run.checkpoint_every", "run.checkpoint_minutes", "data.num_workers", "data.store",
-})
-FREE_FORM = ("loss_args", "args", "observation_args", "domain_branch", "groups")
-
-
 class CheckpointError(Exception):
     """A checkpoint file cannot be used (missing, truncated, corrupt, unsafe); the message names it."""
 
 
 # ------------------------------------------------------------------ config identity
-def flat_config(config: dict, prefix: str = "") -> dict[str, Any]:
-    """{"optim.lr": 0.002, ...}; free-form tables (method.args, ...) stay one value."""
-    out: dict[str, Any] = {}
-    for k, v in config.items():
-        if isinstance(v, dict) and k not in FREE_FORM:
-            out.update(flat_config(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def config_hash(config: dict) -> str:
-    """sha256 of the config's keys and values, execution keys left out (hex, 16 characters)."""
-    kept = {k: v for k, v in flat_config(config).items() if k not in EXECUTION_KEYS}
-    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def config_differences(saved: dict, wanted: dict) -> list[str]:
-    """'key: <saved> in the checkpoint, <wanted> now' for each differing non-execution key."""
-    a, b = flat_config(saved), flat_config(wanted)
-    keys = [k for k in dict.fromkeys([*a, *b]) if k not in EXECUTION_KEYS and a.get(k) != b.get(k)]
-    return [f"{k} = {a.get(k, '(absent)')!r} in the checkpoint, {b.get(k, '(absent)')!r} now" for k in keys]
+    """'key = <saved> in the checkpoint, <wanted> now' for each key that differs, execution keys aside."""
+    return [f"{k} = {a!r} in the checkpoint, {b!r} now" for k, (a, b) in config_diff(saved, wanted, ignore=EXECUTION_KEYS).items()]
 
 
 # ------------------------------------------------------------------ RNG states as tensors

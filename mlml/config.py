@@ -164,7 +164,8 @@ FREE_FORM = ("loss_args", "args", "observation_args", "domain_branch")
 
 # Keys that say how a run is executed, not what it computes: they may differ between runs of one
 # config (and are left out of `config_hash`).
-EXECUTION_KEYS = ("run.threads", "run.progress", "run.out_dir", "run.checkpoint_every", "run.dist_timeout", "data.store")
+EXECUTION_KEYS = ("run.threads", "run.progress", "run.out_dir", "run.checkpoint_every", "run.checkpoint_minutes",
+                  "run.dist_timeout", "data.store")
 
 
 def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
@@ -350,13 +351,13 @@ def validate_config(cfg: Config) -> Config:
     return cfg
 
 
-def config_hash(cfg: Config) -> str:
+def config_hash(cfg: Config | dict) -> str:
     """A stable hash (16 hex digits) of what the config computes: every key but `EXECUTION_KEYS`.
 
     Two configs with the same hash train the same run; it is recorded in `metrics.json` (and
     checkpoints) to tell runs of different configs apart.
     """
-    values = {k: v for k, v in flat(cfg.to_dict()).items() if k not in EXECUTION_KEYS}
+    values = {k: v for k, v in flat(cfg.to_dict() if isinstance(cfg, Config) else cfg).items() if k not in EXECUTION_KEYS}
     text = json.dumps(values, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

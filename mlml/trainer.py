@@ -274,11 +274,13 @@ class Trainer:
     def save(self, name: str) -> None:
         """Called on every rank (it gathers their RNG states); rank 0 writes.
 
-        A state with a non-finite parameter, buffer or optimiser value is not written (every rank
-        holds the same state at step boundaries, so every rank raises): the last finite checkpoint stays.
+        A state with a non-finite model parameter or buffer, method parameter (an EMA teacher, a label
+        table) or optimiser value is not written (every rank holds the same state at step boundaries, so
+        every rank raises): the last finite checkpoint stays. Method buffers are not checked: some use
+        infinity as "not seen yet" (em_apl's scores).
         """
         path = self.run_dir / "checkpoints" / name
-        bad = first_non_finite({"model": self.model.state_dict(), "method": self.method.state_dict(),
+        bad = first_non_finite({"model": self.model.state_dict(), "method": dict(self.method.named_parameters()),
                                 "optimizer": self.optimizer.state_dict()["state"]})
         if bad:
             raise FloatingPointError(

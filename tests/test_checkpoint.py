@@ -15,10 +15,9 @@ import pytest
 import torch
 
 from mlml import checkpoint
-from mlml.checkpoint import (
-    MAGIC, CheckpointError, config_hash, encode, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
-)
+from mlml.checkpoint import MAGIC, CheckpointError, encode, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from mlml.cli import main
+from mlml.config import config_hash
 from mlml.files import WriteError
 from mlml.trainer import train
 from tests.conftest import tiny_config

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -33,12 +34,15 @@ ROOT = Path(__file__).resolve().parent.parent
 DDP = ["data.n_train=96", "data.n_val=45", "data.n_test=99", "data.batch_size=32", "optim.epochs=2",
        "optim.accumulate=2", "model.dropout=0.2", "run.threads=1", "run.checkpoint_every=1"]
 STOP_AT = 4                       # optimiser steps done when the stopped runs stop: epoch 1, step 1
+# SIGTERM to one rank during these (optimiser step, rank) of a 4-epoch run (12 steps): 10 stops at random.
+_steps = random.Random(16).sample(range(12), 10)
+SIGNALS = [(s, random.Random(s).randrange(2)) for s in sorted(_steps)]
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ddp")
-    launch(scenarios, 2, out, DDP, STOP_AT)
+    launch(scenarios, 2, out, DDP, STOP_AT, SIGNALS)
     return out
 
 
@@ -137,6 +141,17 @@ def test_only_rank_0_writes_the_run_directory(two_ranks):
     assert len(events) == 1, files                                  # one TensorBoard writer
     assert sorted(set(files) - set(events)) == ["checkpoints/best.pt", "checkpoints/last.prev.pt", "checkpoints/last.pt",
                                                 "config.toml", "metrics.json"]
+
+
+def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step_and_resume_is_exact(two_ranks):
+    """10 SIGTERMs, each to one rank only: both ranks agree (all-reduced flag) on the step, write one
+    last.pt, and the resumed runs end with the metrics of the uninterrupted run."""
+    seen = [torch.load(two_ranks / f"preempted.rank{r}.pt", weights_only=True)["seen"] for r in range(2)]
+    assert seen[0] == seen[1] == [s + 1 for s, _ in SIGNALS]
+    assert {r for _, r in SIGNALS} == {0, 1}
+    preempted = json.loads((two_ranks / "preempted" / "metrics.json").read_text())
+    reference = json.loads((two_ranks / "preempt_reference" / "metrics.json").read_text())
+    assert preempted["metrics"] == reference["metrics"] and preempted["history"] == reference["history"]
 
 
 def test_resume_at_world_size_1_of_a_world_size_2_checkpoint(two_ranks, tmp_path):
