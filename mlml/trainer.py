@@ -329,7 +329,7 @@ class Trainer:
         micro = [m for m in zip(*(v.tensor_split(self.cfg.optim.accumulate) for v in batch.values())) if len(m[0])]
         keys = list(batch)
         self.optimizer.zero_grad(set_to_none=True)
-        parts: dict[str, float] = {}
+        outs: list[tuple[float, dict[str, torch.Tensor]]] = []      # (weight, detached parts) per micro-batch
         for i, tensors in enumerate(micro):
             mb = dict(zip(keys, tensors))
             weight = len(mb["index"]) / n
@@ -337,15 +337,21 @@ class Trainer:
             with self.ddp_model.no_sync() if self.info.enabled and not last else nullcontext():
                 with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
                     out = self.forward(mb)
-                loss = out["loss"]
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"non-finite loss {loss.item()} at epoch {self.epoch + 1}, step {self.step_in_epoch + 1} "
-                        f"(parts: { {k: float(v.detach()) for k, v in out.items()} }); lower optim.lr or check the loss"
-                    )
-                self.scaler.scale(loss * weight).backward()
-            for k, v in out.items():
-                parts[k] = parts.get(k, 0.0) + weight * float(v.detach())
+                self.scaler.scale(out["loss"] * weight).backward()
+            outs.append((weight, {k: v.detach() for k, v in out.items()}))
+        # One device sync per step (not one per part and micro-batch), before the optimiser step.
+        values = torch.stack([v.double().reshape(()) for _, o in outs for v in o.values()]).tolist()
+        parts: dict[str, float] = {}
+        for weight, o in outs:
+            mb_values = dict(zip(o, values[: len(o)]))
+            values = values[len(o):]
+            if not math.isfinite(mb_values["loss"]):
+                raise FloatingPointError(
+                    f"non-finite loss {mb_values['loss']} at epoch {self.epoch + 1}, step {self.step_in_epoch + 1} "
+                    f"(parts: {mb_values}); lower optim.lr or check the loss"
+                )
+            for k, v in mb_values.items():
+                parts[k] = parts.get(k, 0.0) + weight * v
         self.method.reduce_all_gradients()               # the method's own parameters are outside DDP
         if self.cfg.optim.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)

@@ -43,16 +43,23 @@ def reflect(i: torch.Tensor, n: int) -> torch.Tensor:
 @TRANSFORMS.register("flip_crop")
 def flip_crop(size: int) -> Transform:
     pad = max(1, size // 8)
+    # Source rows (times the width) and columns of each shift, built once: a per-item gather is then
+    # one index_select (the loader runs this per image, in the training process when num_workers = 0).
+    rows: dict[tuple[int, int, int], torch.Tensor] = {}     # (h, w, dy) -> (h, 1) row offsets
+    cols: dict[tuple[int, int, bool], torch.Tensor] = {}    # (w, dx, flip) -> (1, w) columns
 
     def apply(image: torch.Tensor, seed: int) -> torch.Tensor:
         r = random.Random(seed)
         dy, dx, flip = r.randint(-pad, pad), r.randint(-pad, pad), r.random() < 0.5
-        h, w = image.shape[-2:]
-        ys = reflect(torch.arange(h) + dy, h)
-        xs = reflect(torch.arange(w) + dx, w)
-        if flip:
-            xs = xs.flip(0)
-        return image[:, ys[:, None], xs[None, :]]
+        c, h, w = image.shape
+        ys = rows.get((h, w, dy))
+        if ys is None:
+            ys = rows[(h, w, dy)] = (reflect(torch.arange(h) + dy, h) * w)[:, None]
+        xs = cols.get((w, dx, flip))
+        if xs is None:
+            xs = reflect(torch.arange(w) + dx, w)
+            xs = cols[(w, dx, flip)] = (xs.flip(0) if flip else xs)[None, :]
+        return image.reshape(c, h * w).index_select(1, (ys + xs).view(-1)).view(c, h, w)   # (3, H, W)
 
     return apply
 
