@@ -132,8 +132,10 @@ def average_precision(scores: Tensor, targets: Tensor) -> Tensor:
     """Per-class average precision, as scikit-learn's `average_precision_score`.
 
     AP = sum over thresholds of (R_k - R_{k-1}) P_k: step-wise, without interpolation, with tied
-    scores forming a single threshold. Equivalently, the mean over positives of the precision at
-    that positive's score.
+    scores forming a single threshold. Equivalently (and so computed), the mean over positives of
+    the precision at that positive's score: (positives scored >= it) / (samples scored >= it).
+    Classes go in chunks of at most `CHUNK_BYTES` of working memory; each chunk is sorted along
+    its contiguous axis and only the positives are looked up in it (no (N, C) cumulative counts).
 
     Args:
         scores: float (N, C), any score increasing with the chance of a positive.
@@ -149,10 +151,39 @@ def average_precision(scores: Tensor, targets: Tensor) -> Tensor:
         tensor([0.8333, 0.5000])
     """
     targets = _check_inputs(scores, targets)
-    r = _rank(scores, targets)
-    precision_at = r.tp_at / (r.block_end + 1)  # (N, C)
-    ap = (r.positive * precision_at).sum(dim=0) / r.num_pos  # (C,) 0/0 = NaN without positives
-    return ap.to(scores.dtype)
+    n, c = scores.shape
+    step = _classes_per_chunk(n, bytes_per_entry=24)
+    return torch.cat([_ap_chunk(scores[:, i : i + step], targets[:, i : i + step]) for i in range(0, c, step)]).to(scores.dtype)
+
+
+# Working memory of one chunk of classes in the ranking metrics (AP, AUROC, thresholds): bounds their
+# peak memory whatever C (50,000 x 11,000 scores are 2.2 GB; unchunked intermediates would be ~20x that).
+CHUNK_BYTES = 2**28
+
+
+def _classes_per_chunk(n: int, bytes_per_entry: int) -> int:
+    return max(1, CHUNK_BYTES // (bytes_per_entry * max(n, 1)))
+
+
+def _ap_chunk(scores: Tensor, targets: Tensor) -> Tensor:
+    """(m,) float64 AP of the m classes of a chunk; scores (N, m), targets bool (N, m)."""
+    s = scores.t().contiguous()  # (m, N): sorting along a contiguous axis is ~2x faster
+    t = targets.t()  # (m, N)
+    n = s.shape[1]
+    num_pos = t.sum(dim=1)  # (m,)
+    k = max(int(num_pos.max()), 1)
+    ascending = s.sort(dim=1).values  # (m, N)
+    # The positives' scores, highest first, padded with -inf past each class's count.
+    pos = torch.where(t, s, -torch.inf).topk(k, dim=1).values  # (m, K)
+    valid = torch.arange(k, device=s.device) < num_pos[:, None]  # (m, K)
+    samples_ge = n - torch.searchsorted(ascending, pos.contiguous(), right=False)  # (m, K) samples scored >= it
+    # Positives scored >= it: the padding (-inf) sits below every real score, so subtract it from the
+    # positives below; a positive scored -inf has every positive at or above it.
+    pos_asc = pos.flip(1).contiguous()  # (m, K)
+    below = torch.searchsorted(pos_asc, pos.contiguous(), right=False) - (k - num_pos)[:, None]  # (m, K)
+    positives_ge = num_pos[:, None] - below.clamp(min=0)  # (m, K)
+    precision = positives_ge.to(_COUNT_DTYPE) / samples_ge.to(_COUNT_DTYPE)  # (m, K)
+    return torch.where(valid, precision, 0.0).sum(dim=1) / num_pos.to(_COUNT_DTYPE)  # (m,) 0/0 = NaN
 
 
 def mean_average_precision(
@@ -203,14 +234,24 @@ def auroc(scores: Tensor, targets: Tensor, average: Literal["macro"] | None = "m
     """
     _check_average(average, ("macro", None))
     targets = _check_inputs(scores, targets)
+    auc = _by_class_chunks(_auroc_chunk, scores, targets).to(scores.dtype)
+    return auc if average is None else auc.nanmean()
+
+
+def _auroc_chunk(scores: Tensor, targets: Tensor) -> Tensor:
     r = _rank(scores, targets)
     num_neg = scores.shape[0] - r.num_pos  # (C,)
     fp_at = (r.block_end + 1) - r.tp_at  # (N, C)
     # Negatives a positive beats: those strictly below, plus half of those tied with it.
     wins = num_neg - (r.fp_above + fp_at) / 2  # (N, C)
-    auc = (r.positive * wins).sum(dim=0) / (r.num_pos * num_neg)  # (C,) 0/0 = NaN
-    auc = auc.to(scores.dtype)
-    return auc if average is None else auc.nanmean()
+    return (r.positive * wins).sum(dim=0) / (r.num_pos * num_neg)  # (C,) 0/0 = NaN
+
+
+def _by_class_chunks(fn, scores: Tensor, targets: Tensor) -> Tensor:
+    """`fn(scores, targets) -> (C,)` applied to chunks of classes (the `_rank` intermediates take
+    ~100 bytes per entry) and concatenated: bounded memory whatever C."""
+    step = _classes_per_chunk(scores.shape[0], bytes_per_entry=112)
+    return torch.cat([fn(scores[:, i : i + step], targets[:, i : i + step]) for i in range(0, scores.shape[1], step)])
 
 
 def _predict(scores: Tensor, threshold: float | Tensor) -> Tensor:
@@ -306,6 +347,10 @@ def calibrate_thresholds(scores: Tensor, targets: Tensor) -> Tensor:
         tensor([0.2500, 0.1500,    inf])
     """
     targets = _check_inputs(scores, targets)
+    return _by_class_chunks(_thresholds_chunk, scores, targets)
+
+
+def _thresholds_chunk(scores: Tensor, targets: Tensor) -> Tensor:
     r = _rank(scores, targets)
     n = scores.shape[0]
     # Thresholding at the k-th score predicts block_end + 1 samples: F1 = 2 TP / (pred + pos).
