@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from typing import Literal, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -165,6 +166,14 @@ def _classes_per_chunk(n: int, bytes_per_entry: int) -> int:
     return max(1, CHUNK_BYTES // (bytes_per_entry * max(n, 1)))
 
 
+def _sort_rows(x: Tensor) -> Tensor:
+    """Each row of x (m, N) sorted ascending (values only). On CPU through numpy, whose SIMD sort
+    is ~3x faster than torch's for float32/float64 and needs no index array; torch elsewhere."""
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        return torch.from_numpy(np.sort(x.detach().numpy(), axis=1))
+    return x.sort(dim=1).values
+
+
 def _ap_chunk(scores: Tensor, targets: Tensor) -> Tensor:
     """(m,) float64 AP of the m classes of a chunk; scores (N, m), targets bool (N, m)."""
     s = scores.t().contiguous()  # (m, N): sorting along a contiguous axis is ~2x faster
@@ -172,7 +181,7 @@ def _ap_chunk(scores: Tensor, targets: Tensor) -> Tensor:
     n = s.shape[1]
     num_pos = t.sum(dim=1)  # (m,)
     k = max(int(num_pos.max()), 1)
-    ascending = s.sort(dim=1).values  # (m, N)
+    ascending = _sort_rows(s)  # (m, N)
     # The positives' scores, highest first, padded with -inf past each class's count.
     pos = torch.where(t, s, -torch.inf).topk(k, dim=1).values  # (m, K)
     valid = torch.arange(k, device=s.device) < num_pos[:, None]  # (m, K)
