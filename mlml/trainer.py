@@ -179,6 +179,8 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, info: DistInfo) -> None:
         self.cfg, self.run_dir, self.info = cfg, run_dir, info
         self.device = resolve_device(cfg.run.device, info)
+        if self.device.type == "cuda":                      # fixed training shapes: let cuDNN pick its fastest kernels
+            torch.backends.cudnn.benchmark = True
         seed_everything(cfg.run.seed)                       # same initial model on every rank
         self.data = build_data(cfg.data)
         self.model = build_model(cfg.model, self.data.label_space).to(self.device)
