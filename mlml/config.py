@@ -105,6 +105,7 @@ class ModelConfig:
     dropout: float = 0.0
     sync_bn: bool = False         # torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)
     find_unused_parameters: bool = False   # DDP: allow parameters without gradient in a step (or the method says so)
+    compile: bool = False         # torch.compile the training forward (GPU; the first steps compile, minutes)
 
 
 @dataclass

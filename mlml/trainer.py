@@ -124,7 +124,9 @@ def build_optimizer(cfg: Config, model: nn.Module, method: Method) -> torch.opti
         g["lr"] = cfg.optim.lr * g["lr_scale"]
     if cfg.optim.name == "sgd":                  # optim.name is adamw or sgd (checked at load time)
         return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum, nesterov=True)
-    return torch.optim.AdamW(groups, lr=cfg.optim.lr)
+    # On a GPU the fused kernel: one launch for all parameters instead of several per tensor.
+    fused = {"fused": True} if all(p.is_cuda for g in groups for p in g["params"]) and groups[0]["params"] else {}
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, **fused)
 
 
 def amp_dtype_for(cfg: Config, device: torch.device) -> torch.dtype | None:
@@ -192,6 +194,8 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, info: DistInfo) -> None:
         self.cfg, self.run_dir, self.info = cfg, run_dir, info
         self.device = resolve_device(cfg.run.device, info)
+        if self.device.type == "cuda":                      # fixed training shapes: let cuDNN pick its fastest kernels
+            torch.backends.cudnn.benchmark = True
         seed_everything(cfg.run.seed)                       # same initial model on every rank
         self.data = build_data(cfg.data)
         self.model = build_model(cfg.model, self.data.label_space).to(self.device)
@@ -228,6 +232,8 @@ class Trainer:
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=cfg.model.find_unused_parameters or type(self.method).find_unused_parameters,
             )
+        if cfg.model.compile:                               # training forward only; checkpoints hold self.model
+            self.ddp_model = torch.compile(self.ddp_model)
         self.optimizer = build_optimizer(cfg, self.model, self.method)
         self.amp_dtype = amp_dtype_for(cfg, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
@@ -396,7 +402,7 @@ class Trainer:
         micro = [m for m in zip(*(v.tensor_split(self.cfg.optim.accumulate) for v in batch.values())) if len(m[0])]
         keys = list(batch)
         self.optimizer.zero_grad(set_to_none=True)
-        parts: dict[str, float] = {}
+        outs: list[tuple[float, dict[str, torch.Tensor]]] = []      # (weight, detached parts) per micro-batch
         for i, tensors in enumerate(micro):
             mb = dict(zip(keys, tensors))
             weight = len(mb["index"]) / n
@@ -404,15 +410,21 @@ class Trainer:
             with self.ddp_model.no_sync() if self.info.enabled and not last else nullcontext():
                 with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
                     out = self.forward(mb)
-                loss = out["loss"]
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"non-finite loss {loss.item()} at epoch {self.epoch + 1}, step {self.step_in_epoch + 1} "
-                        f"(parts: { {k: float(v.detach()) for k, v in out.items()} }); lower optim.lr or check the loss"
-                    )
-                self.scaler.scale(loss * weight).backward()
-            for k, v in out.items():
-                parts[k] = parts.get(k, 0.0) + weight * float(v.detach())
+                self.scaler.scale(out["loss"] * weight).backward()
+            outs.append((weight, {k: v.detach() for k, v in out.items()}))
+        # One device sync per step (not one per part and micro-batch), before the optimiser step.
+        values = torch.stack([v.double().reshape(()) for _, o in outs for v in o.values()]).tolist()
+        parts: dict[str, float] = {}
+        for weight, o in outs:
+            mb_values = dict(zip(o, values[: len(o)]))
+            values = values[len(o):]
+            if not math.isfinite(mb_values["loss"]):
+                raise FloatingPointError(
+                    f"non-finite loss {mb_values['loss']} at epoch {self.epoch + 1}, step {self.step_in_epoch + 1} "
+                    f"(parts: {mb_values}); lower optim.lr or check the loss"
+                )
+            for k, v in mb_values.items():
+                parts[k] = parts.get(k, 0.0) + weight * v
         self.method.reduce_all_gradients()               # the method's own parameters are outside DDP
         if self.cfg.optim.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
