@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlml.config import EXECUTION_KEYS, Config, ConfigError, config_diff, from_dict, load_config, parse_override, run_dir_for
+from mlml.launchers import SlurmLauncher, SlurmResources, launcher_section, run_states, slurm_resources
 from mlml.tensorboard import write_table_layout
 
 TABLES_DIR = Path(__file__).resolve().parent.parent / "experiments" / "tables"
@@ -106,16 +107,21 @@ def check_done_run(run: Run, directory: Path) -> None:
                           "remove it or pass another --runs-dir (each profile wants its own)")
 
 
+def train_args(run: Run, threads: int) -> list[str]:
+    """The `mlml` arguments of one run: `train --config ... --resume --set ...`."""
+    args = ["train", "--config", str(run.config), "--resume"]
+    for o in (*run.overrides, f"run.threads={threads}", "run.progress=false"):
+        args += ["--set", o]
+    return args
+
+
 def train_command(run: Run, threads: int, torchrun: int = 0) -> list[str]:
     """The command line of one run: `python -m mlml train ...`, under torchrun if `torchrun` > 0."""
     if torchrun > 0:
         head = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}", "-m", "mlml"]
     else:
         head = [sys.executable, "-m", "mlml"]
-    cmd = [*head, "train", "--config", str(run.config), "--resume"]
-    for o in (*run.overrides, f"run.threads={threads}", "run.progress=false"):
-        cmd += ["--set", o]
-    return cmd
+    return [*head, *train_args(run, threads)]
 
 
 def launch(run: Run, threads: int, torchrun: int = 0) -> None:
@@ -133,11 +139,13 @@ def reproduce(
     runs_dir: Path = Path("runs"),
     results_dir: Path = Path("results"),
     torchrun: int = 0,
+    launcher: SlurmLauncher | None = None,
 ) -> str:
     """Run every missing run of a table, then rebuild and return its Markdown table.
 
     Runs are subprocesses, `jobs` at a time, each under `torchrun --nproc_per_node=<torchrun>`
-    when `torchrun` > 0. A run whose `metrics.json` exists is not trained again.
+    when `torchrun` > 0; or, with a `launcher`, its jobs (`mlml.launchers`). A run whose
+    `metrics.json` exists is not trained again.
     """
     spec = read_table(name)
     runs = expand(spec, profile, seeds, runs_dir)
@@ -150,13 +158,18 @@ def reproduce(
     write_table_layout(runs_dir / spec["name"], spec["name"], spec["metrics"])
     threads = max(1, (os.cpu_count() or 1) // (max(1, jobs) * max(1, torchrun)))
     start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        for i, _ in enumerate(pool.map(lambda r: launch(r, threads, torchrun), todo)):
-            print(f"  finished {i + 1}/{len(todo)}", file=sys.stderr)
+    if launcher is not None:
+        if not launch_jobs(launcher, todo, dirs):
+            return f"{n_runs(len(todo))} submitted or queued; `mlml reproduce {name} --status` follows them, this command again writes the table once they are done"
+    else:
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            for i, _ in enumerate(pool.map(lambda r: launch(r, threads, torchrun), todo)):
+                print(f"  finished {i + 1}/{len(todo)}", file=sys.stderr)
     wall = time.perf_counter() - start
     results = [read_result(dirs[r] / "metrics.json") for r in runs]
-    if todo:
-        record_timing(spec["name"], profile, results, wall if len(todo) == len(runs) else None, jobs, torchrun, results_dir)
+    if todo:       # a launcher's wall time includes queueing: not a measure of the profile's cost
+        complete = len(todo) == len(runs) and launcher is None
+        record_timing(spec["name"], profile, results, wall if complete else None, jobs, torchrun, results_dir)
     command = f"mlml reproduce {name} --profile {profile}" + (f" --seeds {seeds}" if seeds else "")
     return write_table(spec, results, results_dir, command)
 
@@ -170,6 +183,39 @@ def read_result(path: Path) -> dict:
         with open(config, "rb") as f:
             result["config"] = from_dict(Config, tomllib.load(f)).to_dict()
     return result
+
+
+def launch_jobs(launcher: SlurmLauncher, todo: list[Run], dirs: dict[Run, Path]) -> bool:
+    """Hand the runs to a launcher (SLURM jobs); True once all are done, False if it did not wait."""
+    return launcher.run({dirs[r]: train_args(r, launcher.threads) for r in todo})
+
+
+def launcher_resources(name: str, profile: str, overrides: list[str]) -> SlurmResources:
+    """A table's SLURM resources: `[launcher.slurm]`, then `[profiles.<profile>.launcher.slurm]`, then `overrides`."""
+    spec = read_table(name)
+    if profile not in spec["profiles"]:
+        raise ConfigError(f"table '{spec['name']}' has no profile '{profile}'; known: {', '.join(spec['profiles'])}")
+    sections = [launcher_section(spec), launcher_section(spec, "profiles", profile)]
+    return slurm_resources(sections, overrides, f"{spec['path']}: launcher.slurm")
+
+
+def status(name: str, profile: str, seeds: int | None = None, runs_dir: Path = Path("runs")) -> str:
+    """Each run of a table as done, running, pending, failed (with its log's last lines), stopped
+    (a checkpoint but no job) or missing, from the run directories and the scheduler."""
+    spec = read_table(name)
+    runs = expand(spec, profile, seeds, runs_dir)
+    dirs = {r: run_dir(r) for r in runs}
+    states = run_states(list(dirs.values()))
+    lines = []
+    for r in runs:
+        s = states[dirs[r]]
+        lines.append(f"{r.setting}/{r.method}/seed{r.seed}: {s.state}" + (f" ({s.job})" if s.job else ""))
+        lines.extend(f"    | {line}" for line in s.log.splitlines())
+    counts = {k: sum(s.state == k for s in states.values()) for k in ("done", "running", "pending", "failed", "stopped", "missing")}
+    summary = f"{name} ({profile}): {n_runs(len(runs))}: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v)
+    if counts["done"] == len(runs):
+        summary += f"; `mlml reproduce {name} --profile {profile}` writes the table"
+    return "\n".join([summary, *lines])
 
 
 def collect(root: Path) -> list[dict]:

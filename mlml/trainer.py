@@ -36,6 +36,7 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -242,6 +243,7 @@ class Trainer:
         self.segment_start = time.perf_counter()
         self.last_saved = time.monotonic()                  # for run.checkpoint_minutes
         self.stop_signal = 0                                # set by the SIGTERM/SIGUSR1 handler
+        self.on_validate: Callable[[int, dict], None] | None = None   # see train()
 
     def _method_views(self) -> dict[str, str]:
         from mlml.methods import METHODS
@@ -458,6 +460,8 @@ class Trainer:
         if record[key] > self.best:
             self.best, self.best_epoch = record[key], self.epoch
             self.save("best.pt")
+        if self.on_validate is not None:
+            self.on_validate(self.epoch, record)
 
     def finish(self, train_seconds: float) -> dict:
         """Reload the best checkpoint, calibrate thresholds on val, evaluate val and test on full labels."""
@@ -511,7 +515,8 @@ class Trainer:
         return result
 
 
-def train(cfg: Config, run_dir: Path | None = None, resume: bool = False, allow_config_change: bool = False) -> dict:
+def train(cfg: Config, run_dir: Path | None = None, resume: bool = False, allow_config_change: bool = False,
+          on_validate: Callable[[int, dict], None] | None = None) -> dict:
     """Train one run end to end and return its `metrics.json` content.
 
     `resume`: continue from `checkpoints/last.pt` (or `last.prev.pt` when `last.pt` is unreadable) if
@@ -520,6 +525,8 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False, allow_
     naming the differing keys, unless `allow_config_change`. Nothing is written to `run_dir` before
     the config and data are built, the run lock is taken and the checkpoint (if any) is checked.
     Raises `Preempted` after writing `last.pt` when SIGTERM or SIGUSR1 arrives.
+    `on_validate(epoch, record)`: called on every rank after each validation with the epoch's
+    history record (validation metrics); an exception it raises stops training (a search's pruning).
     """
     validate_config(cfg)                         # also for configs built in code, not loaded
     info = init_distributed(cfg.run.device, cfg.run.dist_timeout)
@@ -527,6 +534,7 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False, allow_
         torch.set_num_threads(cfg.run.threads)
     run_dir = Path(run_dir) if run_dir else run_dir_for(cfg)
     trainer = Trainer(cfg, run_dir, info)                   # builds (and so validates) data, model, method
+    trainer.on_validate = on_validate
     lock = FileLock(run_dir / "run.lock", what=f"run directory {run_dir}")
     on_rank_0(lambda: (run_dir.mkdir(parents=True, exist_ok=True), lock.acquire()))
     try:
