@@ -137,7 +137,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     if args.jobs < 1 or args.torchrun < 0:
         raise ConfigError(f"--jobs must be >= 1 and --torchrun >= 0, got {args.jobs} and {args.torchrun}")
     print(reproduce(args.table, args.profile, seeds=args.seeds, jobs=args.jobs, runs_dir=Path(args.runs_dir),
-                    results_dir=Path(args.results_dir), torchrun=args.torchrun))
+                    results_dir=Path(args.results_dir), torchrun=args.torchrun, wait=args.wait))
     return 0
 
 
@@ -193,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="launch each run as `torchrun --standalone --nproc_per_node=N -m mlml train ...`")
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--results-dir", default="results", help="where tables and measured costs (<table>.timing.json) go")
+    p.add_argument("--wait", action="store_true", help="if another reproduction of the table runs, wait for it (default: refuse)")
     p.set_defaults(fn=cmd_reproduce)
 
     p = sub.add_parser("table", help="rebuild a table from the metrics.json files under a runs directory")

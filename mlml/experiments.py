@@ -26,10 +26,12 @@ table may differ only in the keys the table varies; otherwise the error names th
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -38,6 +40,7 @@ import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from mlml.config import EXECUTION_KEYS, Config, ConfigError, config_diff, from_dict, load_config, parse_override
 from mlml.tensorboard import write_table_layout
@@ -126,6 +129,80 @@ def launch(run: Run, threads: int, torchrun: int = 0) -> None:
         raise RuntimeError(f"run {run.setting}/{run.method}/seed{run.seed} failed:\n{done.stderr[-3000:]}")
 
 
+class LockedError(FileExistsError):
+    """Another live process holds a lock file."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:        # exists, another user's
+        return True
+    return True
+
+
+def _owner(lock: Path) -> dict | None:
+    """The lock's owner record, or None if the lock vanished (released meanwhile)."""
+    try:
+        return json.loads(lock.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {"pid": -1, "host": "?", "unreadable": True}
+
+
+@contextlib.contextmanager
+def owner_lock(lock: Path, what: str, wait: bool = False, poll: float = 2.0) -> Iterator[None]:
+    """Hold `lock` (a file naming the owner's pid, host and start time) while the block runs.
+
+    The file is made complete and then hard-linked into place, which fails if it exists, also on
+    network file systems. A lock whose owner is a dead process on this host is taken over; one held
+    by a live process, or by a process on another host (whose pid cannot be checked), raises
+    `LockedError` naming the owner, or with `wait` is waited for.
+    """
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"), "what": what}
+    tmp = lock.with_name(f"{lock.name}.{me['host']}.{me['pid']}.tmp")
+    tmp.write_text(json.dumps(me))
+    try:
+        while True:
+            try:
+                os.link(tmp, lock)
+                break
+            except FileExistsError:
+                owner = _owner(lock)
+                if owner is None:
+                    continue
+                if owner.get("host") == me["host"] and not _alive(int(owner.get("pid", -1))):
+                    _take_over(lock, owner)
+                    continue
+                if not wait:
+                    raise LockedError(f"{lock} is held by pid {owner.get('pid')} on {owner.get('host')} since {owner.get('since')} "
+                                      f"({owner.get('what')}); wait for it to finish (--wait), or remove the file if that "
+                                      "process is gone") from None
+                time.sleep(poll)
+    finally:
+        tmp.unlink(missing_ok=True)
+    try:
+        yield
+    finally:
+        if _owner(lock) == me:
+            lock.unlink(missing_ok=True)
+
+
+def _take_over(lock: Path, stale: dict) -> None:
+    """Remove a lock left by a dead local process; processes of this host doing the same take turns
+    (flock), and a lock that changed meanwhile (another process took it over first) is kept."""
+    import fcntl
+
+    with open(lock.with_name(lock.name + ".guard"), "a") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        if _owner(lock) == stale:
+            lock.unlink(missing_ok=True)
+
+
 def reproduce(
     name: str,
     profile: str,
@@ -134,13 +211,21 @@ def reproduce(
     runs_dir: Path = Path("runs"),
     results_dir: Path = Path("results"),
     torchrun: int = 0,
+    wait: bool = False,
 ) -> str:
     """Run every missing run of a table, then rebuild and return its Markdown table.
 
     Runs are subprocesses, `jobs` at a time, each under `torchrun --nproc_per_node=<torchrun>`
-    when `torchrun` > 0. A run whose `metrics.json` exists is not trained again.
+    when `torchrun` > 0. A run whose `metrics.json` exists is not trained again. One reproduction
+    of a table at a time per runs directory (`<runs_dir>/<table>/reproduce.lock`): a second one
+    refuses, naming the first's pid and host, or with `wait` waits for it to finish.
     """
     spec = read_table(name)
+    with owner_lock(runs_dir / spec["name"] / "reproduce.lock", f"mlml reproduce {spec['name']} --profile {profile}", wait):
+        return _reproduce(spec, name, profile, seeds, jobs, runs_dir, results_dir, torchrun)
+
+
+def _reproduce(spec: dict, name: str, profile: str, seeds: int | None, jobs: int, runs_dir: Path, results_dir: Path, torchrun: int) -> str:
     runs = expand(spec, profile, seeds, runs_dir)
     dirs = {r: run_dir(r) for r in runs}
     todo = [r for r in runs if not (dirs[r] / "metrics.json").exists()]

@@ -1,4 +1,5 @@
 import json
+import os
 import sys
 
 import pytest
@@ -183,3 +184,82 @@ def test_runs_recorded_before_metrics_held_the_config_are_read_from_config_toml(
     fake_run(tmp_path, seed=1)
     with pytest.raises(ConfigError, match="optim.lr: 0.5 vs 0.002"):
         table_from_runs(tmp_path)
+
+
+# ------------------------------------------------------------------ one reproduction of a table at a time
+HOLDER = """
+import sys, time
+from pathlib import Path
+from mlml import experiments
+
+def launch(run, threads, torchrun):           # stands for a long training run
+    Path(sys.argv[3]).write_text("started")
+    while not Path(sys.argv[4]).exists():
+        time.sleep(0.05)
+    raise SystemExit(0)
+
+experiments.launch = launch
+experiments.reproduce(sys.argv[1], "quick", seeds=1, runs_dir=Path(sys.argv[2]), results_dir=Path(sys.argv[2]) / "results")
+"""
+
+
+def start_holder(table, tmp_path):
+    import subprocess
+
+    started, go = tmp_path / "started", tmp_path / "go"
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(table), str(tmp_path / "runs"), str(started), str(go)])
+    for _ in range(600):
+        if started.exists() or proc.poll() is not None:
+            break
+        import time
+        time.sleep(0.1)
+    assert started.exists(), "the first reproduction did not start"
+    return proc, go
+
+
+def test_a_second_reproduction_of_a_table_refuses_naming_the_first(table, tmp_path, capsys):
+    import signal
+    import socket
+
+    from mlml.cli import main
+
+    proc, go = start_holder(table, tmp_path)
+    lock = tmp_path / "runs" / "tiny" / "reproduce.lock"
+    try:
+        assert json.loads(lock.read_text())["pid"] == proc.pid
+        assert main(["reproduce", str(table), "--seeds", "1", "--runs-dir", str(tmp_path / "runs")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"is held by pid {proc.pid} on {socket.gethostname()}" in err
+    finally:
+        proc.send_signal(signal.SIGKILL)         # killed outright: its lock stays, naming a dead process
+        proc.wait(60)
+    assert json.loads(lock.read_text())["pid"] == proc.pid
+    with experiments.owner_lock(lock, "test"):   # a dead local owner's lock is taken over
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert not lock.exists()                     # and released at the end
+
+
+def test_a_lock_held_on_another_host_is_not_taken_over(tmp_path):
+    lock = tmp_path / "reproduce.lock"
+    lock.write_text(json.dumps({"pid": 2**22 + 1, "host": "another-node", "since": "then", "what": "mlml reproduce x"}))
+    with pytest.raises(experiments.LockedError, match="held by pid 4194305 on another-node since then"):
+        with experiments.owner_lock(lock, "test"):
+            pass
+    assert json.loads(lock.read_text())["host"] == "another-node"
+
+
+def test_wait_waits_for_the_lock(tmp_path):
+    import threading
+
+    lock = tmp_path / "reproduce.lock"
+    order = []
+    with experiments.owner_lock(lock, "first"):
+        def second():
+            with experiments.owner_lock(lock, "second", wait=True, poll=0.05):
+                order.append("second")
+        t = threading.Thread(target=second)
+        t.start()
+        t.join(0.5)
+        order.append("first done")
+    t.join(10)
+    assert order == ["first done", "second"] and not lock.exists()
