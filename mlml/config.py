@@ -50,6 +50,7 @@ class RunConfig:
     threads: int = 0              # torch CPU threads; 0 = leave torch's default
     progress: bool = True         # tqdm progress bar
     checkpoint_every: int = 0     # also write last.pt every N optimiser steps; 0 = at epoch ends only
+    checkpoint_minutes: float = 0.0   # also write last.pt when this many minutes passed since the last one; 0 = off
     dist_timeout: float = 1800.0  # seconds a collective waits for the other ranks before failing
 
 
@@ -153,12 +154,18 @@ class Config:
         return self.method.loss if self.method.name == "supervised" else f"{self.method.name}-{self.method.loss}"
 
 
+def run_dir_for(cfg: Config) -> Path:
+    """runs/<experiment>/<setting>/<method>/seed<k>/ (docs/design.md, "Run directory")."""
+    return Path(cfg.run.out_dir) / cfg.run.experiment / cfg.run.setting / cfg.method_label() / f"seed{cfg.run.seed}"
+
+
 # Tables whose keys are free (their owner checks them); written inline and replaced, not merged.
 FREE_FORM = ("loss_args", "args", "observation_args", "domain_branch")
 
 # Keys that say how a run is executed, not what it computes: they may differ between runs of one
 # config (and are left out of `config_hash`).
-EXECUTION_KEYS = ("run.threads", "run.progress", "run.out_dir", "run.checkpoint_every", "run.dist_timeout", "data.store")
+EXECUTION_KEYS = ("run.threads", "run.progress", "run.out_dir", "run.checkpoint_every", "run.checkpoint_minutes",
+                  "run.dist_timeout", "data.store")
 
 
 def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
@@ -257,6 +264,7 @@ CHECKS: dict[str, Check] = {
     "run.device": (_device, "auto, cpu, cuda or cuda:<index>"),
     "run.threads": _at_least(0),
     "run.checkpoint_every": _at_least(0),
+    "run.checkpoint_minutes": _at_least(0),
     "run.dist_timeout": _above(0),
     "data.n_train": _at_least(1),
     "data.n_val": (lambda v: v >= 1, ">= 1 (validation selects the best epoch and calibrates thresholds)"),
@@ -344,13 +352,13 @@ def validate_config(cfg: Config) -> Config:
     return cfg
 
 
-def config_hash(cfg: Config) -> str:
+def config_hash(cfg: Config | dict) -> str:
     """A stable hash (16 hex digits) of what the config computes: every key but `EXECUTION_KEYS`.
 
     Two configs with the same hash train the same run; it is recorded in `metrics.json` (and
     checkpoints) to tell runs of different configs apart.
     """
-    values = {k: v for k, v in flat(cfg.to_dict()).items() if k not in EXECUTION_KEYS}
+    values = {k: v for k, v in flat(cfg.to_dict() if isinstance(cfg, Config) else cfg).items() if k not in EXECUTION_KEYS}
     text = json.dumps(values, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

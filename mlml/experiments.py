@@ -42,9 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from mlml.config import EXECUTION_KEYS, Config, ConfigError, config_diff, from_dict, load_config, parse_override
+from mlml.config import EXECUTION_KEYS, Config, ConfigError, config_diff, from_dict, load_config, parse_override, run_dir_for
 from mlml.tensorboard import write_table_layout
-from mlml.trainer import run_dir_for
 
 TABLES_DIR = Path(__file__).resolve().parent.parent / "experiments" / "tables"
 

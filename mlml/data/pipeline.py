@@ -149,6 +149,15 @@ class Data:
         size = getattr(self.source, "image_size", None)
         return int(size) if size else int(self.image(int(self.splits["train"][0])).shape[-1])
 
+    def hidden_labels(self, split: str, positions: np.ndarray) -> torch.Tensor:
+        """bool (n, C): the full ground truth of `positions` in `split` — the answer key.
+
+        For evaluation and logged diagnostics only (e.g. pseudo-label precision); never a training
+        signal. Batches do not carry it; a method reaches it only through
+        `MethodContext.hidden_labels_for_diagnostics`.
+        """
+        return self.labels.dense(self.splits[split][np.asarray(positions, dtype=np.int64)])
+
     def observation_for(self, split: str) -> Observation:
         """Training sees the observation model; test always full labels; val as configured."""
         if split == "train" or (split == "val" and self.cfg.val_labels == "observed"):
