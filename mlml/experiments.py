@@ -31,7 +31,6 @@ import csv
 import io
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,7 @@ from pathlib import Path
 from typing import Iterator
 
 from mlml.config import EXECUTION_KEYS, Config, ConfigError, config_diff, from_dict, load_config, parse_override, run_dir_for
+from mlml.files import FileLock, LockedError
 from mlml.tensorboard import write_table_layout
 
 TABLES_DIR = Path(__file__).resolve().parent.parent / "experiments" / "tables"
@@ -128,78 +128,25 @@ def launch(run: Run, threads: int, torchrun: int = 0) -> None:
         raise RuntimeError(f"run {run.setting}/{run.method}/seed{run.seed} failed:\n{done.stderr[-3000:]}")
 
 
-class LockedError(FileExistsError):
-    """Another live process holds a lock file."""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:        # exists, another user's
-        return True
-    return True
-
-
-def _owner(lock: Path) -> dict | None:
-    """The lock's owner record, or None if the lock vanished (released meanwhile)."""
-    try:
-        return json.loads(lock.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
-        return {"pid": -1, "host": "?", "unreadable": True}
-
-
 @contextlib.contextmanager
-def owner_lock(lock: Path, what: str, wait: bool = False, poll: float = 2.0) -> Iterator[None]:
-    """Hold `lock` (a file naming the owner's pid, host and start time) while the block runs.
-
-    The file is made complete and then hard-linked into place, which fails if it exists, also on
-    network file systems. A lock whose owner is a dead process on this host is taken over; one held
-    by a live process, or by a process on another host (whose pid cannot be checked), raises
-    `LockedError` naming the owner, or with `wait` is waited for.
-    """
+def table_lock(lock: Path, what: str, wait: bool = False, poll: float = 2.0) -> Iterator[None]:
+    """Hold `lock` (`mlml.files.FileLock`: owner pid, host and start; a dead local owner's lock is
+    taken over) while the block runs; if a live process holds it, `LockedError` names it, or with
+    `wait` the lock is waited for."""
     lock.parent.mkdir(parents=True, exist_ok=True)
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"), "what": what}
-    tmp = lock.with_name(f"{lock.name}.{me['host']}.{me['pid']}.tmp")
-    tmp.write_text(json.dumps(me))
-    try:
-        while True:
-            try:
-                os.link(tmp, lock)
-                break
-            except FileExistsError:
-                owner = _owner(lock)
-                if owner is None:
-                    continue
-                if owner.get("host") == me["host"] and not _alive(int(owner.get("pid", -1))):
-                    _take_over(lock, owner)
-                    continue
-                if not wait:
-                    raise LockedError(f"{lock} is held by pid {owner.get('pid')} on {owner.get('host')} since {owner.get('since')} "
-                                      f"({owner.get('what')}); wait for it to finish (--wait), or remove the file if that "
-                                      "process is gone") from None
-                time.sleep(poll)
-    finally:
-        tmp.unlink(missing_ok=True)
+    holder = FileLock(lock, what)
+    while True:
+        try:
+            holder.acquire()
+            break
+        except LockedError:
+            if not wait:
+                raise
+            time.sleep(poll)
     try:
         yield
     finally:
-        if _owner(lock) == me:
-            lock.unlink(missing_ok=True)
-
-
-def _take_over(lock: Path, stale: dict) -> None:
-    """Remove a lock left by a dead local process; processes of this host doing the same take turns
-    (flock), and a lock that changed meanwhile (another process took it over first) is kept."""
-    import fcntl
-
-    with open(lock.with_name(lock.name + ".guard"), "a") as guard:
-        fcntl.flock(guard, fcntl.LOCK_EX)
-        if _owner(lock) == stale:
-            lock.unlink(missing_ok=True)
+        holder.release()
 
 
 def reproduce(
@@ -220,7 +167,7 @@ def reproduce(
     refuses, naming the first's pid and host, or with `wait` waits for it to finish.
     """
     spec = read_table(name)
-    with owner_lock(runs_dir / spec["name"] / "reproduce.lock", f"mlml reproduce {spec['name']} --profile {profile}", wait):
+    with table_lock(runs_dir / spec["name"] / "reproduce.lock", f"table {spec['name']} in {runs_dir}", wait):
         return _reproduce(spec, name, profile, seeds, jobs, runs_dir, results_dir, torchrun)
 
 

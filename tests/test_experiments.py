@@ -220,9 +220,6 @@ def start_holder(table, tmp_path):
 
 def test_a_second_reproduction_of_a_table_refuses_naming_the_first(table, tmp_path, capsys):
     import signal
-    import socket
-
-    from mlml.cli import main
 
     proc, go = start_holder(table, tmp_path)
     lock = tmp_path / "runs" / "tiny" / "reproduce.lock"
@@ -230,12 +227,12 @@ def test_a_second_reproduction_of_a_table_refuses_naming_the_first(table, tmp_pa
         assert json.loads(lock.read_text())["pid"] == proc.pid
         assert main(["reproduce", str(table), "--seeds", "1", "--runs-dir", str(tmp_path / "runs")]) == 2
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and f"is held by pid {proc.pid} on {socket.gethostname()}" in err
+        assert err.count("\n") == 1 and f"is in use by process {proc.pid} on this host" in err
     finally:
         proc.send_signal(signal.SIGKILL)         # killed outright: its lock stays, naming a dead process
         proc.wait(60)
     assert json.loads(lock.read_text())["pid"] == proc.pid
-    with experiments.owner_lock(lock, "test"):   # a dead local owner's lock is taken over
+    with experiments.table_lock(lock, "test"):   # a dead local owner's lock is taken over
         assert json.loads(lock.read_text())["pid"] == os.getpid()
     assert not lock.exists()                     # and released at the end
 
@@ -243,8 +240,8 @@ def test_a_second_reproduction_of_a_table_refuses_naming_the_first(table, tmp_pa
 def test_a_lock_held_on_another_host_is_not_taken_over(tmp_path):
     lock = tmp_path / "reproduce.lock"
     lock.write_text(json.dumps({"pid": 2**22 + 1, "host": "another-node", "since": "then", "what": "mlml reproduce x"}))
-    with pytest.raises(experiments.LockedError, match="held by pid 4194305 on another-node since then"):
-        with experiments.owner_lock(lock, "test"):
+    with pytest.raises(experiments.LockedError, match="in use by process 4194305 on host another-node since then"):
+        with experiments.table_lock(lock, "test"):
             pass
     assert json.loads(lock.read_text())["host"] == "another-node"
 
@@ -254,9 +251,9 @@ def test_wait_waits_for_the_lock(tmp_path):
 
     lock = tmp_path / "reproduce.lock"
     order = []
-    with experiments.owner_lock(lock, "first"):
+    with experiments.table_lock(lock, "first"):
         def second():
-            with experiments.owner_lock(lock, "second", wait=True, poll=0.05):
+            with experiments.table_lock(lock, "second", wait=True, poll=0.05):
                 order.append("second")
         t = threading.Thread(target=second)
         t.start()
