@@ -196,11 +196,16 @@ def _reproduce(spec: dict, name: str, profile: str, seeds: int | None, jobs: int
 def read_result(path: Path) -> dict:
     """A run's `metrics.json`; runs recorded before metrics.json held the config get it from the
     `config.toml` beside it (when there is one), so tables can still compare them."""
-    result = json.loads(path.read_text())
-    config = path.parent / "config.toml"
-    if "config" not in result and config.is_file():
-        with open(config, "rb") as f:
-            result["config"] = from_dict(Config, tomllib.load(f)).to_dict()
+    try:
+        result = json.loads(path.read_text())
+        if not isinstance(result, dict) or not {"metrics", "setting", "method", "seed"} <= set(result):
+            raise ValueError("not the metrics.json of a run (metrics, setting, method, seed)")
+        config = path.parent / "config.toml"
+        if "config" not in result and config.is_file():
+            with open(config, "rb") as f:
+                result["config"] = from_dict(Config, tomllib.load(f)).to_dict()
+    except (OSError, ValueError) as err:          # JSON, TOML and config errors are ValueErrors
+        raise ConfigError(f"{path}: cannot be read as a run's results: {err}") from None
     return result
 
 

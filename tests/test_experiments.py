@@ -273,3 +273,13 @@ def test_an_interrupted_run_is_not_resumed_under_an_edited_profile(table, tmp_pa
     assert "--allow-config-change" not in command
     assert main(command[3:]) == 2                                       # what reproduce's subprocess runs
     assert "optim.weight_decay = 0.0001 in the checkpoint, 0.0 now" in capsys.readouterr().err
+
+
+def test_an_unreadable_metrics_file_is_named(tmp_path):
+    d = fake_run(tmp_path, seed=0)
+    (d / "metrics.json").write_text('{"metrics": {"test/mAP')
+    with pytest.raises(ConfigError, match=r"seed0/metrics.json: cannot be read as a run's results"):
+        table_from_runs(tmp_path)
+    (d / "metrics.json").write_text('[]')
+    with pytest.raises(ConfigError, match="not the metrics.json of a run"):
+        table_from_runs(tmp_path)
