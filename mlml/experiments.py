@@ -26,6 +26,7 @@ table may differ only in the keys the table varies; otherwise the error names th
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -38,8 +39,10 @@ import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from mlml.config import EXECUTION_KEYS, Config, ConfigError, config_diff, from_dict, load_config, parse_override, run_dir_for
+from mlml.files import FileLock, LockedError
 from mlml.launchers import SlurmLauncher, SlurmResources, launcher_section, run_states, slurm_resources
 from mlml.tensorboard import write_table_layout
 
@@ -131,6 +134,27 @@ def launch(run: Run, threads: int, torchrun: int = 0) -> None:
         raise RuntimeError(f"run {run.setting}/{run.method}/seed{run.seed} failed:\n{done.stderr[-3000:]}")
 
 
+@contextlib.contextmanager
+def table_lock(lock: Path, what: str, wait: bool = False, poll: float = 2.0) -> Iterator[None]:
+    """Hold `lock` (`mlml.files.FileLock`: owner pid, host and start; a dead local owner's lock is
+    taken over) while the block runs; if a live process holds it, `LockedError` names it, or with
+    `wait` the lock is waited for."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    holder = FileLock(lock, what)
+    while True:
+        try:
+            holder.acquire()
+            break
+        except LockedError:
+            if not wait:
+                raise
+            time.sleep(poll)
+    try:
+        yield
+    finally:
+        holder.release()
+
+
 def reproduce(
     name: str,
     profile: str,
@@ -140,14 +164,23 @@ def reproduce(
     results_dir: Path = Path("results"),
     torchrun: int = 0,
     launcher: SlurmLauncher | None = None,
+    wait_lock: bool = False,
 ) -> str:
     """Run every missing run of a table, then rebuild and return its Markdown table.
 
     Runs are subprocesses, `jobs` at a time, each under `torchrun --nproc_per_node=<torchrun>`
     when `torchrun` > 0; or, with a `launcher`, its jobs (`mlml.launchers`). A run whose
-    `metrics.json` exists is not trained again.
+    `metrics.json` exists is not trained again. One reproduction of a table at a time per runs
+    directory (`<runs_dir>/<table>/reproduce.lock`): a second one refuses, naming the first's pid
+    and host, or with `wait_lock` waits for it to finish.
     """
     spec = read_table(name)
+    with table_lock(runs_dir / spec["name"] / "reproduce.lock", f"table {spec['name']} in {runs_dir}", wait_lock):
+        return _reproduce(spec, name, profile, seeds, jobs, runs_dir, results_dir, torchrun, launcher)
+
+
+def _reproduce(spec: dict, name: str, profile: str, seeds: int | None, jobs: int, runs_dir: Path, results_dir: Path, torchrun: int,
+               launcher: SlurmLauncher | None) -> str:
     runs = expand(spec, profile, seeds, runs_dir)
     dirs = {r: run_dir(r) for r in runs}
     todo = [r for r in runs if not (dirs[r] / "metrics.json").exists()]
@@ -177,11 +210,16 @@ def reproduce(
 def read_result(path: Path) -> dict:
     """A run's `metrics.json`; runs recorded before metrics.json held the config get it from the
     `config.toml` beside it (when there is one), so tables can still compare them."""
-    result = json.loads(path.read_text())
-    config = path.parent / "config.toml"
-    if "config" not in result and config.is_file():
-        with open(config, "rb") as f:
-            result["config"] = from_dict(Config, tomllib.load(f)).to_dict()
+    try:
+        result = json.loads(path.read_text())
+        if not isinstance(result, dict) or not {"metrics", "setting", "method", "seed"} <= set(result):
+            raise ValueError("not the metrics.json of a run (metrics, setting, method, seed)")
+        config = path.parent / "config.toml"
+        if "config" not in result and config.is_file():
+            with open(config, "rb") as f:
+                result["config"] = from_dict(Config, tomllib.load(f)).to_dict()
+    except (OSError, ValueError) as err:          # JSON, TOML and config errors are ValueErrors
+        raise ConfigError(f"{path}: cannot be read as a run's results: {err}") from None
     return result
 
 
