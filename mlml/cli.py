@@ -114,6 +114,7 @@ def cmd_data_index(args: argparse.Namespace) -> int:
         "groups": {g.name: len(g.labels) for g in source.label_space.groups},
         "positives": int(labels.indptr[-1]),
         "known_negatives": int(labels.neg_indptr[-1]) if labels.has_negatives else 0,
+        "own_splits": {k: len(v) for k, v in fixed.items()} if (fixed := getattr(source, "fixed_splits", None)) else "none (random)",
         "store": str(getattr(source, "store", "(in memory)")),
     }
     print(json.dumps(summary, indent=2))

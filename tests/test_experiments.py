@@ -163,8 +163,10 @@ def test_seeds_of_one_cell_with_different_configs_are_refused_naming_the_keys(tm
 def test_runs_on_different_splits_never_share_a_row(tmp_path):
     fake_run(tmp_path, seed=0, split="s1")
     fake_run(tmp_path, seed=1, split="s2")
+    table = table_from_runs(tmp_path)                             # one row per split
+    assert "| an [split s1] |" in table and "| an [split s2] |" in table and "| an |" not in table
     with pytest.raises(ConfigError, match="sp/an seed0 and seed1 were made on different splits"):
-        table_from_runs(tmp_path)
+        experiments.check_comparable({"name": "tiny"}, [json.loads(p.read_text()) for p in sorted(tmp_path.rglob("metrics.json"))])
 
 
 def test_a_seed_twice_in_one_cell_is_refused(tmp_path):
@@ -199,7 +201,7 @@ def test_runs_recorded_before_metrics_held_the_config_are_read_from_config_toml(
         table_from_runs(tmp_path)
 
 
-def test_runs_on_different_splits_never_share_a_row():
+def test_runs_on_different_splits_get_rows_of_their_own():
     spec = {"name": "t", "title": "t", "metrics": ["test/mAP_macro"], "settings": {}, "methods": {"an": []}}
     runs = [{"setting": "s", "method": "an", "seed": k, "split_hash": h, "metrics": {"test/mAP_macro": v}}
             for k, (h, v) in enumerate([("aaaa", 0.5), ("aaaa", 0.7), ("bbbb", 0.9)])]
