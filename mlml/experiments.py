@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlml.config import Config, ConfigError, load_config, run_dir_for
+from mlml.config import EXECUTION_KEYS, Config, ConfigError, load_config, run_dir_for
 from mlml.launchers import SlurmLauncher, SlurmResources, launcher_section, run_states, slurm_resources
 from mlml.tensorboard import write_table_layout
 
@@ -94,9 +94,8 @@ def run_dir(run: Run) -> Path:
     return run_dir_for(run_config(run))
 
 
-# Keys that say how a run was executed, not what it computes; they may differ between the
+# mlml.config.EXECUTION_KEYS (how a run was executed, not what it computes) may differ between the
 # invocation that trained a run and the one that finds it done.
-EXECUTION_KEYS = ("run.threads", "run.progress", "run.out_dir", "run.checkpoint_every")
 
 
 def flat(d: dict, prefix: str = "") -> dict:

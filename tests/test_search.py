@@ -30,19 +30,19 @@ warmup_epochs = 0.0
 image_grid = 4
 """
 
-# Two good learning rates first, then two of 0 (the model never moves): once a good trial has
-# finished, the median rule prunes the lr = 0 trials after their first epoch, whichever worker runs them.
+# Two good learning rates first, then two of 1e-7 (the model hardly moves): once a good trial has
+# finished, the median rule prunes the tiny-lr trials after their first epoch, whichever worker runs them.
 SPACE = """
 [params]
-"optim.lr" = {low = 0.0, high = 1e-2}
+"optim.lr" = {low = 1e-7, high = 1e-2}
 [[enqueue]]
 "optim.lr" = 5e-3
 [[enqueue]]
 "optim.lr" = 4e-3
 [[enqueue]]
-"optim.lr" = 0.0
+"optim.lr" = 1e-7
 [[enqueue]]
-"optim.lr" = 0.0
+"optim.lr" = 1e-7
 """
 
 
@@ -59,13 +59,13 @@ def test_two_workers_share_one_sqlite_study_prune_and_write_a_best_config_that_t
     assert sorted(t.number for t in trials) == [0, 1, 2, 3]                   # N trials, none run twice
     assert {t.state.name for t in trials} <= {"COMPLETE", "PRUNED"}
     pruned = [t for t in trials if t.state.name == "PRUNED"]
-    assert pruned and all(t.params["optim.lr"] == 0.0 and t.user_attrs["epochs"] == 1 for t in pruned)
+    assert pruned and all(t.params["optim.lr"] == 1e-7 and t.user_attrs["epochs"] == 1 for t in pruned)
     assert len({t.user_attrs["pid"] for t in trials}) == 2                    # two processes worked
     assert sorted(p.name for p in out.glob("trial*") if p.is_dir()) == ["trial0", "trial1", "trial2", "trial3"]
     assert all(len(list((out / f"trial{i}").glob("config.toml"))) == 1 for i in range(4))
     assert "| 2 | pruned |" in table or "| 3 | pruned |" in table
     best = study.best_trial
-    assert best.params["optim.lr"] > 0 and f"Best: trial {best.number}" in table and (out / "trials.md").read_text().strip() == table
+    assert best.params["optim.lr"] > 1e-3 and f"Best: trial {best.number}" in table and (out / "trials.md").read_text().strip() == table
     # The best config is a complete config that `mlml train` takes, with the best trial's value.
     assert f"lr = {best.params['optim.lr']!r}" in (out / "best.toml").read_text()
     assert cli.main(["train", "--config", str(out / "best.toml"), "--set", "optim.epochs=1", "--out", str(tmp_path / "best_run")]) == 0
