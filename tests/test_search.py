@@ -30,19 +30,20 @@ warmup_epochs = 0.0
 image_grid = 4
 """
 
-# Two good learning rates first, then two of 1e-7 (the model hardly moves): once a good trial has
-# finished, the median rule prunes the tiny-lr trials after their first epoch, whichever worker runs them.
+# Two good learning rates first, then two of 1e-9 (the model hardly moves; lr must be > 0): once a
+# good trial has finished, the median rule prunes those trials after their first epoch, whichever
+# worker runs them.
 SPACE = """
 [params]
-"optim.lr" = {low = 1e-7, high = 1e-2}
+"optim.lr" = {low = 1e-9, high = 1e-2}
 [[enqueue]]
 "optim.lr" = 5e-3
 [[enqueue]]
 "optim.lr" = 4e-3
 [[enqueue]]
-"optim.lr" = 1e-7
+"optim.lr" = 1e-9
 [[enqueue]]
-"optim.lr" = 1e-7
+"optim.lr" = 1e-9
 """
 
 
@@ -59,7 +60,7 @@ def test_two_workers_share_one_sqlite_study_prune_and_write_a_best_config_that_t
     assert sorted(t.number for t in trials) == [0, 1, 2, 3]                   # N trials, none run twice
     assert {t.state.name for t in trials} <= {"COMPLETE", "PRUNED"}
     pruned = [t for t in trials if t.state.name == "PRUNED"]
-    assert pruned and all(t.params["optim.lr"] == 1e-7 and t.user_attrs["epochs"] == 1 for t in pruned)
+    assert pruned and all(t.params["optim.lr"] == 1e-9 and t.user_attrs["epochs"] == 1 for t in pruned)
     assert len({t.user_attrs["pid"] for t in trials}) == 2                    # two processes worked
     assert sorted(p.name for p in out.glob("trial*") if p.is_dir()) == ["trial0", "trial1", "trial2", "trial3"]
     assert all(len(list((out / f"trial{i}").glob("config.toml"))) == 1 for i in range(4))
