@@ -14,8 +14,9 @@ flags (`SlurmResources` lists the keys). Files of the job (sbatch script, pickle
 
 Preemption and time limits: the job is a submitit checkpointable callable. On the time-limit signal
 (SIGUSR2, `signal_delay_s` before the end) submitit calls `TrainJob.checkpoint`, which stops the
-training process, and requeues the job; on SIGTERM (what SLURM sends to a preempted job's processes)
-the training process dies and the job requeues itself through the same path. The requeued job runs
+training process with SIGTERM (the trainer writes `last.pt`, then exits), and requeues the job; on
+SIGTERM from SLURM (sent to a preempted job's processes) training stops the same way and the job
+requeues itself through the same path, unless `sacct` says it was cancelled. The requeued job runs
 the same command, and `--resume` continues from `checkpoints/last.pt` (an epoch end, or every
 `checkpoint_every` steps). A run's state (`run_states`) is read from its directory (`metrics.json`:
 done) and the scheduler (`sacct`): pending, running, done, failed (or, without a job: missing, or
@@ -149,9 +150,10 @@ class TrainJob:
     """One run as a submitit job: runs `mlml train ... --resume` on its node; checkpointable.
 
     submitit calls `checkpoint` on SIGUSR2 (time limit, or preemption where the cluster sends it):
-    the training process is stopped and the job requeued with a fresh `TrainJob`. A SIGTERM (what
-    SLURM sends every process of a preempted job) kills the training process; the job then takes
-    the same path. `--resume` makes the requeued job continue from `checkpoints/last.pt`.
+    the training process gets SIGTERM, on which the trainer writes `last.pt` after its current step
+    and exits, and the job is requeued with a fresh `TrainJob`. A SIGTERM from SLURM (every process
+    of a preempted job gets it) stops training the same way; the job then takes the same path.
+    `--resume` makes the requeued job continue from `checkpoints/last.pt`.
     """
 
     def __init__(self, train_args: list[str], nodes: int = 1, procs: int = 1) -> None:

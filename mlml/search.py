@@ -268,7 +268,10 @@ def search(spec: SearchSpec, trials: int, workers: int = 1, launcher: Any = None
             launcher.submit(d, SearchWorker(spec, q, f"{tag}-{i}", i, str(d / "done")))
         if not launcher.wait:
             return f"{len(dirs)} worker jobs submitted; this command again writes the table once their trials are done"
-        launcher.wait_for(list(dirs), done=lambda d: (d / "done").exists())
+        states = launcher.wait_for(list(dirs), done=lambda d: (d / "done").exists())
+        for d, state in states.items():
+            if state.state != "done":
+                print(f"search worker {d.name} ({state.job}) {state.state}:\n{state.log}", file=sys.stderr)
     elif len(shares) == 1:
         work(spec, shares[0], f"{tag}-0")
     elif shares:

@@ -35,7 +35,7 @@ seeds = 2
 [profiles.quick.launcher.slurm]
 cpus_per_task = 1
 [settings]
-sp = [{tiny} "data.observation=single_positive"]
+sp = [{tiny} "data.observation=single_positive", "data.n_train=768"]
 [methods]
 an = ["method.loss=an"]
 """)
@@ -110,11 +110,11 @@ def test_submitit_local_executor_gives_the_local_runs(local_table, tmp_path):
     assert (ours / "slurm" / "job.json").exists()
 
 
-def wait_until(condition, timeout=120.0):
+def wait_until(condition, timeout=120.0, poll=0.05):
     start = time.time()
     while not condition():
         assert time.time() - start < timeout, "timed out"
-        time.sleep(0.05)
+        time.sleep(poll)
 
 
 def test_fake_slurm_sigterm_requeue_status_and_resubmission_give_the_local_table(local_table, tmp_path, monkeypatch, capsys):
@@ -139,7 +139,7 @@ def test_fake_slurm_sigterm_requeue_status_and_resubmission_give_the_local_table
     assert states()[0] == ["missing", "stopped"]
     (tmp_path / "slurm").mkdir()
     (tmp_path / "slurm" / "hold").touch()                  # the scheduler starts nothing yet
-    flags = ["--launcher", "slurm", "--slurm", "checkpoint_every=4", "--poll", "0.2"]
+    flags = ["--launcher", "slurm", "--slurm", "checkpoint_every=2", "--poll", "0.2"]
     assert cli.main([*common, *flags, "--no-wait"]) == 0
     assert "submitted or queued" in capsys.readouterr().out
     assert states()[0] == ["pending", "pending"]
@@ -147,9 +147,9 @@ def test_fake_slurm_sigterm_requeue_status_and_resubmission_give_the_local_table
     assert "#SBATCH --partition=cpu" in (tmp_path / "slurm" / job / "script.sh").read_text()
     (tmp_path / "slurm" / "hold").unlink()
 
-    # Mid-run (a checkpoint written, training going on), SLURM preempts the first job: SIGTERM.
-    wait_until(lambda: (first / "checkpoints" / "last.pt").exists())
-    assert states()[0][0] == "running"
+    # Mid-run (a checkpoint written, training going on: 48 steps, a checkpoint every 2), SLURM preempts the first job: SIGTERM.
+    wait_until(lambda: states()[0][0] == "running")
+    wait_until(lambda: (first / "checkpoints" / "last.pt").exists(), poll=0.01)
     subprocess.run(["scancel", "--signal=TERM", job], check=True)
     wait_until(lambda: (tmp_path / "slurm" / job / "restarts").read_text() == "1")
     wait_until(lambda: (first / "metrics.json").exists())
@@ -157,7 +157,8 @@ def test_fake_slurm_sigterm_requeue_status_and_resubmission_give_the_local_table
     shown = states()[1]
     assert "    | " in shown and "RuntimeError" in shown        # the failed run's log tail
     assert json.loads((first / "slurm" / "job.json").read_text())["history"] == [job]    # requeued, not resubmitted
-    assert "requeueing" in (first / "slurm" / f"{job}_0_log.err").read_text()
+    log = (first / "slurm" / f"{job}_0_log.err").read_text()
+    assert "stopped by SIGTERM after optimiser step" in log and "requeueing" in log   # last.pt written, then requeued
 
     # A second invocation skips the finished run, resubmits the failed one (now readable) and writes the table.
     shutil.rmtree(second / "checkpoints")
