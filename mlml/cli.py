@@ -1,4 +1,4 @@
-"""The `mlml` command line: train, eval, predict, reproduce, table."""
+"""The `mlml` command line: train, eval, predict, data, reproduce, search, table."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-
-import torch
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
@@ -18,77 +16,72 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from mlml.config import load_config
-    from mlml.trainer import train
+    from mlml.trainer import PREEMPTED_EXIT_CODE, Preempted, train
 
     cfg = load_config(args.config, args.overrides)
     if args.strict:
         cfg.data.strict = True
-    result = train(cfg, Path(args.out) if args.out else None, resume=args.resume)
+    if args.allow_config_change and not args.resume:
+        print("mlml train: error: --allow-config-change only applies with --resume", file=sys.stderr)
+        return 2
+    try:
+        result = train(cfg, Path(args.out) if args.out else None, resume=args.resume,
+                       allow_config_change=args.allow_config_change)
+    except Preempted as stop:
+        print(f"mlml train: {stop}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     print(json.dumps({k: round(v, 4) for k, v in result["metrics"].items() if k.startswith("test/")}, indent=2))
     return 0
 
 
-def load_checkpoint_model(path: str):
-    """(config, model, data) rebuilt from a checkpoint file."""
-    from mlml.config import Config, from_dict
-    from mlml.data.pipeline import build_data
-    from mlml.models import build_model
-
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    cfg = from_dict(Config, ckpt["config"])
-    cfg.model.weights = ""                        # the checkpoint carries the weights
-    data = build_data(cfg.data)
-    model = build_model(cfg.model, data.label_space)
-    model.load_state_dict(ckpt["model"])
-    return cfg, model.eval(), data
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mlml.evaluation import calibrate_thresholds, group_metrics, predict, softmax_groups, split_metrics
+    from mlml.inference import evaluate_checkpoint
 
-    cfg, model, data = load_checkpoint_model(args.checkpoint)
-    loaders = {s: data.loader(s, {"image": "none"}, cfg.run.seed, batch_size=256) for s in ("val", args.split)}
-    device = torch.device("cpu")
-    val_scores, val_targets = predict(model, loaders["val"], device)
-    scores, targets = predict(model, loaders[args.split], device)
-    metrics = split_metrics(scores, targets, cfg.eval.threshold, calibrate_thresholds(val_scores, val_targets))
-    if args.split == "test" or cfg.data.val_labels == "full":
-        metrics |= group_metrics(scores, targets, data.label_space, softmax_groups(model), cfg.eval.threshold)
+    metrics = evaluate_checkpoint(args.checkpoint, args.split, args.overrides, args.device, Path(args.predictions) if args.predictions else None)
     print(json.dumps({f"{args.split}/{k}": round(v, 6) for k, v in metrics.items()}, indent=2))
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from mlml.data.image_files import decode_image
+    from mlml.inference import image_files, load_predictor, predict_files, write_predictions
 
-    from mlml.evaluation import softmax_groups
-    from mlml.groups import decode_groups
-
-    cfg, model, data = load_checkpoint_model(args.checkpoint)
-    space = data.label_space
-    names, size = space.names, data.image_size
-    results = []
-    for file in args.images:
-        image = decode_image(file, size)                  # as training images: centre square, resized
-        with torch.no_grad():
-            probs = torch.sigmoid(model(image[None])["logits"].float())            # (1, C)
-        order = probs[0].argsort(descending=True)[: args.top].tolist()
-        groups = {}
-        for name, dec in decode_groups(probs, space, softmax_groups(model), cfg.eval.threshold).items():
-            k = int(dec.pred[0])
-            labels = space.group(name).labels
-            groups[name] = {"class": names[labels[k]] if k < len(labels) else "unknown", "probability": round(float(dec.probs[0, k]), 4)}
-        results.append({"image": str(file), "labels": [{"label": names[c], "probability": round(float(probs[0, c]), 4)} for c in order],
-                        "groups": groups})
+    predictor = load_predictor(args.checkpoint, args.device)
+    files = image_files(args.inputs)
+    if not files:
+        raise FileNotFoundError(f"no image files in {' '.join(args.inputs)}")
+    records = predict_files(predictor, files, args.batch_size, args.workers, args.top, progress=bool(args.out))
+    if args.out:
+        count = write_predictions(records, Path(args.out), predictor.label_space)
+        print(f"wrote {count} predictions to {args.out} ({'calibrated' if predictor.calibrated else 'fixed'} thresholds)")
+        return 0
+    results = list(records)
     if args.json:
         print(json.dumps(results, indent=2))
-    else:
-        for r in results:
-            print(r["image"])
-            for item in r["labels"]:
-                print(f"  {item['label']:<16} {item['probability']:.3f}")
-            for name, g in r["groups"].items():
-                print(f"  [{name}] {g['class']:<10} {g['probability']:.3f}")
+        return 0
+    for r in results:
+        print(r["image"] + (f"  unreadable: {r['error']}" if "error" in r else f"  labels: {', '.join(r['labels']) or '(none)'}"))
+        for item in r.get("top", []):
+            print(f"  {item['label']:<16} {item['probability']:.3f}")
+        for name, g in r.get("groups", {}).items():
+            print(f"  [{name}] {g['class']:<10} {g['probability']:.3f}")
+    return 0
+
+
+def cmd_checkpoint_convert(args: argparse.Namespace) -> int:
+    from mlml.checkpoint import convert_legacy
+
+    ckpt = convert_legacy(Path(args.old), Path(args.new), trust=args.trust)
+    print(f"wrote {args.new} (safe format; keys: {', '.join(sorted(ckpt))})")
+    return 0
+
+
+def cmd_checkpoint_verify(args: argparse.Namespace) -> int:
+    from mlml.checkpoint import load_checkpoint
+
+    for path in args.paths:
+        ckpt = load_checkpoint(path)
+        where = f"epoch {ckpt.get('epoch', '?')}, step {ckpt.get('step_in_epoch', '?')}, global step {ckpt.get('global_step', '?')}"
+        print(f"{path}: ok ({where}; config hash {ckpt.get('config_hash', 'none')})")
     return 0
 
 
@@ -121,6 +114,7 @@ def cmd_data_index(args: argparse.Namespace) -> int:
         "groups": {g.name: len(g.labels) for g in source.label_space.groups},
         "positives": int(labels.indptr[-1]),
         "known_negatives": int(labels.neg_indptr[-1]) if labels.has_negatives else 0,
+        "own_splits": {k: len(v) for k, v in fixed.items()} if (fixed := getattr(source, "fixed_splits", None)) else "none (random)",
         "store": str(getattr(source, "store", "(in memory)")),
     }
     print(json.dumps(summary, indent=2))
@@ -129,15 +123,63 @@ def cmd_data_index(args: argparse.Namespace) -> int:
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from mlml.config import ConfigError
-    from mlml.experiments import list_tables, reproduce
+    from mlml.experiments import launcher_resources, list_tables, reproduce, status
 
     if args.list or not args.table:
         print(list_tables(Path(args.results_dir)))
         return 0
+    if args.status:
+        print(status(args.table, args.profile, seeds=args.seeds, runs_dir=Path(args.runs_dir)))
+        return 0
     if args.jobs < 1 or args.torchrun < 0:
         raise ConfigError(f"--jobs must be >= 1 and --torchrun >= 0, got {args.jobs} and {args.torchrun}")
+    launcher = slurm_launcher(args, launcher_resources(args.table, args.profile, args.slurm))
     print(reproduce(args.table, args.profile, seeds=args.seeds, jobs=args.jobs, runs_dir=Path(args.runs_dir),
-                    results_dir=Path(args.results_dir), torchrun=args.torchrun))
+                    results_dir=Path(args.results_dir), torchrun=args.torchrun, launcher=launcher, wait_lock=args.wait_lock))
+    return 0
+
+
+def add_launcher_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--launcher", default="local", choices=["local", "slurm"],
+                   help="local: processes on this machine; slurm: one SLURM job each, through submitit (pip install 'mlml[cluster]')")
+    p.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
+                   help="SLURM resources over the [launcher.slurm] section (repeatable): partition, nodes, gpus_per_node, "
+                        "cpus_per_task, mem_gb, time_min, account, job_name, sbatch.<option>, setup, checkpoint_every, "
+                        "max_requeues, signal_delay_s")
+    p.add_argument("--no-wait", dest="wait", action="store_false", help="--launcher slurm: submit and return, do not wait for the jobs")
+    p.add_argument("--poll", type=float, default=30.0, metavar="SECONDS", help="--launcher slurm: how often to read the jobs' states while waiting")
+
+
+def slurm_launcher(args: argparse.Namespace, resources):
+    """The SLURM launcher of `--launcher slurm`, else None (local processes)."""
+    from mlml.config import ConfigError
+    from mlml.launchers import SlurmLauncher
+
+    if args.launcher == "local":
+        if args.slurm:
+            raise ConfigError("--slurm options need --launcher slurm")
+        return None
+    return SlurmLauncher(resources, wait=args.wait, poll=args.poll)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    import os
+
+    from mlml.config import ConfigError
+    from mlml.launchers import launcher_section, slurm_resources
+    from mlml.search import SearchSpec, read_space, search
+
+    if args.trials < 1 or args.workers < 1:
+        raise ConfigError(f"--trials and --workers must be >= 1, got {args.trials} and {args.workers}")
+    study = args.study or f"{Path(args.config).stem}-{Path(args.space).stem}"
+    out = Path(args.out or Path("runs") / "search" / study).resolve()
+    resources = slurm_resources([launcher_section(read_space(Path(args.space)))], args.slurm, f"{args.space}: launcher.slurm")
+    launcher = slurm_launcher(args, resources)
+    threads = resources.threads if launcher else max(1, (os.cpu_count() or 1) // args.workers)
+    spec = SearchSpec(config=str(Path(args.config).resolve()), overrides=list(args.overrides), space=str(Path(args.space).resolve()),
+                      storage=args.storage or f"sqlite:///{out / 'study.db'}", study=study, out=str(out), metric=args.metric,
+                      pruner=args.pruner, startup_trials=args.startup_trials, seed=args.seed, threads=threads)
+    print(search(spec, args.trials, args.workers, launcher))
     return 0
 
 
@@ -155,9 +197,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one run")
     add_config_args(p)
     p.add_argument("--out", help="run directory (default runs/<experiment>/<setting>/<method>/seed<k>)")
-    p.add_argument("--resume", action="store_true", help="continue from <run dir>/checkpoints/last.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from <run dir>/checkpoints/last.pt (last.prev.pt if last.pt is unreadable); "
+                        "starts the run if there is none")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: continue a checkpoint written by another config (refused by default)")
     p.add_argument("--strict", action="store_true", help="stop on an unreadable image (= data.strict); default: skip and count it")
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("checkpoint", help="checkpoint tools")
+    ck_sub = p.add_subparsers(dest="checkpoint_command", required=True)
+    q = ck_sub.add_parser("convert", help="rewrite a checkpoint of an older mlml in the safe format (runs its code: "
+                                          "only for files you trust)")
+    q.add_argument("old")
+    q.add_argument("new")
+    q.add_argument("--trust", action="store_true", help="I trust where OLD came from (it is unpickled with weights_only=False)")
+    q.set_defaults(fn=cmd_checkpoint_convert)
+    q = ck_sub.add_parser("verify", help="check checkpoint files (header, size, checksum, safe load)")
+    q.add_argument("paths", nargs="+")
+    q.set_defaults(fn=cmd_checkpoint_verify)
 
     p = sub.add_parser("data", help="data tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)
@@ -171,16 +229,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(q)
     q.set_defaults(fn=cmd_data_index)
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint on full labels")
+    p = sub.add_parser("eval", help="evaluate a checkpoint on its run's data (complete or annotated labels, as the run)")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--split", default="test", choices=["val", "test"])
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="change a key of the run's config, e.g. where its data is here: --set data.root=/data/coco")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:1 | auto")
+    p.add_argument("--predictions", help="also write each image's predictions (.jsonl or .csv), as mlml predict does")
     p.set_defaults(fn=cmd_eval)
 
-    p = sub.add_parser("predict", help="label probabilities for image files")
+    p = sub.add_parser("predict", help="labels of image files from a checkpoint alone (no data, no config)")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("images", nargs="+")
-    p.add_argument("--top", type=int, default=5, help="labels shown per image")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("inputs", nargs="+", help="image files and folders (their images, recursively)")
+    p.add_argument("--out", help="write predictions.jsonl or predictions.csv (with a progress bar) instead of printing")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0, help="image decoding processes")
+    p.add_argument("--top", type=int, default=5, help="labels with probabilities per image")
+    p.add_argument("--json", action="store_true", help="print JSON (without --out)")
     p.set_defaults(fn=cmd_predict)
 
     p = sub.add_parser("reproduce", help="run a table's settings x methods x seeds and write results/<table>.md")
@@ -193,7 +259,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="launch each run as `torchrun --standalone --nproc_per_node=N -m mlml train ...`")
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--results-dir", default="results", help="where tables and measured costs (<table>.timing.json) go")
+    p.add_argument("--status", action="store_true", help="show each run as done, running, pending, failed (with its log), stopped or missing")
+    p.add_argument("--wait-lock", action="store_true", help="if another reproduction of the table runs, wait for it (default: refuse)")
+    add_launcher_args(p)
     p.set_defaults(fn=cmd_reproduce)
+
+    p = sub.add_parser("search", help="hyper-parameter search on validation metrics (Optuna; pip install 'mlml[cluster]')")
+    p.add_argument("config", help="TOML config the trials start from")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key in every trial (repeatable)")
+    p.add_argument("--space", required=True, help="search space TOML ([params], [[enqueue]], [launcher.slurm]; see mlml/search.py)")
+    p.add_argument("--trials", type=int, required=True, help="trials the study holds when done (complete, pruned or failed)")
+    p.add_argument("--workers", type=int, default=1, help="local processes, or SLURM jobs with --launcher slurm, sharing the study")
+    p.add_argument("--metric", default="val/mAP_macro", help="validation metric to maximise")
+    p.add_argument("--pruner", default="median", choices=["median", "halving", "none"],
+                   help="median: stop a trial below the median of finished ones at the same epoch; halving: successive halving")
+    p.add_argument("--startup-trials", type=int, default=5, help="finished trials before the median rule prunes and TPE models")
+    p.add_argument("--storage", help="Optuna storage URL, e.g. postgresql://user@host/db (default: sqlite:///<out>/study.db)")
+    p.add_argument("--study", help="study name (default: <config>-<space>)")
+    p.add_argument("--out", help="trial runs, trials.md and best.toml (default: runs/search/<study>)")
+    p.add_argument("--seed", type=int, default=0, help="sampler seed")
+    add_launcher_args(p)
+    p.set_defaults(fn=cmd_search)
 
     p = sub.add_parser("table", help="rebuild a table from the metrics.json files under a runs directory")
     p.add_argument("runs_dir")
@@ -204,14 +291,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from mlml.checkpoint import CheckpointError
     from mlml.config import ConfigError
     from mlml.data.annotations import AnnotationError
     from mlml.data.image_files import UnreadableImageError
+    from mlml.files import WriteError
     from mlml.registry import PluginError, UnknownNameError
 
     try:
         return args.fn(args)
-    except (ConfigError, FileNotFoundError, FileExistsError, UnknownNameError, PluginError, AnnotationError, UnreadableImageError) as err:
+    except (ConfigError, FileNotFoundError, FileExistsError, UnknownNameError, PluginError, AnnotationError, UnreadableImageError,
+            CheckpointError, WriteError) as err:
         print(f"mlml {args.command}: error: {err}", file=sys.stderr)
         return 2
 

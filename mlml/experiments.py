@@ -18,10 +18,15 @@ A table is a TOML file in `experiments/tables/`:
 measured cost of each profile (summed `train_seconds` of the runs, wall time of the last complete
 reproduction, hardware) that `mlml reproduce --list` shows. It also writes a TensorBoard
 custom-scalars layout at `runs/<table>/` (one chart per metric comparing every run).
+
+Tables only aggregate comparable runs (`check_comparable`): the seeds of one cell must share
+their config (but the seed) and their splits (`split_hash` in metrics.json), and the runs of a
+table may differ only in the keys the table varies; otherwise the error names the keys that differ.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -34,10 +39,12 @@ import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
-from mlml.config import Config, ConfigError, load_config
+from mlml.config import EXECUTION_KEYS, Config, ConfigError, config_diff, from_dict, load_config, parse_override, run_dir_for
+from mlml.files import FileLock, LockedError
+from mlml.launchers import SlurmLauncher, SlurmResources, launcher_section, run_states, slurm_resources
 from mlml.tensorboard import write_table_layout
-from mlml.trainer import run_dir_for
 
 TABLES_DIR = Path(__file__).resolve().parent.parent / "experiments" / "tables"
 
@@ -94,30 +101,21 @@ def run_dir(run: Run) -> Path:
     return run_dir_for(run_config(run))
 
 
-# Keys that say how a run was executed, not what it computes; they may differ between the
-# invocation that trained a run and the one that finds it done.
-EXECUTION_KEYS = ("run.threads", "run.progress", "run.out_dir")
-
-
-def flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k not in ("loss_args", "args", "observation_args"):
-            out.update(flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def check_done_run(run: Run, directory: Path) -> None:
     """A finished run is reused only if it was trained with this run's config (e.g. not another profile's)."""
-    saved = flat(load_config(directory / "config.toml").to_dict())
-    wanted = flat(run_config(run).to_dict())
-    differ = [k for k in wanted if k not in EXECUTION_KEYS and saved.get(k) != wanted[k]]
+    differ = config_diff(load_config(directory / "config.toml"), run_config(run), ignore=EXECUTION_KEYS)
     if differ:
-        shown = ", ".join(f"{k} = {saved.get(k)!r}, wanted {wanted[k]!r}" for k in differ[:3])
+        shown = ", ".join(f"{k} = {saved!r}, wanted {wanted!r}" for k, (saved, wanted) in list(differ.items())[:3])
         raise ConfigError(f"{directory} holds a finished run with another config ({shown}); "
                           "remove it or pass another --runs-dir (each profile wants its own)")
+
+
+def train_args(run: Run, threads: int) -> list[str]:
+    """The `mlml` arguments of one run: `train --config ... --resume --set ...`."""
+    args = ["train", "--config", str(run.config), "--resume"]
+    for o in (*run.overrides, f"run.threads={threads}", "run.progress=false"):
+        args += ["--set", o]
+    return args
 
 
 def train_command(run: Run, threads: int, torchrun: int = 0) -> list[str]:
@@ -126,10 +124,7 @@ def train_command(run: Run, threads: int, torchrun: int = 0) -> list[str]:
         head = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}", "-m", "mlml"]
     else:
         head = [sys.executable, "-m", "mlml"]
-    cmd = [*head, "train", "--config", str(run.config), "--resume"]
-    for o in (*run.overrides, f"run.threads={threads}", "run.progress=false"):
-        cmd += ["--set", o]
-    return cmd
+    return [*head, *train_args(run, threads)]
 
 
 def launch(run: Run, threads: int, torchrun: int = 0) -> None:
@@ -137,6 +132,27 @@ def launch(run: Run, threads: int, torchrun: int = 0) -> None:
     done = subprocess.run(train_command(run, threads, torchrun), capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"run {run.setting}/{run.method}/seed{run.seed} failed:\n{done.stderr[-3000:]}")
+
+
+@contextlib.contextmanager
+def table_lock(lock: Path, what: str, wait: bool = False, poll: float = 2.0) -> Iterator[None]:
+    """Hold `lock` (`mlml.files.FileLock`: owner pid, host and start; a dead local owner's lock is
+    taken over) while the block runs; if a live process holds it, `LockedError` names it, or with
+    `wait` the lock is waited for."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    holder = FileLock(lock, what)
+    while True:
+        try:
+            holder.acquire()
+            break
+        except LockedError:
+            if not wait:
+                raise
+            time.sleep(poll)
+    try:
+        yield
+    finally:
+        holder.release()
 
 
 def reproduce(
@@ -147,13 +163,24 @@ def reproduce(
     runs_dir: Path = Path("runs"),
     results_dir: Path = Path("results"),
     torchrun: int = 0,
+    launcher: SlurmLauncher | None = None,
+    wait_lock: bool = False,
 ) -> str:
     """Run every missing run of a table, then rebuild and return its Markdown table.
 
     Runs are subprocesses, `jobs` at a time, each under `torchrun --nproc_per_node=<torchrun>`
-    when `torchrun` > 0. A run whose `metrics.json` exists is not trained again.
+    when `torchrun` > 0; or, with a `launcher`, its jobs (`mlml.launchers`). A run whose
+    `metrics.json` exists is not trained again. One reproduction of a table at a time per runs
+    directory (`<runs_dir>/<table>/reproduce.lock`): a second one refuses, naming the first's pid
+    and host, or with `wait_lock` waits for it to finish.
     """
     spec = read_table(name)
+    with table_lock(runs_dir / spec["name"] / "reproduce.lock", f"table {spec['name']} in {runs_dir}", wait_lock):
+        return _reproduce(spec, name, profile, seeds, jobs, runs_dir, results_dir, torchrun, launcher)
+
+
+def _reproduce(spec: dict, name: str, profile: str, seeds: int | None, jobs: int, runs_dir: Path, results_dir: Path, torchrun: int,
+               launcher: SlurmLauncher | None) -> str:
     runs = expand(spec, profile, seeds, runs_dir)
     dirs = {r: run_dir(r) for r in runs}
     todo = [r for r in runs if not (dirs[r] / "metrics.json").exists()]
@@ -164,20 +191,128 @@ def reproduce(
     write_table_layout(runs_dir / spec["name"], spec["name"], spec["metrics"])
     threads = max(1, (os.cpu_count() or 1) // (max(1, jobs) * max(1, torchrun)))
     start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        for i, _ in enumerate(pool.map(lambda r: launch(r, threads, torchrun), todo)):
-            print(f"  finished {i + 1}/{len(todo)}", file=sys.stderr)
+    if launcher is not None:
+        if not launch_jobs(launcher, todo, dirs):
+            return f"{n_runs(len(todo))} submitted or queued; `mlml reproduce {name} --status` follows them, this command again writes the table once they are done"
+    else:
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            for i, _ in enumerate(pool.map(lambda r: launch(r, threads, torchrun), todo)):
+                print(f"  finished {i + 1}/{len(todo)}", file=sys.stderr)
     wall = time.perf_counter() - start
-    results = [json.loads((dirs[r] / "metrics.json").read_text()) for r in runs]
-    if todo:
-        record_timing(spec["name"], profile, results, wall if len(todo) == len(runs) else None, jobs, torchrun, results_dir)
+    results = [read_result(dirs[r] / "metrics.json") for r in runs]
+    if todo:       # a launcher's wall time includes queueing: not a measure of the profile's cost
+        complete = len(todo) == len(runs) and launcher is None
+        record_timing(spec["name"], profile, results, wall if complete else None, jobs, torchrun, results_dir)
     command = f"mlml reproduce {name} --profile {profile}" + (f" --seeds {seeds}" if seeds else "")
     return write_table(spec, results, results_dir, command)
 
 
+def read_result(path: Path) -> dict:
+    """A run's `metrics.json`; runs recorded before metrics.json held the config get it from the
+    `config.toml` beside it (when there is one), so tables can still compare them."""
+    try:
+        result = json.loads(path.read_text())
+        if not isinstance(result, dict) or not {"metrics", "setting", "method", "seed"} <= set(result):
+            raise ValueError("not the metrics.json of a run (metrics, setting, method, seed)")
+        config = path.parent / "config.toml"
+        if "config" not in result and config.is_file():
+            with open(config, "rb") as f:
+                result["config"] = from_dict(Config, tomllib.load(f)).to_dict()
+    except (OSError, ValueError) as err:          # JSON, TOML and config errors are ValueErrors
+        raise ConfigError(f"{path}: cannot be read as a run's results: {err}") from None
+    return result
+
+
+def launch_jobs(launcher: SlurmLauncher, todo: list[Run], dirs: dict[Run, Path]) -> bool:
+    """Hand the runs to a launcher (SLURM jobs); True once all are done, False if it did not wait."""
+    return launcher.run({dirs[r]: train_args(r, launcher.threads) for r in todo})
+
+
+def launcher_resources(name: str, profile: str, overrides: list[str]) -> SlurmResources:
+    """A table's SLURM resources: `[launcher.slurm]`, then `[profiles.<profile>.launcher.slurm]`, then `overrides`."""
+    spec = read_table(name)
+    if profile not in spec["profiles"]:
+        raise ConfigError(f"table '{spec['name']}' has no profile '{profile}'; known: {', '.join(spec['profiles'])}")
+    sections = [launcher_section(spec), launcher_section(spec, "profiles", profile)]
+    return slurm_resources(sections, overrides, f"{spec['path']}: launcher.slurm")
+
+
+def status(name: str, profile: str, seeds: int | None = None, runs_dir: Path = Path("runs")) -> str:
+    """Each run of a table as done, running, pending, failed (with its log's last lines), stopped
+    (a checkpoint but no job) or missing, from the run directories and the scheduler."""
+    spec = read_table(name)
+    runs = expand(spec, profile, seeds, runs_dir)
+    dirs = {r: run_dir(r) for r in runs}
+    states = run_states(list(dirs.values()))
+    lines = []
+    for r in runs:
+        s = states[dirs[r]]
+        lines.append(f"{r.setting}/{r.method}/seed{r.seed}: {s.state}" + (f" ({s.job})" if s.job else ""))
+        lines.extend(f"    | {line}" for line in s.log.splitlines())
+    counts = {k: sum(s.state == k for s in states.values()) for k in ("done", "running", "pending", "failed", "stopped", "missing")}
+    summary = f"{name} ({profile}): {n_runs(len(runs))}: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v)
+    if counts["done"] == len(runs):
+        summary += f"; `mlml reproduce {name} --profile {profile}` writes the table"
+    return "\n".join([summary, *lines])
+
+
 def collect(root: Path) -> list[dict]:
     """Every `metrics.json` below `root`."""
-    return [json.loads(p.read_text()) for p in sorted(root.rglob("metrics.json"))]
+    return [read_result(p) for p in sorted(root.rglob("metrics.json"))]
+
+
+def table_keys(spec: dict) -> set[str]:
+    """The config keys a table varies: those its settings (or its methods) do not all set alike."""
+    varied = set()
+    for group in ("settings", "methods"):
+        entries = [dict((".".join(k), v) for k, v in map(parse_override, over)) for over in spec.get(group, {}).values()]
+        for key in {k for e in entries for k in e}:
+            if any(e.get(key, None) != entries[0].get(key, None) for e in entries):
+                varied.add(key)
+    return varied
+
+
+def check_comparable(spec: dict, results: list[dict]) -> None:
+    """Refuse to aggregate runs that are not comparable; the error says which keys differ.
+
+    Seeds of one cell (setting, method) must differ in nothing but the seed (and how they were
+    executed, `EXECUTION_KEYS`) and share their splits (`split_hash`), each seed once; across the
+    table, runs may differ only in the keys the table varies (its settings' and methods' overrides).
+    Runs that recorded no config or splits (made before they were recorded) are not compared on them.
+    """
+    own = (*EXECUTION_KEYS, "run.seed")
+    table = (*own, "run.setting", "run.method_label", *table_keys(spec))
+    cells: dict[tuple[str, str], list[dict]] = {}
+    for r in results:
+        cells.setdefault((r["setting"], r["method"]), []).append(r)
+    for (setting, method), rs in cells.items():
+        name = f"{setting}/{method}"
+        seeds = [r["seed"] for r in rs]
+        if len(set(seeds)) != len(seeds):
+            raise ConfigError(f"table {spec['name']!r}: {name} has seed {max(seeds, key=seeds.count)} more than once; "
+                              "remove the copies (or pass a runs directory holding one table)")
+        first = rs[0]
+        for r in rs[1:]:
+            if first.get("split_hash") and r.get("split_hash") and first["split_hash"] != r["split_hash"]:
+                raise ConfigError(f"table {spec['name']!r}: {name} seed{first['seed']} and seed{r['seed']} were made on "
+                                  f"different splits ({first['split_hash']} vs {r['split_hash']}); they cannot share a row")
+            _refuse_differences(spec, f"{name} seed{first['seed']} and seed{r['seed']}", first, r, own)
+    if not (spec.get("settings") or spec.get("methods")):       # no table file: its variables are unknown
+        return
+    for r in results[1:]:
+        _refuse_differences(spec, f"{results[0]['setting']}/{results[0]['method']} seed{results[0]['seed']} and "
+                                  f"{r['setting']}/{r['method']} seed{r['seed']}", results[0], r, table)
+
+
+def _refuse_differences(spec: dict, what: str, a: dict, b: dict, ignore: tuple[str, ...]) -> None:
+    if "config" not in a or "config" not in b:
+        return
+    differ = config_diff(a["config"], b["config"], ignore)
+    if differ:
+        shown = "; ".join(f"{k}: {x!r} vs {y!r}" for k, (x, y) in list(differ.items())[:4])
+        more = f" (and {len(differ) - 4} more)" if len(differ) > 4 else ""
+        raise ConfigError(f"table {spec['name']!r}: {what} differ in keys the table does not vary: {shown}{more}; "
+                          "they cannot share a table")
 
 
 def n_runs(n: int) -> str:
@@ -199,12 +334,28 @@ def run_provenance(results: list[dict], key: str) -> str:
     return "; ".join(f"{v} ({n_runs(n)})" for v, n in counts.items())
 
 
+def split_of(result: dict) -> str:
+    """The run's split definition (`split_hash` in metrics.json; older runs did not record it)."""
+    return result.get("split_hash", "not recorded")
+
+
+def split_rows(results: list[dict]) -> list[dict]:
+    """The results, with the split in the method name when the runs used several splits (rows never mix splits)."""
+    if len({r["split_hash"] for r in results if "split_hash" in r}) < 2:    # runs that recorded none are not compared
+        return results
+    return [{**r, "method": f"{r['method']} [split {split_of(r)}]"} for r in results]
+
+
 def provenance(command: str, results: list[dict]) -> list[str]:
     train_seconds = sum(r.get("train_seconds", 0.0) for r in results)
+    splits: dict[str, int] = {}
+    for r in results:
+        splits[split_of(r)] = splits.get(split_of(r), 0) + 1
     return [
         f"Command: `{command}`",
         f"Commit: {run_provenance(results, 'commit')}; {run_provenance(results, 'versions')}",
         f"Hardware: {run_provenance(results, 'hardware')}",
+        "Splits (split_hash): " + "; ".join(f"{h} ({n_runs(n)})" for h, n in splits.items()),
         f"Training time: {n_runs(len(results))}, {minutes(train_seconds)} in total (sum of the runs' train_seconds)",
     ]
 
@@ -259,6 +410,9 @@ def aggregate(results: list[dict], metrics: list[str]) -> dict[tuple[str, str], 
 def markdown(spec: dict, agg: dict, command: str, results: list[dict]) -> tuple[str, str]:
     settings = list(spec["settings"]) if spec.get("settings") else sorted({s for s, _ in agg})
     methods = list(spec["methods"]) if spec.get("methods") else sorted({m for _, m in agg})
+    split_methods = sorted({m for _, m in agg} - set(methods))      # runs on several splits: "<method> [split <hash>]"
+    if split_methods:
+        methods = [m for m in methods if any(k[1] == m for k in agg)] + split_methods
     metrics = spec["metrics"]
     header = ["method"] + [f"{m} ({s})" if len(settings) > 1 else m for s in settings for m in metrics] + ["seeds"]
     lines = [f"# {spec['title']}", "", *[f"{line}  " for line in provenance(command, results)], "",
@@ -281,6 +435,8 @@ def markdown(spec: dict, agg: dict, command: str, results: list[dict]) -> tuple[
 
 
 def write_table(spec: dict, results: list[dict], results_dir: Path | None, command: str) -> str:
+    results = split_rows(results)
+    check_comparable(spec, results)
     md, table_csv = markdown(spec, aggregate(results, spec["metrics"]), command, results)
     if results_dir is not None:
         results_dir.mkdir(parents=True, exist_ok=True)

@@ -6,10 +6,16 @@ the device of its inputs. Results agree with scikit-learn (`average_precision_sc
 `roc_auc_score`, `f1_score(zero_division=0)`, `hamming_loss`), ties included: samples with equal
 scores form one threshold, never an arbitrary order.
 
+Partially annotated data (Open Images: only verified labels count): every metric takes an optional
+`mask: bool (N, C)`, True on the annotated entries, and is then computed on each class's annotated
+entries only, equal to scikit-learn on those entries (masked AP, AUROC, F1, Hamming, thresholds).
+
 The ranking metrics share one idea: sort each column by decreasing score once, find the block of
 tied scores each sample belongs to, and read true/false positive counts at the block boundaries.
 That turns AP, ROC AUC and the best-F1 threshold search into a few (N, C) tensor operations with no
-loop over samples or classes.
+loop over samples or classes. They run over chunks of classes (`CHUNK_BYTES` of working memory), so
+their peak memory stays bounded whatever C; fully annotated AP takes a faster path that sorts each
+class once and reads every positive's rank by binary search.
 """
 
 from __future__ import annotations
@@ -41,6 +47,18 @@ __all__ = [
 # Counts are accumulated in float64: exact up to 2**53 samples, and ratios of them stay within
 # 1e-15 of scikit-learn whatever the score dtype.
 _COUNT_DTYPE = torch.float64
+
+
+def _check_mask(scores: Tensor, mask: Tensor | None) -> Tensor | None:
+    """Validates an annotation mask (None: every entry annotated) and returns it as bool (N, C)."""
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor) or mask.shape != scores.shape:
+        raise ValueError(f"mask must be a tensor of the scores' shape {tuple(scores.shape)}, got "
+                         f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}")
+    if mask.device != scores.device:
+        raise ValueError(f"mask is on {mask.device} but scores are on {scores.device}")
+    return mask.bool()
 
 
 def _check_inputs(scores: Tensor, targets: Tensor) -> Tensor:
@@ -84,17 +102,25 @@ class _Ranked(NamedTuple):
     """
 
     sorted_scores: Tensor  # (N, C) decreasing down each column
-    positive: Tensor  # (N, C) float64, target of the k-th ranked sample
+    positive: Tensor  # (N, C) float64, target of the k-th ranked sample (0 where not annotated)
     block_end: Tensor  # (N, C) long, row of the last sample tied with the k-th
+    count_at: Tensor  # (N, C) float64, annotated samples predicted positive at the k-th score
     tp_at: Tensor  # (N, C) float64
     fp_above: Tensor  # (N, C) float64
     num_pos: Tensor  # (C,) float64
+    num_counted: Tensor  # (C,) float64, annotated samples
 
 
-def _rank(scores: Tensor, targets: Tensor) -> _Ranked:
-    """Sorts each column by decreasing score and counts positives at tie-block boundaries."""
+def _rank(scores: Tensor, targets: Tensor, mask: Tensor | None = None) -> _Ranked:
+    """Sorts each column by decreasing score and counts positives at tie-block boundaries.
+
+    With `mask`, entries that are not annotated stay in the order (they may share a tie block) but
+    count as neither positive nor negative.
+    """
     n = scores.shape[0]
     sorted_scores, order = scores.sort(dim=0, descending=True)  # (N, C)
+    if mask is not None:
+        targets = targets & mask
     positive = targets.gather(0, order).to(_COUNT_DTYPE)  # (N, C)
     row = torch.arange(n, device=scores.device).unsqueeze(1).expand_as(scores)  # (N, C)
 
@@ -109,52 +135,17 @@ def _rank(scores: Tensor, targets: Tensor) -> _Ranked:
     tp = positive.cumsum(dim=0)  # (N, C) positives among the top k+1
     tp_at = tp.gather(0, block_end)  # (N, C)
     tp_above = tp.gather(0, block_start) - positive.gather(0, block_start)  # (N, C)
-    fp_above = block_start.to(_COUNT_DTYPE) - tp_above  # (N, C)
-    return _Ranked(sorted_scores, positive, block_end, tp_at, fp_above, positive.sum(dim=0))
-
-
-def classes_without_positives(targets: Tensor) -> list[int]:
-    """Indices of the classes with no positive target.
-
-    Their AP is undefined, so macro mAP leaves them out; callers report them with this list.
-
-    Args:
-        targets: (N, C) in {0, 1}.
-
-    Returns:
-        Sorted class indices.
-    """
-    if targets.ndim != 2:
-        raise ValueError(f"targets must be 2-D (N, C), got shape {tuple(targets.shape)}")
-    return torch.nonzero(~targets.bool().any(dim=0)).flatten().tolist()
-
-
-def average_precision(scores: Tensor, targets: Tensor) -> Tensor:
-    """Per-class average precision, as scikit-learn's `average_precision_score`.
-
-    AP = sum over thresholds of (R_k - R_{k-1}) P_k: step-wise, without interpolation, with tied
-    scores forming a single threshold. Equivalently (and so computed), the mean over positives of
-    the precision at that positive's score: (positives scored >= it) / (samples scored >= it).
-    Classes go in chunks of at most `CHUNK_BYTES` of working memory; each chunk is sorted along
-    its contiguous axis and only the positives are looked up in it (no (N, C) cumulative counts).
-
-    Args:
-        scores: float (N, C), any score increasing with the chance of a positive.
-        targets: (N, C) in {0, 1}.
-
-    Returns:
-        (C,) AP in the dtype of `scores`; NaN for a class without positives.
-
-    Example:
-        >>> scores = torch.tensor([[0.9, 0.1], [0.8, 0.7], [0.3, 0.7], [0.2, 0.2]])
-        >>> targets = torch.tensor([[1, 0], [0, 1], [1, 0], [0, 0]])
-        >>> average_precision(scores, targets)
-        tensor([0.8333, 0.5000])
-    """
-    targets = _check_inputs(scores, targets)
-    n, c = scores.shape
-    step = _classes_per_chunk(n, bytes_per_entry=24)
-    return torch.cat([_ap_chunk(scores[:, i : i + step], targets[:, i : i + step]) for i in range(0, c, step)]).to(scores.dtype)
+    if mask is None:  # every sample counts: counts are row numbers
+        count_at, count_above = (block_end + 1).to(_COUNT_DTYPE), block_start.to(_COUNT_DTYPE)  # (N, C)
+        num_counted = torch.full_like(tp[0], n)  # (C,)
+    else:
+        counted = mask.gather(0, order).to(_COUNT_DTYPE)  # (N, C)
+        seen = counted.cumsum(dim=0)  # (N, C) annotated samples among the top k+1
+        count_at = seen.gather(0, block_end)  # (N, C)
+        count_above = seen.gather(0, block_start) - counted.gather(0, block_start)  # (N, C)
+        num_counted = counted.sum(dim=0)  # (C,)
+    fp_above = count_above - tp_above  # (N, C)
+    return _Ranked(sorted_scores, positive, block_end, count_at, tp_at, fp_above, positive.sum(dim=0), num_counted)
 
 
 # Working memory of one chunk of classes in the ranking metrics (AP, AUROC, thresholds): bounds their
@@ -195,8 +186,68 @@ def _ap_chunk(scores: Tensor, targets: Tensor) -> Tensor:
     return torch.where(valid, precision, 0.0).sum(dim=1) / num_pos.to(_COUNT_DTYPE)  # (m,) 0/0 = NaN
 
 
+def _by_class_chunks(fn, scores: Tensor, targets: Tensor, mask: Tensor | None) -> Tensor:
+    """`fn(scores, targets, mask) -> (C,)` on chunks of classes (the `_rank` intermediates take
+    ~120 bytes per entry), concatenated: bounded memory whatever C."""
+    step = _classes_per_chunk(scores.shape[0], bytes_per_entry=120)
+    cut = lambda x, i: None if x is None else x[:, i : i + step]
+    return torch.cat([fn(scores[:, i : i + step], targets[:, i : i + step], cut(mask, i)) for i in range(0, scores.shape[1], step)])
+
+
+def classes_without_positives(targets: Tensor) -> list[int]:
+    """Indices of the classes with no positive target.
+
+    Their AP is undefined, so macro mAP leaves them out; callers report them with this list.
+
+    Args:
+        targets: (N, C) in {0, 1}.
+
+    Returns:
+        Sorted class indices.
+    """
+    if targets.ndim != 2:
+        raise ValueError(f"targets must be 2-D (N, C), got shape {tuple(targets.shape)}")
+    return torch.nonzero(~targets.bool().any(dim=0)).flatten().tolist()
+
+
+def average_precision(scores: Tensor, targets: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Per-class average precision, as scikit-learn's `average_precision_score`.
+
+    AP = sum over thresholds of (R_k - R_{k-1}) P_k: step-wise, without interpolation, with tied
+    scores forming a single threshold. Equivalently, the mean over positives of the precision at
+    that positive's score.
+
+    Args:
+        scores: float (N, C), any score increasing with the chance of a positive.
+        targets: (N, C) in {0, 1}.
+        mask: optional bool (N, C), the annotated entries: AP of each class over those only.
+
+    Returns:
+        (C,) AP in the dtype of `scores`; NaN for a class without (annotated) positives.
+
+    Example:
+        >>> scores = torch.tensor([[0.9, 0.1], [0.8, 0.7], [0.3, 0.7], [0.2, 0.2]])
+        >>> targets = torch.tensor([[1, 0], [0, 1], [1, 0], [0, 0]])
+        >>> average_precision(scores, targets)
+        tensor([0.8333, 0.5000])
+    """
+    targets = _check_inputs(scores, targets)
+    mask = _check_mask(scores, mask)
+    if mask is None or bool(mask.all()):        # every entry annotated: the faster exact path
+        step = _classes_per_chunk(scores.shape[0], bytes_per_entry=24)
+        chunks = [_ap_chunk(scores[:, i : i + step], targets[:, i : i + step]) for i in range(0, scores.shape[1], step)]
+        return torch.cat(chunks).to(scores.dtype)
+    return _by_class_chunks(_masked_ap_chunk, scores, targets, mask).to(scores.dtype)
+
+
+def _masked_ap_chunk(scores: Tensor, targets: Tensor, mask: Tensor | None) -> Tensor:
+    r = _rank(scores, targets, mask)
+    precision_at = r.tp_at / r.count_at.clamp(min=1)  # (N, C) count_at >= 1 wherever positive
+    return (r.positive * precision_at).sum(dim=0) / r.num_pos  # (C,) 0/0 = NaN without positives
+
+
 def mean_average_precision(
-    scores: Tensor, targets: Tensor, average: Average = "macro"
+    scores: Tensor, targets: Tensor, average: Average = "macro", mask: Tensor | None = None
 ) -> Tensor:
     """Mean average precision over classes.
 
@@ -206,6 +257,7 @@ def mean_average_precision(
         average: "macro": mean of per-class AP over the classes with at least one positive (see
             `classes_without_positives` for those left out); "micro": AP of all (sample, class)
             pairs pooled, as scikit-learn's average="micro"; None: per-class AP with NaN.
+        mask: optional bool (N, C), the annotated entries (micro: the annotated pairs pooled).
 
     Returns:
         A scalar, or (C,) for average=None, in the dtype of `scores`. NaN when no class has a
@@ -221,13 +273,15 @@ def mean_average_precision(
     """
     _check_average(average, ("macro", "micro", None))
     _check_inputs(scores, targets)  # before flattening, which would hide a shape mismatch
+    mask = _check_mask(scores, mask)
     if average == "micro":
-        return average_precision(scores.reshape(-1, 1), targets.reshape(-1, 1)).squeeze(0)
-    ap = average_precision(scores, targets)  # (C,)
+        flat_mask = None if mask is None else mask.reshape(-1, 1)
+        return average_precision(scores.reshape(-1, 1), targets.reshape(-1, 1), flat_mask).squeeze(0)
+    ap = average_precision(scores, targets, mask)  # (C,)
     return ap if average is None else ap.nanmean()
 
 
-def auroc(scores: Tensor, targets: Tensor, average: Literal["macro"] | None = "macro") -> Tensor:
+def auroc(scores: Tensor, targets: Tensor, average: Literal["macro"] | None = "macro", mask: Tensor | None = None) -> Tensor:
     """Area under the ROC curve per class, as scikit-learn's `roc_auc_score`.
 
     The probability that a random positive outscores a random negative, a tie counting one half
@@ -237,30 +291,24 @@ def auroc(scores: Tensor, targets: Tensor, average: Literal["macro"] | None = "m
         scores: float (N, C).
         targets: (N, C) in {0, 1}.
         average: "macro": mean over the classes having both positives and negatives; None: (C,).
+        mask: optional bool (N, C), the annotated entries.
 
     Returns:
         A scalar or (C,) in the dtype of `scores`; NaN for a class with a single target value.
     """
     _check_average(average, ("macro", None))
     targets = _check_inputs(scores, targets)
-    auc = _by_class_chunks(_auroc_chunk, scores, targets).to(scores.dtype)
+    auc = _by_class_chunks(_auroc_chunk, scores, targets, _check_mask(scores, mask)).to(scores.dtype)
     return auc if average is None else auc.nanmean()
 
 
-def _auroc_chunk(scores: Tensor, targets: Tensor) -> Tensor:
-    r = _rank(scores, targets)
-    num_neg = scores.shape[0] - r.num_pos  # (C,)
-    fp_at = (r.block_end + 1) - r.tp_at  # (N, C)
+def _auroc_chunk(scores: Tensor, targets: Tensor, mask: Tensor | None) -> Tensor:
+    r = _rank(scores, targets, mask)
+    num_neg = r.num_counted - r.num_pos  # (C,)
+    fp_at = r.count_at - r.tp_at  # (N, C)
     # Negatives a positive beats: those strictly below, plus half of those tied with it.
     wins = num_neg - (r.fp_above + fp_at) / 2  # (N, C)
     return (r.positive * wins).sum(dim=0) / (r.num_pos * num_neg)  # (C,) 0/0 = NaN
-
-
-def _by_class_chunks(fn, scores: Tensor, targets: Tensor) -> Tensor:
-    """`fn(scores, targets) -> (C,)` applied to chunks of classes (the `_rank` intermediates take
-    ~100 bytes per entry) and concatenated: bounded memory whatever C."""
-    step = _classes_per_chunk(scores.shape[0], bytes_per_entry=112)
-    return torch.cat([fn(scores[:, i : i + step], targets[:, i : i + step]) for i in range(0, scores.shape[1], step)])
 
 
 def _predict(scores: Tensor, threshold: float | Tensor) -> Tensor:
@@ -280,7 +328,7 @@ def _predict(scores: Tensor, threshold: float | Tensor) -> Tensor:
 
 
 def f1_score(
-    scores: Tensor, targets: Tensor, threshold: float | Tensor = 0.5, average: Average = "macro"
+    scores: Tensor, targets: Tensor, threshold: float | Tensor = 0.5, average: Average = "macro", mask: Tensor | None = None
 ) -> Tensor:
     """F1 of the predictions `scores >= threshold`, as scikit-learn's `f1_score(zero_division=0)`.
 
@@ -292,13 +340,17 @@ def f1_score(
         average: "macro": mean of per-class F1 over all classes (a class with no positive and no
             prediction counts as 0, as in scikit-learn); "micro": F1 of the pooled counts;
             None: per-class (C,).
+        mask: optional bool (N, C), the annotated entries: only those are counted.
 
     Returns:
         A scalar or (C,) in the dtype of `scores`.
     """
     _check_average(average, ("macro", "micro", None))
     targets = _check_inputs(scores, targets)
+    mask = _check_mask(scores, mask)
     pred = _predict(scores, threshold)  # (N, C)
+    if mask is not None:
+        pred, targets = pred & mask, targets & mask  # an entry not annotated is neither right nor wrong
     tp = (pred & targets).sum(dim=0).to(_COUNT_DTYPE)  # (C,)
     wrong = (pred ^ targets).sum(dim=0).to(_COUNT_DTYPE)  # (C,) false positives + false negatives
     if average == "micro":
@@ -308,7 +360,7 @@ def f1_score(
     return f1.mean() if average == "macro" else f1
 
 
-def hamming_loss(scores: Tensor, targets: Tensor, threshold: float | Tensor = 0.5) -> Tensor:
+def hamming_loss(scores: Tensor, targets: Tensor, threshold: float | Tensor = 0.5, mask: Tensor | None = None) -> Tensor:
     """Fraction of wrong (sample, class) predictions `scores >= threshold`.
 
     Equals scikit-learn's `hamming_loss` on the thresholded predictions.
@@ -317,16 +369,20 @@ def hamming_loss(scores: Tensor, targets: Tensor, threshold: float | Tensor = 0.
         scores: float (N, C).
         targets: (N, C) in {0, 1}.
         threshold: a number, or per-class thresholds (C,).
+        mask: optional bool (N, C): the fraction over the annotated entries only.
 
     Returns:
-        A scalar in the dtype of `scores`.
+        A scalar in the dtype of `scores` (NaN when no entry is annotated).
     """
     targets = _check_inputs(scores, targets)
+    mask = _check_mask(scores, mask)
     wrong = _predict(scores, threshold) ^ targets  # (N, C)
-    return wrong.to(_COUNT_DTYPE).mean().to(scores.dtype)
+    if mask is None:
+        return wrong.to(_COUNT_DTYPE).mean().to(scores.dtype)
+    return ((wrong & mask).sum().to(_COUNT_DTYPE) / mask.sum()).to(scores.dtype)
 
 
-def calibrate_thresholds(scores: Tensor, targets: Tensor) -> Tensor:
+def calibrate_thresholds(scores: Tensor, targets: Tensor, mask: Tensor | None = None) -> Tensor:
     """Per-class thresholds maximising each class's F1 on the given (validation) data.
 
     Every distinct score of a class is a candidate; F1 at all of them comes from one sort. The
@@ -343,6 +399,7 @@ def calibrate_thresholds(scores: Tensor, targets: Tensor) -> Tensor:
     Args:
         scores: float (N, C).
         targets: (N, C) in {0, 1}.
+        mask: optional bool (N, C): F1 of each class on its annotated entries only.
 
     Returns:
         (C,) thresholds in the dtype of `scores`, to use as `scores >= thresholds`.
@@ -356,14 +413,14 @@ def calibrate_thresholds(scores: Tensor, targets: Tensor) -> Tensor:
         tensor([0.2500, 0.1500,    inf])
     """
     targets = _check_inputs(scores, targets)
-    return _by_class_chunks(_thresholds_chunk, scores, targets)
+    return _by_class_chunks(_thresholds_chunk, scores, targets, _check_mask(scores, mask))
 
 
-def _thresholds_chunk(scores: Tensor, targets: Tensor) -> Tensor:
-    r = _rank(scores, targets)
+def _thresholds_chunk(scores: Tensor, targets: Tensor, mask: Tensor | None) -> Tensor:
+    r = _rank(scores, targets, mask)
     n = scores.shape[0]
-    # Thresholding at the k-th score predicts block_end + 1 samples: F1 = 2 TP / (pred + pos).
-    f1 = 2 * r.tp_at / (r.block_end + 1 + r.num_pos)  # (N, C)
+    # Thresholding at the k-th score predicts count_at (annotated) samples: F1 = 2 TP / (pred + pos).
+    f1 = 2 * r.tp_at / (r.count_at + r.num_pos).clamp(min=1)  # (N, C)
     best = f1.argmax(dim=0, keepdim=True)  # (1, C) first = highest-scored maximiser
     end = r.block_end.gather(0, best)  # (1, C)
     chosen = r.sorted_scores.gather(0, best).squeeze(0)  # (C,)
@@ -377,7 +434,7 @@ def _thresholds_chunk(scores: Tensor, targets: Tensor) -> Tensor:
 
 
 def multilabel_metrics(
-    scores: Tensor, targets: Tensor, threshold: float = 0.5, thresholds: Tensor | None = None
+    scores: Tensor, targets: Tensor, threshold: float = 0.5, thresholds: Tensor | None = None, mask: Tensor | None = None
 ) -> dict[str, float]:
     """The evaluation summary written to metrics.json.
 
@@ -388,6 +445,7 @@ def multilabel_metrics(
         threshold: one threshold for `f1_*` and `hamming`.
         thresholds: optional per-class (C,) thresholds, typically `calibrate_thresholds` on a
             validation split; adds the `*_calibrated` entries.
+        mask: optional bool (N, C), the annotated entries: every metric on those only.
 
     Returns:
         `mAP_macro` (over classes with a positive), `mAP_micro`, `auroc_macro` (over classes with
@@ -398,19 +456,20 @@ def multilabel_metrics(
     _check_inputs(scores, targets)
     if ((scores < 0) | (scores > 1)).any():
         raise ValueError("scores must be probabilities in [0, 1]; apply torch.sigmoid to logits")
+    m = _check_mask(scores, mask)
     summary = {
-        "mAP_macro": mean_average_precision(scores, targets, "macro"),
-        "mAP_micro": mean_average_precision(scores, targets, "micro"),
-        "auroc_macro": auroc(scores, targets, "macro"),
-        "f1_macro": f1_score(scores, targets, threshold, "macro"),
-        "f1_micro": f1_score(scores, targets, threshold, "micro"),
-        "hamming": hamming_loss(scores, targets, threshold),
+        "mAP_macro": mean_average_precision(scores, targets, "macro", m),
+        "mAP_micro": mean_average_precision(scores, targets, "micro", m),
+        "auroc_macro": auroc(scores, targets, "macro", m),
+        "f1_macro": f1_score(scores, targets, threshold, "macro", m),
+        "f1_micro": f1_score(scores, targets, threshold, "micro", m),
+        "hamming": hamming_loss(scores, targets, threshold, m),
     }
     if thresholds is not None:
         summary |= {
-            "f1_macro_calibrated": f1_score(scores, targets, thresholds, "macro"),
-            "f1_micro_calibrated": f1_score(scores, targets, thresholds, "micro"),
-            "hamming_calibrated": hamming_loss(scores, targets, thresholds),
+            "f1_macro_calibrated": f1_score(scores, targets, thresholds, "macro", m),
+            "f1_micro_calibrated": f1_score(scores, targets, thresholds, "micro", m),
+            "hamming_calibrated": hamming_loss(scores, targets, thresholds, m),
         }
     return {name: value.item() for name, value in summary.items()}
 

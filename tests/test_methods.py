@@ -34,3 +34,32 @@ def test_pos_weight_observed(tmp_path):
 
     trainer = Trainer(tiny_config("method.pos_weight=observed"), tmp_path, DistInfo())
     assert torch.isfinite(torch.tensor(trainer.train_step(next(iter(trainer.train_loader)))["loss"]))
+
+
+@pytest.mark.parametrize("method", METHODS.names())
+def test_scrambled_answer_key_changes_no_loss_or_gradient(method, tmp_path):
+    """The hidden ground truth reaches a method only through its diagnostics channel, never its loss."""
+    from mlml.distributed import DistInfo
+
+    cfg = tiny_config(f"method.name={method}", *METHODS.get(method).requires)
+    asked: list[int] = []
+
+    def scrambled(split, positions):
+        asked.append(len(positions))
+        g = torch.Generator().manual_seed(len(asked))
+        return torch.rand(len(positions), trainer.data.label_space.num_labels, generator=g) < 0.5
+
+    results = []
+    for scramble in (False, True):
+        trainer = Trainer(cfg, tmp_path / str(scramble), DistInfo())
+        if scramble:
+            trainer.data.hidden_labels = scrambled
+        batch = next(iter(trainer.train_loader))
+        assert "full_targets" not in batch
+        parts = trainer.train_step(batch)
+        results.append((parts["loss"], [p.detach().clone() for p in trainer.model.parameters()]))
+    (loss_a, params_a), (loss_b, params_b) = results
+    assert loss_a == loss_b
+    assert all(torch.equal(a, b) for a, b in zip(params_a, params_b))
+    if method in ("mean_teacher", "grouped_teacher"):
+        assert asked, "the diagnostics channel was not used, so the scramble tested nothing"

@@ -1,8 +1,9 @@
 """From a source to batches: split datasets, per-sample views, deterministic samplers, collate.
 
 A dataset item is `{"index": k, <view name>: uint8 (3, H, W), ...}`; the collate step stacks the
-views and assembles `targets`, `observed`, `full_targets` and `domain` for the batch from the
-sparse label store and the observation model (labels are densified per batch, never stored dense).
+views and assembles `targets`, `observed` and `domain` for the batch from the sparse label store and
+the observation model (labels are densified per batch, never stored dense). Batches never carry the
+hidden ground truth: evaluation and diagnostics ask for it by name (`Data.hidden_labels`).
 
 An image that cannot be read becomes the item `{"index": k, "skipped": True}` (with a warning
 naming the file) unless the dataset is strict, when the error stops the run. The collate step
@@ -88,7 +89,6 @@ class Collate:
             index=index,
             targets=targets,
             observed=observed,
-            full_targets=full.float(),  # ground truth: for evaluation and diagnostics only, never a training signal
             domain=torch.from_numpy(self.observation.domain(rows)),
         )
         return batch

@@ -58,6 +58,10 @@ class MethodContext:
     train_labels: Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]] | None = None
     # the student model, unwrapped and on its device (a teacher starts as its copy); None outside the trainer
     student: nn.Module | None = None
+    # The answer key, for logged diagnostics only (pseudo-label precision): training-split positions
+    # (B,) long -> the hidden full labels bool (B, C) on the same device. Never a training signal:
+    # tests/test_methods.py scrambles it and checks that no method's loss or gradients change.
+    hidden_labels_for_diagnostics: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 class Method(nn.Module):
@@ -105,6 +109,18 @@ class Method(nn.Module):
         features = caught[0].float()                                       # (k B, D)
         branch = self.domain_branch(features, domain.repeat(len(features) // len(domain)))
         return {**parts, **branch, "loss": parts["loss"] + branch["loss"]}
+
+    def diagnostic_truth(self, index: torch.Tensor) -> torch.Tensor | None:
+        """bool (B, C) hidden full labels of training positions `index`, for logged diagnostics only.
+
+        None when the run has no answer key (outside the trainer). Whatever a method computes from
+        it must not reach its loss.
+        """
+        channel = self.ctx.hidden_labels_for_diagnostics
+        if channel is None:
+            return None
+        with torch.no_grad():
+            return channel(index)
 
     def reduce_all_gradients(self) -> None:
         """`reduce_gradients`, plus the domain head's gradients averaged over ranks (outside DDP)."""

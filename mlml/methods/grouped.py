@@ -101,12 +101,13 @@ class GroupedTeacher(Grouped):
         weight = self.ema.weight()
         sup = parts.pop("loss")
         parts.update(loss=sup + weight * cons, sup=sup.detach(), pseudo=cons.detach(), weight=torch.tensor(weight))
-        truth = group_targets(batch["full_targets"], torch.ones_like(batch["observed"]), space)   # diagnostics only
+        hidden = self.diagnostic_truth(batch["index"])
+        truth = group_targets(hidden.float(), torch.ones_like(hidden), space) if hidden is not None else None
         for g, p in only_pseudo.items():
             unobserved = ~known[g].mask
             if unobserved.any():
                 parts[f"pseudo_rate/{g}"] = p.mask[unobserved].float().mean()
-            if p.mask.any():
+            if truth is not None and p.mask.any():
                 parts[f"pseudo_acc/{g}"] = (p.cls == truth[g].cls)[p.mask].float().mean()
         return parts
 

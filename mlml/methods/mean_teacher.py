@@ -243,7 +243,9 @@ class MeanTeacher(Method):
         weight = self.ema.weight()
         parts = {"loss": sup + weight * cons, "sup": sup.detach(), "pseudo": cons.detach(),
                  "weight": torch.tensor(weight)}
-        parts.update(pseudo_label_quality(pseudo, mask, batch["full_targets"], observed))
+        truth = self.diagnostic_truth(batch["index"])
+        if truth is not None:
+            parts.update(pseudo_label_quality(pseudo, mask, truth, observed))
         return parts
 
     def thresholds(self, probs: Tensor) -> tuple[Tensor | float, Tensor | float]:

@@ -13,7 +13,7 @@ all-gathers (index, values) from every rank first: every rank writes the same ro
 stays identical across ranks (tests/test_distributed.py checks it for every registered method).
 ROLE's table is a parameter outside DDP; `Method.reduce_gradients` averages its gradient.
 
-Formulas, defaults and schedules: /work/shared/REFERENCES.md (the papers and their reference code).
+Formulas, defaults and schedules: docs/references.md (the papers and their reference code).
 """
 
 from __future__ import annotations
