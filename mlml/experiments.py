@@ -218,6 +218,8 @@ def read_result(path: Path) -> dict:
         if "config" not in result and config.is_file():
             with open(config, "rb") as f:
                 result["config"] = from_dict(Config, tomllib.load(f)).to_dict()
+    except FileNotFoundError:                     # a run that has not (yet) written its results
+        raise
     except (OSError, ValueError) as err:          # JSON, TOML and config errors are ValueErrors
         raise ConfigError(f"{path}: cannot be read as a run's results: {err}") from None
     return result

@@ -143,10 +143,9 @@ def check_annotations(path: Path) -> None:
     except AnnotationError as err:
         assert one_line(err).startswith(f"{path}:"), str(err)
         return
-    for entry in rows:
-        assert entry.path and not set(entry.positives) & set(entry.negatives)
-        assert all(0 <= i < 4 for i in entry.positives + entry.negatives)
-    assert len({entry.path for entry in rows}) == len(rows)
+    for row in rows:
+        assert row.path and not set(row.positives) & set(row.negatives) and all(0 <= i < 4 for i in row.positives + row.negatives)
+    assert len({row.path for row in rows}) == len(rows)
 
 
 VALID_CSV = ["path,positives,negatives", "a/1.png,cat;sofa,dog", "a/2.png,,", '"a/3,b.png", dog , cat;red', "b/4.png,red,"]
