@@ -128,7 +128,7 @@ def test_cli_answers_a_bad_config_file_with_one_line(tmp_path, data, capsys):
     f.write_bytes(data)
     capsys.readouterr()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(mlml.trainer, "train", lambda cfg, out, resume: {"metrics": {}})
+        mp.setattr(mlml.trainer, "train", lambda cfg, out, resume, **kwargs: {"metrics": {}})
         code = main(["train", "--config", str(f), "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert code in (0, 2)
@@ -143,9 +143,9 @@ def check_annotations(path: Path) -> None:
     except AnnotationError as err:
         assert one_line(err).startswith(f"{path}:"), str(err)
         return
-    for image, pos, neg in rows:
+    for image, pos, neg, *_ in rows:
         assert image and not set(pos) & set(neg) and all(0 <= i < 4 for i in pos + neg)
-    assert len({image for image, _, _ in rows}) == len(rows)
+    assert len({image for image, *_ in rows}) == len(rows)
 
 
 VALID_CSV = ["path,positives,negatives", "a/1.png,cat;sofa,dog", "a/2.png,,", '"a/3,b.png", dog , cat;red', "b/4.png,red,"]
