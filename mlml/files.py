@@ -109,21 +109,23 @@ class FileLock:
 
     def acquire(self) -> None:
         me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                self._take_over_if_stale()
-                continue
-            except OSError as err:
-                raise write_error(self.path, err) from err
-            try:
-                _write_all(fd, json.dumps(me).encode())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            self.owned = True
-            return
+        # The content is complete before the lock appears: written to a file of this process, then
+        # hard-linked to the lock's name, which fails if the lock exists (atomic, also over NFS).
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            atomic_write_bytes(tmp, json.dumps(me).encode())
+            for _ in range(3):
+                try:
+                    os.link(tmp, self.path)
+                except FileExistsError:
+                    self._take_over_if_stale()
+                    continue
+                except OSError as err:
+                    raise write_error(self.path, err) from err
+                self.owned = True
+                return
+        finally:
+            discard(tmp)
         raise LockedError(f"could not take the lock {self.path} (it keeps reappearing); another process is starting on {self.what}")
 
     def _take_over_if_stale(self) -> None:
