@@ -151,3 +151,18 @@ def test_split_hash_is_stable_and_changes_with_any_index_or_name():
     assert split_hash(splits) != split_hash(moved)
     assert split_hash(splits) != split_hash({"train": splits["val"], "val": splits["train"], "test": splits["test"]})
     assert len(split_hash(splits)) == 16
+
+
+def test_loader_workers_leave_stop_signals_to_the_trainer():
+    """SLURM signals the whole process group: workers must not die before the trainer saves."""
+    import subprocess
+    import sys
+
+    from mlml.data.pipeline import ignore_stop_signals
+
+    data = build_data(tiny_config("data.num_workers=1").data)
+    assert data.loader("train", {"image": "none"}, seed=0).worker_init_fn is ignore_stop_signals
+    code = ("import os, signal; from mlml.data.pipeline import ignore_stop_signals; ignore_stop_signals(0); "
+            "os.kill(os.getpid(), signal.SIGTERM); os.kill(os.getpid(), signal.SIGUSR1); print('alive')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "alive", out.stderr

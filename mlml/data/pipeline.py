@@ -28,6 +28,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import signal
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -250,6 +251,13 @@ class ImageCache:
         return self.images[self.position[row]]
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave SIGTERM / SIGUSR1 (sent by SLURM or Kubernetes to the whole process group)
+    to the trainer, which finishes its step, writes `last.pt` and then shuts the workers down."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 @dataclass
 class Data:
     """A source with its splits and observation model; makes datasets and loaders."""
@@ -306,6 +314,7 @@ class Data:
         common = dict(
             num_workers=workers,
             persistent_workers=workers > 0,
+            worker_init_fn=ignore_stop_signals,
             pin_memory=torch.cuda.is_available(),
             collate_fn=Collate(dataset.rows, self.labels, self.observation_for(split)),
             # Its own generator: starting an epoch's iterator draws a worker base seed, which must not
