@@ -94,6 +94,8 @@ class MethodConfig:
     # adversarial domain branch for any method: {weight, hidden, schedule, lambda_max, gamma};
     # empty or weight 0 = off (see mlml/methods/domain.py)
     domain_branch: dict = field(default_factory=dict)
+    # EMA teacher for any method: {decay, weight, rampup, thresholds...}; empty = off (mlml/methods/teacher.py)
+    teacher: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -133,7 +135,8 @@ class Config:
     def method_label(self) -> str:
         if self.run.method_label:
             return self.run.method_label
-        return self.method.loss if self.method.name == "supervised" else f"{self.method.name}-{self.method.loss}"
+        label = self.method.loss if self.method.name == "supervised" else f"{self.method.name}-{self.method.loss}"
+        return label + ("+teacher" if self.method.teacher else "")
 
 
 def run_dir_for(cfg: Config) -> Path:
@@ -212,7 +215,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     data = read_toml_with_bases(Path(path)) if path else {}
     for text in overrides:
         merge(data, *parse_override(text))
-    return from_dict(Config, data)
+    from mlml.settings import validate   # the components' settings (mlml/settings.py)
+    return validate(from_dict(Config, data), path, overrides)
 
 
 def read_toml_with_bases(path: Path) -> dict:
@@ -234,7 +238,7 @@ def read_toml_with_bases(path: Path) -> dict:
 
 def deep_update(base: dict, new: dict) -> None:
     for k, v in new.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict) and k not in ("loss_args", "args", "observation_args", "domain_branch"):
+        if isinstance(v, dict) and isinstance(base.get(k), dict) and k not in ("loss_args", "args", "observation_args", "domain_branch", "teacher"):
             deep_update(base[k], v)
         else:
             base[k] = v
@@ -259,7 +263,7 @@ def _write_table(data: dict, path: list[str], lines: list[str]) -> None:
 
 def _is_table(key: str, value: Any) -> bool:
     # Free-form dict fields are written inline so they read back as the same dict.
-    return isinstance(value, dict) and key not in ("loss_args", "args", "observation_args", "domain_branch")
+    return isinstance(value, dict) and key not in ("loss_args", "args", "observation_args", "domain_branch", "teacher")
 
 
 def _toml_value(v: Any) -> str:

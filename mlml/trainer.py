@@ -51,7 +51,7 @@ from mlml.distributed import (
 from mlml.evaluation import (
     calibrate_thresholds, classes_without_positives, group_metrics, per_class_ap, predict, softmax_groups, split_metrics,
 )
-from mlml.methods import Method, MethodContext, build_method
+from mlml.methods import Method, MethodContext, build_method, method_views
 from mlml.models import build_model
 from mlml.provenance import environment
 from mlml.tensorboard import RunLogger
@@ -220,8 +220,7 @@ class Trainer:
         self.logger = RunLogger(run_dir, enabled=info.is_main)
 
     def _method_views(self) -> dict[str, str]:
-        from mlml.methods import METHODS
-        return dict(METHODS.get(self.cfg.method.name).views)
+        return method_views(self.cfg.method)
 
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> dict:
@@ -305,7 +304,7 @@ class Trainer:
             parts = self.train_step(batch)
             self.step_in_epoch += 1
             self.global_step += 1
-            self.method.end_step(self.model, self.global_step)
+            self.method.after_optimizer_step(self.model, self.global_step)
             self.logger.scalars("train", parts, self.global_step)
             self.logger.scalars("train", {"lr": self.cfg.optim.lr * factor}, self.global_step)
             bar.set_postfix(loss=f"{parts['loss']:.4f}")
@@ -342,7 +341,7 @@ class Trainer:
                 self.scaler.scale(loss * weight).backward()
             for k, v in out.items():
                 parts[k] = parts.get(k, 0.0) + weight * float(v.detach())
-        self.method.reduce_all_gradients()               # the method's own parameters are outside DDP
+        self.method.sync_gradients()               # the method's own parameters are outside DDP
         if self.cfg.optim.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
@@ -353,7 +352,7 @@ class Trainer:
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         try:
-            return self.method.run_step(batch, self.ddp_model)
+            return self.method.training_step(batch, self.ddp_model)
         except RuntimeError as err:
             if "finished reduction in the prior iteration" not in str(err):
                 raise
@@ -375,7 +374,7 @@ class Trainer:
 
     def validate(self) -> None:
         record = {"epoch": self.epoch}
-        for i, (name, model) in enumerate(self.method.eval_models(self.model).items()):
+        for i, (name, model) in enumerate(self.method.models_to_evaluate(self.model).items()):
             metrics, _, _ = self.evaluate("val", model)
             prefix = "val" if i == 0 else f"val_{name}"
             record.update({f"{prefix}/{k}": v for k, v in metrics.items()})
@@ -398,7 +397,7 @@ class Trainer:
             self.method.load_state_dict(ckpt["method"])
         names = self.data.label_space.names
         result: dict = {"metrics": {}, "per_class_ap": {}}
-        for i, (name, model) in enumerate(self.method.eval_models(self.model).items()):
+        for i, (name, model) in enumerate(self.method.models_to_evaluate(self.model).items()):
             suffix = "" if i == 0 else f"_{name}"
             val, val_scores, val_targets = self.evaluate("val", model)
             thresholds = calibrate_thresholds(val_scores, val_targets)

@@ -32,7 +32,7 @@ def test_file_errors_name_the_key(tmp_path):
 
 
 def test_base_file_and_roundtrip(tmp_path):
-    (tmp_path / "base.toml").write_text('[optim]\nlr = 0.5\nepochs = 7\n[method]\nloss_args = {eps = 0.3}\n')
+    (tmp_path / "base.toml").write_text('[optim]\nlr = 0.5\nepochs = 7\n[method]\nloss = "an_ls"\nloss_args = {eps = 0.3}\n')
     (tmp_path / "c.toml").write_text('base = "base.toml"\n[optim]\nlr = 0.25\n')
     cfg = load_config(tmp_path / "c.toml")
     assert (cfg.optim.lr, cfg.optim.epochs, cfg.method.loss_args) == (0.25, 7, {"eps": 0.3})
