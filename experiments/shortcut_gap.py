@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mlml.checkpoint import load_checkpoint
 from mlml.config import Config, from_dict
 from mlml.data.pipeline import build_data
 from mlml.data.synthetic import nuisance_styles
@@ -29,7 +30,7 @@ from mlml.models import build_model
 @torch.no_grad()
 def style_gaps(run: Path, chunk: int = 500) -> dict[str, float]:
     """{group name: mean over its labels of (mean positive logit, style 0) - (style 1)}."""
-    ckpt = torch.load(run / "checkpoints" / "best.pt", map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(run / "checkpoints" / "best.pt")
     cfg = from_dict(Config, ckpt["config"])
     cfg.data.synthetic.nuisance = "collection"
     data = build_data(cfg.data)

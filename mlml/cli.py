@@ -18,12 +18,20 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from mlml.config import load_config
-    from mlml.trainer import train
+    from mlml.trainer import PREEMPTED_EXIT_CODE, Preempted, train
 
     cfg = load_config(args.config, args.overrides)
     if args.strict:
         cfg.data.strict = True
-    result = train(cfg, Path(args.out) if args.out else None, resume=args.resume)
+    if args.allow_config_change and not args.resume:
+        print("mlml train: error: --allow-config-change only applies with --resume", file=sys.stderr)
+        return 2
+    try:
+        result = train(cfg, Path(args.out) if args.out else None, resume=args.resume,
+                       allow_config_change=args.allow_config_change)
+    except Preempted as stop:
+        print(f"mlml train: {stop}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     print(json.dumps({k: round(v, 4) for k, v in result["metrics"].items() if k.startswith("test/")}, indent=2))
     return 0
 
@@ -34,7 +42,9 @@ def load_checkpoint_model(path: str):
     from mlml.data.pipeline import build_data
     from mlml.models import build_model
 
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    from mlml.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path)
     cfg = from_dict(Config, ckpt["config"])
     cfg.model.weights = ""                        # the checkpoint carries the weights
     data = build_data(cfg.data)
@@ -89,6 +99,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 print(f"  {item['label']:<16} {item['probability']:.3f}")
             for name, g in r["groups"].items():
                 print(f"  [{name}] {g['class']:<10} {g['probability']:.3f}")
+    return 0
+
+
+def cmd_checkpoint_convert(args: argparse.Namespace) -> int:
+    from mlml.checkpoint import convert_legacy
+
+    ckpt = convert_legacy(Path(args.old), Path(args.new), trust=args.trust)
+    print(f"wrote {args.new} (safe format; keys: {', '.join(sorted(ckpt))})")
+    return 0
+
+
+def cmd_checkpoint_verify(args: argparse.Namespace) -> int:
+    from mlml.checkpoint import load_checkpoint
+
+    for path in args.paths:
+        ckpt = load_checkpoint(path)
+        where = f"epoch {ckpt.get('epoch', '?')}, step {ckpt.get('step_in_epoch', '?')}, global step {ckpt.get('global_step', '?')}"
+        print(f"{path}: ok ({where}; config hash {ckpt.get('config_hash', 'none')})")
     return 0
 
 
@@ -209,9 +237,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one run")
     add_config_args(p)
     p.add_argument("--out", help="run directory (default runs/<experiment>/<setting>/<method>/seed<k>)")
-    p.add_argument("--resume", action="store_true", help="continue from <run dir>/checkpoints/last.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from <run dir>/checkpoints/last.pt (last.prev.pt if last.pt is unreadable); "
+                        "starts the run if there is none")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: continue a checkpoint written by another config (refused by default)")
     p.add_argument("--strict", action="store_true", help="stop on an unreadable image (= data.strict); default: skip and count it")
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("checkpoint", help="checkpoint tools")
+    ck_sub = p.add_subparsers(dest="checkpoint_command", required=True)
+    q = ck_sub.add_parser("convert", help="rewrite a checkpoint of an older mlml in the safe format (runs its code: "
+                                          "only for files you trust)")
+    q.add_argument("old")
+    q.add_argument("new")
+    q.add_argument("--trust", action="store_true", help="I trust where OLD came from (it is unpickled with weights_only=False)")
+    q.set_defaults(fn=cmd_checkpoint_convert)
+    q = ck_sub.add_parser("verify", help="check checkpoint files (header, size, checksum, safe load)")
+    q.add_argument("paths", nargs="+")
+    q.set_defaults(fn=cmd_checkpoint_verify)
 
     p = sub.add_parser("data", help="data tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)
@@ -263,14 +307,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from mlml.checkpoint import CheckpointError
     from mlml.config import ConfigError
     from mlml.data.annotations import AnnotationError
     from mlml.data.image_files import UnreadableImageError
+    from mlml.files import WriteError
     from mlml.registry import PluginError, UnknownNameError
 
     try:
         return args.fn(args)
-    except (ConfigError, FileNotFoundError, FileExistsError, UnknownNameError, PluginError, AnnotationError, UnreadableImageError) as err:
+    except (ConfigError, FileNotFoundError, FileExistsError, UnknownNameError, PluginError, AnnotationError, UnreadableImageError,
+            CheckpointError, WriteError) as err:
         print(f"mlml {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -2,25 +2,41 @@
 
     cfg = load_config("experiments/configs/quick.toml", ["optim.lr=3e-4", "method.loss=an"])
 
-Unknown keys and values of the wrong type raise `ConfigError` naming the dotted key. The resolved
-config is written to every run directory (`config.toml`) and stored in every checkpoint.
+Unknown keys, values of the wrong type and values out of range (`validate_config`: epochs >= 1,
+lr > 0, a known schedule and selection metric, ...) raise a one-line `ConfigError` naming the dotted
+key and where the value came from (the file, or the `--set` override), when the config is loaded:
+before any data are built or anything is trained. The resolved config is written to every run
+directory (`config.toml`) and stored in every checkpoint; `config_hash` identifies it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import importlib
+import json
+import math
 import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from mlml.data.synthetic import SyntheticConfig
 
 
 class ConfigError(ValueError):
-    """A configuration key is unknown or its value has the wrong type."""
+    """A configuration key is unknown or its value has the wrong type or is out of range.
+
+    Args:
+        message: what is wrong; line breaks are escaped, so the error is always one line.
+        key: the dotted config key at fault, when there is one (used to say where it came from).
+    """
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message.replace("\r", "\\r").replace("\n", "\\n"))
+        self.key = key
 
 
 @dataclass
@@ -34,6 +50,7 @@ class RunConfig:
     threads: int = 0              # torch CPU threads; 0 = leave torch's default
     progress: bool = True         # tqdm progress bar
     checkpoint_every: int = 0     # also write last.pt every N optimiser steps; 0 = at epoch ends only
+    checkpoint_minutes: float = 0.0   # also write last.pt when this many minutes passed since the last one; 0 = off
     dist_timeout: float = 1800.0  # seconds a collective waits for the other ranks before failing
 
 
@@ -60,6 +77,7 @@ class DataConfig:
     root: str = ""                # folder, recolour: the folder of class folders; annotations: what
                                   # image paths are relative to ("" = the annotation file's folder)
     annotations: str = ""         # annotations (and recolour over annotations): .csv or .jsonl file
+    allow_outside_root: bool = False   # annotations: accept image paths that lead outside data.root (../x.png, /abs)
     label_names: str = ""         # annotations: .txt or .json label names file
     image_size: int = 64          # file sources: images decoded to (3, S, S), centre square
     store: str = ""               # file sources: index cache directory ("" = under $MLML_CACHE)
@@ -144,17 +162,31 @@ def run_dir_for(cfg: Config) -> Path:
     return Path(cfg.run.out_dir) / cfg.run.experiment / cfg.run.setting / cfg.method_label() / f"seed{cfg.run.seed}"
 
 
+# Tables whose keys are free (their owner checks them); written inline and replaced, not merged.
+FREE_FORM = ("loss_args", "args", "observation_args", "domain_branch", "teacher")
+
+# Keys that say how a run is executed, not what it computes: they may differ between runs of one
+# config (and are left out of `config_hash`).
+EXECUTION_KEYS = ("run.threads", "run.progress", "run.out_dir", "run.checkpoint_every", "run.checkpoint_minutes",
+                  "run.dist_timeout", "data.store")
+
+
 def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     """Build dataclass `cls` from a nested dict, checking every key and type."""
     if not isinstance(data, dict):
-        raise ConfigError(f"'{prefix.rstrip('.') or '<root>'}' must be a table, got {type(data).__name__}")
+        key = prefix.rstrip(".") or "<root>"
+        raise ConfigError(f"'{key}' must be a table, got {type(data).__name__}", key)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(set(data) - names, key=str)
     if unknown:
-        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}'; known: {', '.join(sorted(names))}")
+        raise ConfigError(f"unknown config key {prefix + str(unknown[0])!r}; known: {', '.join(sorted(names))}", prefix + str(unknown[0]))
     kwargs = {k: _convert(hints[k], v, prefix + k) for k, v in data.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as err:      # a dataclass's own checks (__post_init__)
+        key = prefix.rstrip(".") or "<root>"
+        raise ConfigError(f"config table '{key}': {err}", key) from None
 
 
 def _convert(tp: Any, value: Any, key: str) -> Any:
@@ -167,32 +199,186 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
                 return _convert(arg, value, key)
             except ConfigError:
                 pass
-        raise ConfigError(f"config key '{key}' = {value!r} does not match {tp}")
+        raise ConfigError(f"config key '{key}' = {value!r} does not match {tp}", key)
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}", key)
         (item,) = typing.get_args(tp) or (Any,)
         return [_convert(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is Any:
         return value
     if tp is dict or origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}' must be a table, got {value!r}")
+            raise ConfigError(f"config key '{key}' must be a table, got {value!r}", key)
         return dict(value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is type(None) and value is None:
         return None
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        raise ConfigError(f"config key '{key}' must be {tp.__name__}, got {value!r}")
+        raise ConfigError(f"config key '{key}' must be {tp.__name__}, got {value!r}", key)
     return value
+
+
+# ------------------------------------------------------------------ validation (at load time)
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("constant", "cosine")
+AMP_MODES = ("auto", "on", "off")
+
+Check = tuple[Callable[[Any], bool], str]   # (predicate on the value, what it requires)
+
+
+def _at_least(lo: float) -> Check:
+    return (lambda v: v >= lo), f">= {lo}"
+
+
+def _above(lo: float) -> Check:
+    return (lambda v: v > lo), f"> {lo}"
+
+
+def _within(lo: float, hi: float, hi_open: bool = False) -> Check:
+    return (lambda v: lo <= v < hi if hi_open else lo <= v <= hi), f"in [{lo}, {hi}{')' if hi_open else ']'}"
+
+
+def _one_of(*choices: str) -> Check:
+    return (lambda v: v in choices), f"one of {', '.join(choices)}"
+
+
+def _path_part(v: str) -> bool:
+    """A run directory component: not empty, '.' or '..', no separator (runs/<experiment>/<setting>/...)."""
+    return v not in ("", ".", "..") and not any(c in v for c in "/\\")
+
+
+def _device(v: str) -> bool:
+    import torch
+
+    try:
+        return v == "auto" or torch.device(v).type in ("cpu", "cuda", "mps")
+    except (RuntimeError, ValueError, TypeError):
+        return False
+
+
+# Dotted key -> range or choice. Free-form tables (loss_args, args, ...) are checked by their owners.
+CHECKS: dict[str, Check] = {
+    "run.experiment": (_path_part, "a non-empty name without '/' (it is a run directory)"),
+    "run.setting": (_path_part, "a non-empty name without '/' (it is a run directory)"),
+    "run.method_label": (lambda v: v == "" or _path_part(v), "empty or a name without '/' (it is a run directory)"),
+    "run.seed": _within(0, 2**32, hi_open=True),             # numpy's seed range
+    "run.device": (_device, "auto, cpu, cuda or cuda:<index>"),
+    "run.threads": _at_least(0),
+    "run.checkpoint_every": _at_least(0),
+    "run.dist_timeout": _above(0),
+    "data.n_train": _at_least(1),
+    "data.n_val": (lambda v: v >= 1, ">= 1 (validation selects the best epoch and calibrates thresholds)"),
+    "data.n_test": _at_least(1),
+    "data.data_seed": _within(0, 2**32, hi_open=True),
+    "data.val_labels": _one_of("full", "observed"),
+    "data.batch_size": _at_least(1),
+    "data.unlabelled_ratio": _at_least(0),
+    "data.num_workers": _at_least(0),
+    "data.image_size": _within(8, 1024),
+    "data.mixed_eval": _at_least(-1),
+    "model.width": _at_least(1),
+    "model.stem": _one_of("small", "imagenet"),
+    "model.dropout": _within(0, 1, hi_open=True),
+    "method.pos_weight": _one_of("none", "observed"),
+    "optim.name": _one_of(*OPTIMIZERS),
+    "optim.lr": _above(0),
+    "optim.weight_decay": _at_least(0),
+    "optim.momentum": _within(0, 1, hi_open=True),
+    "optim.epochs": _at_least(1),
+    "optim.warmup_epochs": _at_least(0),
+    "optim.schedule": _one_of(*SCHEDULES),
+    "optim.grad_clip": _at_least(0),
+    "optim.accumulate": _at_least(1),
+    "optim.amp": _one_of(*AMP_MODES),
+    "eval.every": _at_least(1),
+    "eval.threshold": _within(0, 1),
+    "eval.image_grid": _at_least(0),
+}
+
+# Dotted key -> (module, registry) of the names it may take (plug-ins included).
+REGISTRY_KEYS = {
+    "data.source": ("mlml.data.pipeline", "SOURCES"),
+    "data.augment": ("mlml.data.transforms", "TRANSFORMS"),
+    "data.observation": ("mlml.data.observation", "OBSERVATIONS"),
+    "model.backbone": ("mlml.models.backbones", "BACKBONES"),
+    "model.head": ("mlml.models.model", "HEADS"),
+    "method.name": ("mlml.methods", "METHODS"),
+    "method.loss": ("mlml.losses", "LOSSES"),
+}
+
+
+def flat(d: dict, prefix: str = "") -> dict:
+    """{"optim": {"lr": 1}} -> {"optim.lr": 1}; free-form tables (loss_args, ...) stay values."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k not in FREE_FORM:
+            out.update(flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def validate_config(cfg: Config) -> Config:
+    """Check every value's range, choice and consistency; raises `ConfigError` naming the key.
+
+    Called by `load_config` (and by `train`), so a bad value stops the run before data are built.
+    Checks that need the data (a selection metric's group, a method's extra evaluated models)
+    are made once they are built, still before training (`mlml.evaluation.check_selection`).
+    """
+    values = flat(cfg.to_dict())
+    for key, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config key '{key}' = {value!r} must be a finite number", key)
+        if isinstance(value, str) and "\x00" in value:
+            raise ConfigError(f"config key '{key}' = {value!r} contains a NUL character", key)
+    for key, (ok, wanted) in CHECKS.items():
+        if not ok(values[key]):
+            raise ConfigError(f"config key '{key}' = {values[key]!r} must be {wanted}", key)
+    importlib.import_module("mlml.settings").check_components(cfg)   # components' settings (mlml/settings.py)
+    for key, (module, attr) in REGISTRY_KEYS.items():
+        registry = getattr(importlib.import_module(module), attr)
+        names = values[key] if isinstance(values[key], list) else [values[key]]
+        for name in names:
+            if name not in registry and not (key == "data.observation" and name == "auto"):
+                raise ConfigError(f"config key '{key}' = {name!r} is unknown; known: {', '.join(registry.names())}", key)
+    for i, name in enumerate(cfg.data.mixed):
+        if name not in importlib.import_module("mlml.data.pipeline").SOURCES:
+            raise ConfigError(f"config key 'data.mixed[{i}]' = {name!r} is not a known source", "data.mixed")
+    if cfg.data.batch_size % cfg.optim.accumulate:
+        raise ConfigError(f"config key 'data.batch_size' = {cfg.data.batch_size} must be divisible by "
+                          f"optim.accumulate = {cfg.optim.accumulate} (micro-batches per step)", "data.batch_size")
+    from mlml.evaluation import check_selection
+
+    check_selection(cfg.eval.select, full_labels=cfg.data.val_labels == "full")
+    return cfg
+
+
+def config_hash(cfg: Config | dict) -> str:
+    """A stable hash (16 hex digits) of what the config computes: every key but `EXECUTION_KEYS`.
+
+    Two configs with the same hash train the same run; it is recorded in `metrics.json` (and
+    checkpoints) to tell runs of different configs apart.
+    """
+    values = {k: v for k, v in flat(cfg.to_dict() if isinstance(cfg, Config) else cfg).items() if k not in EXECUTION_KEYS}
+    text = json.dumps(values, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def config_diff(a: Config | dict, b: Config | dict, ignore: tuple[str, ...] = ()) -> dict[str, tuple[Any, Any]]:
+    """Dotted key -> (value in a, value in b) for every key that differs (but `ignore`)."""
+    fa, fb = (flat(c.to_dict() if isinstance(c, Config) else c) for c in (a, b))
+    return {k: (fa.get(k), fb.get(k)) for k in sorted(fa.keys() | fb.keys()) if k not in ignore and fa.get(k) != fb.get(k)}
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """'optim.lr=3e-4' -> (['optim', 'lr'], 0.0003). Values are TOML; bare words are strings."""
     if "=" not in text:
-        raise ConfigError(f"override '{text}' is not of the form key=value")
+        raise ConfigError(f"override {text!r} is not of the form key=value")
     key, raw = (s.strip() for s in text.split("=", 1))
+    if not all(key.split(".")):
+        raise ConfigError(f"override {text!r}: {key!r} is not a dotted config key")
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
@@ -206,39 +392,81 @@ def merge(base: dict, path: list[str], value: Any) -> None:
     for part in path[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"config key '{'.'.join(path)}': '{part}' is not a table")
+            raise ConfigError(f"config key '{'.'.join(path)}': '{part}' is not a table", ".".join(path))
     node[path[-1]] = value
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Defaults, then the TOML file (which may name a `base` file), then `key=value` overrides."""
-    data = read_toml_with_bases(Path(path)) if path else {}
-    for text in overrides:
-        merge(data, *parse_override(text))
-    from mlml.settings import validate   # the components' settings (mlml/settings.py)
-    return validate(from_dict(Config, data), path, overrides)
+    """Defaults, then the TOML file (which may name a `base` file), then `key=value` overrides.
+
+    The result is validated (`validate_config`); an error names the key and where its value came
+    from: the file (or base file) that set it, or the `--set` override.
+    """
+    files: list[tuple[Path, dict]] = []
+    data = read_toml_with_bases(Path(path), files) if path else {}
+    parsed = [(text, *parse_override(text)) for text in overrides]
+    for text, key, value in parsed:
+        try:
+            merge(data, key, value)
+        except ConfigError as err:
+            raise ConfigError(f"--set {text}: {err}", err.key) from None
+    try:
+        return validate_config(from_dict(Config, data))
+    except ConfigError as err:
+        raise ConfigError(f"{_origin(err.key, files, parsed)}: {err}", err.key) from None
 
 
-def read_toml_with_bases(path: Path) -> dict:
-    """Read `path`; a top-level `base = "other.toml"` (relative to it) is read first and updated."""
+def _origin(key: str | None, files: list[tuple[Path, dict]], overrides: list[tuple[str, list[str], Any]]) -> str:
+    """Where the value of dotted `key` came from: the last override that set it, else the first file."""
+    if key:
+        parts = key.split("[")[0].split(".")
+        for text, path, _ in reversed(overrides):
+            if path[: len(parts)] == parts or parts[: len(path)] == path:
+                return f"--set {text}"
+        for file, raw in files:                  # the file itself first, then its bases
+            node: Any = raw
+            for part in parts:
+                node = node.get(part) if isinstance(node, dict) else None
+            if node is not None:
+                return str(file)
+    return str(files[0][0]) if files else "config"
+
+
+def read_toml_with_bases(path: Path, files: list[tuple[Path, dict]] | None = None) -> dict:
+    """Read `path`; a top-level `base = "other.toml"` (relative to it) is read first and updated.
+
+    `files` (if given) receives (file, its own table) for `path` and then each base, in that order.
+    """
+    files = [] if files is None else files
+    if any(path.resolve() == f.resolve() for f, _ in files):
+        raise ConfigError(f"{path}: 'base' makes a cycle ({' -> '.join(str(f) for f, _ in files)} -> {path})", "base")
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            data = tomllib.loads(f.read().decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: arrays or tables nested too deeply") from None
+    files.append((path, dict(data)))
     base = data.pop("base", None)
     if base is None:
         return data
-    merged = read_toml_with_bases(path.parent / base)
+    if not isinstance(base, str) or not base or "\x00" in base:
+        raise ConfigError(f"{path}: 'base' must be the path of another TOML file, got {base!r}", "base")
+    merged = read_toml_with_bases(path.parent / base, files)
     deep_update(merged, data)
     return merged
 
 
 def deep_update(base: dict, new: dict) -> None:
     for k, v in new.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict) and k not in ("loss_args", "args", "observation_args", "domain_branch", "teacher"):
+        if isinstance(v, dict) and isinstance(base.get(k), dict) and k not in FREE_FORM:
             deep_update(base[k], v)
         else:
             base[k] = v
@@ -255,15 +483,20 @@ def _write_table(data: dict, path: list[str], lines: list[str]) -> None:
     scalars = {k: v for k, v in data.items() if not _is_table(k, v)}
     tables = {k: v for k, v in data.items() if _is_table(k, v)}
     if path:
-        lines.append(f"\n[{'.'.join(path)}]")
-    lines.extend(f"{k} = {_toml_value(v)}" for k, v in scalars.items())
+        lines.append(f"\n[{'.'.join(_toml_key(p) for p in path)}]")
+    lines.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in scalars.items())
     for k, v in tables.items():
         _write_table(v, path + [k], lines)
 
 
 def _is_table(key: str, value: Any) -> bool:
     # Free-form dict fields are written inline so they read back as the same dict.
-    return isinstance(value, dict) and key not in ("loss_args", "args", "observation_args", "domain_branch", "teacher")
+    return isinstance(value, dict) and key not in FREE_FORM
+
+
+def _toml_key(key: str) -> str:
+    """A bare key when TOML allows one, else a quoted key."""
+    return key if key and all(c.isascii() and (c.isalnum() or c in "-_") for c in key) else _toml_value(key)
 
 
 def _toml_value(v: Any) -> str:
@@ -271,12 +504,12 @@ def _toml_value(v: Any) -> str:
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return repr(v) if v == v and abs(v) != float("inf") else ("nan" if v != v else ("inf" if v > 0 else "-inf"))
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, str):        # a TOML basic string: JSON's escapes, and DEL escaped too
+        return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     if isinstance(v, dict):
-        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
     if v is None:
         raise ConfigError("TOML has no null; use an empty string or leave the key out")
     raise ConfigError(f"cannot write {v!r} to TOML")

@@ -6,6 +6,7 @@ predictions and applied unchanged to test predictions.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -14,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from mlml.distributed import all_gather_cat, is_distributed
 from mlml.groups import decode_groups, group_targets
-from mlml.labels import LabelSpace
+from mlml.labels import Group, LabelSpace
 from mlml.metrics import (
     calibrate_thresholds, classes_without_positives, decoded_accuracy, group_accuracy, mean_average_precision, multilabel_metrics,
     unknown_accuracy, unknown_auroc,
@@ -91,10 +92,67 @@ def group_metrics(scores: torch.Tensor, targets: torch.Tensor, space: LabelSpace
     return {k: v for k, v in out.items() if not math.isnan(v)}
 
 
+def split_metric_names() -> list[str]:
+    """The keys `split_metrics` reports (without calibrated thresholds), read off a two-image
+    example, so the list cannot drift from the metrics."""
+    return list(_example_metric_names()[0])
+
+
+def group_metric_kinds() -> list[str]:
+    """The `<kind>` of each `<kind>/<group>` key of `group_metrics`, read off an example group
+    where one image shows none of the classes (so the unknown metrics appear too)."""
+    return list(_example_metric_names()[1])
+
+
+@functools.cache
+def _example_metric_names() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    split = split_metrics(torch.tensor([[0.2], [0.8]]), torch.tensor([[0.0], [1.0]]), 0.5, None)
+    space = LabelSpace(("a", "b"), (Group("g", (0, 1), exclusive=True),))
+    targets = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    groups = group_metrics(torch.tensor([[0.9, 0.1], [0.2, 0.7], [0.1, 0.2]]), targets, space, {})
+    return tuple(sorted(split)), tuple(sorted(k.split("/")[0] for k in groups))
+
+
+def validation_metric_names(model_names: list[str], space: LabelSpace | None, full_labels: bool) -> list[str]:
+    """Every key `Trainer.validate` can record: `val/<metric>` for the first evaluated model,
+    `val_<name>/<metric>` for the others; group metrics only with full validation labels, for
+    the exclusive groups of `space` (any group name when `space` is None)."""
+    metrics = split_metric_names()
+    if full_labels:
+        groups = [g.name for g in space.groups if g.exclusive] if space is not None else ["<group>"]
+        metrics += [f"{kind}/{g}" for g in groups for kind in group_metric_kinds()]
+    prefixes = ["val"] + [f"val_{name}" for name in model_names[1:]]
+    return [f"{p}/{m}" for p in prefixes for m in metrics]
+
+
+def check_selection(select: str, full_labels: bool, model_names: list[str] | None = None, space: LabelSpace | None = None) -> None:
+    """Raise `ConfigError` unless `eval.select` names a validation metric.
+
+    At load time (`model_names`, `space` None) only the form is known: `val/<metric>` or
+    `val_<model>/<metric>`, a metric `split_metrics` reports or `<kind>/<group>` of `group_metrics`
+    (with full validation labels). Once the method and data are built, the exact names.
+    """
+    from mlml.config import ConfigError
+
+    if model_names is not None and space is not None:
+        known = validation_metric_names(model_names, space, full_labels)
+        ok = select in known
+    else:
+        prefix, _, metric = select.partition("/")
+        kind, _, group = metric.partition("/")
+        valid_prefix = prefix == "val" or (prefix.startswith("val_") and len(prefix) > 4)
+        ok = valid_prefix and (metric in split_metric_names() or (full_labels and bool(group) and kind in group_metric_kinds()))
+        groups = f", or <kind>/<group> with <kind> one of {', '.join(group_metric_kinds())}" if full_labels else ""
+        known = [f"val/<metric> or val_<model>/<metric> with <metric> one of {', '.join(split_metric_names())}{groups}"]
+    if not ok:
+        why = "" if full_labels else " (group metrics need data.val_labels = 'full')"
+        raise ConfigError(f"config key 'eval.select' = {select!r} is not a validation metric{why}; known: {'; '.join(known)}", "eval.select")
+
+
 def per_class_ap(scores: torch.Tensor, targets: torch.Tensor, names: tuple[str, ...]) -> dict[str, float | None]:
     """Label name -> AP (None for a label without positives in this split)."""
     ap = mean_average_precision(scores, targets, average=None)
     return {name: (None if math.isnan(v) else float(v)) for name, v in zip(names, ap.tolist())}
 
 
-__all__ = ["predict", "split_metrics", "group_metrics", "softmax_groups", "per_class_ap", "calibrate_thresholds", "classes_without_positives"]
+__all__ = ["predict", "split_metrics", "split_metric_names", "validation_metric_names", "check_selection", "group_metrics", "softmax_groups", "per_class_ap", "calibrate_thresholds", "classes_without_positives"]

@@ -18,6 +18,10 @@ A table is a TOML file in `experiments/tables/`:
 measured cost of each profile (summed `train_seconds` of the runs, wall time of the last complete
 reproduction, hardware) that `mlml reproduce --list` shows. It also writes a TensorBoard
 custom-scalars layout at `runs/<table>/` (one chart per metric comparing every run).
+
+Tables only aggregate comparable runs (`check_comparable`): the seeds of one cell must share
+their config (but the seed) and their splits (`split_hash` in metrics.json), and the runs of a
+table may differ only in the keys the table varies; otherwise the error names the keys that differ.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlml.config import Config, ConfigError, load_config, run_dir_for
+from mlml.config import EXECUTION_KEYS, Config, ConfigError, config_diff, from_dict, load_config, parse_override, run_dir_for
 from mlml.tensorboard import write_table_layout
 
 TABLES_DIR = Path(__file__).resolve().parent.parent / "experiments" / "tables"
@@ -93,28 +97,11 @@ def run_dir(run: Run) -> Path:
     return run_dir_for(run_config(run))
 
 
-# Keys that say how a run was executed, not what it computes; they may differ between the
-# invocation that trained a run and the one that finds it done.
-EXECUTION_KEYS = ("run.threads", "run.progress", "run.out_dir")
-
-
-def flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k not in ("loss_args", "args", "observation_args"):
-            out.update(flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def check_done_run(run: Run, directory: Path) -> None:
     """A finished run is reused only if it was trained with this run's config (e.g. not another profile's)."""
-    saved = flat(load_config(directory / "config.toml").to_dict())
-    wanted = flat(run_config(run).to_dict())
-    differ = [k for k in wanted if k not in EXECUTION_KEYS and saved.get(k) != wanted[k]]
+    differ = config_diff(load_config(directory / "config.toml"), run_config(run), ignore=EXECUTION_KEYS)
     if differ:
-        shown = ", ".join(f"{k} = {saved.get(k)!r}, wanted {wanted[k]!r}" for k in differ[:3])
+        shown = ", ".join(f"{k} = {saved!r}, wanted {wanted!r}" for k, (saved, wanted) in list(differ.items())[:3])
         raise ConfigError(f"{directory} holds a finished run with another config ({shown}); "
                           "remove it or pass another --runs-dir (each profile wants its own)")
 
@@ -167,16 +154,81 @@ def reproduce(
         for i, _ in enumerate(pool.map(lambda r: launch(r, threads, torchrun), todo)):
             print(f"  finished {i + 1}/{len(todo)}", file=sys.stderr)
     wall = time.perf_counter() - start
-    results = [json.loads((dirs[r] / "metrics.json").read_text()) for r in runs]
+    results = [read_result(dirs[r] / "metrics.json") for r in runs]
     if todo:
         record_timing(spec["name"], profile, results, wall if len(todo) == len(runs) else None, jobs, torchrun, results_dir)
     command = f"mlml reproduce {name} --profile {profile}" + (f" --seeds {seeds}" if seeds else "")
     return write_table(spec, results, results_dir, command)
 
 
+def read_result(path: Path) -> dict:
+    """A run's `metrics.json`; runs recorded before metrics.json held the config get it from the
+    `config.toml` beside it (when there is one), so tables can still compare them."""
+    result = json.loads(path.read_text())
+    config = path.parent / "config.toml"
+    if "config" not in result and config.is_file():
+        with open(config, "rb") as f:
+            result["config"] = from_dict(Config, tomllib.load(f)).to_dict()
+    return result
+
+
 def collect(root: Path) -> list[dict]:
     """Every `metrics.json` below `root`."""
-    return [json.loads(p.read_text()) for p in sorted(root.rglob("metrics.json"))]
+    return [read_result(p) for p in sorted(root.rglob("metrics.json"))]
+
+
+def table_keys(spec: dict) -> set[str]:
+    """The config keys a table varies: those its settings (or its methods) do not all set alike."""
+    varied = set()
+    for group in ("settings", "methods"):
+        entries = [dict((".".join(k), v) for k, v in map(parse_override, over)) for over in spec.get(group, {}).values()]
+        for key in {k for e in entries for k in e}:
+            if any(e.get(key, None) != entries[0].get(key, None) for e in entries):
+                varied.add(key)
+    return varied
+
+
+def check_comparable(spec: dict, results: list[dict]) -> None:
+    """Refuse to aggregate runs that are not comparable; the error says which keys differ.
+
+    Seeds of one cell (setting, method) must differ in nothing but the seed (and how they were
+    executed, `EXECUTION_KEYS`) and share their splits (`split_hash`), each seed once; across the
+    table, runs may differ only in the keys the table varies (its settings' and methods' overrides).
+    Runs that recorded no config or splits (made before they were recorded) are not compared on them.
+    """
+    own = (*EXECUTION_KEYS, "run.seed")
+    table = (*own, "run.setting", "run.method_label", *table_keys(spec))
+    cells: dict[tuple[str, str], list[dict]] = {}
+    for r in results:
+        cells.setdefault((r["setting"], r["method"]), []).append(r)
+    for (setting, method), rs in cells.items():
+        name = f"{setting}/{method}"
+        seeds = [r["seed"] for r in rs]
+        if len(set(seeds)) != len(seeds):
+            raise ConfigError(f"table {spec['name']!r}: {name} has seed {max(seeds, key=seeds.count)} more than once; "
+                              "remove the copies (or pass a runs directory holding one table)")
+        first = rs[0]
+        for r in rs[1:]:
+            if first.get("split_hash") and r.get("split_hash") and first["split_hash"] != r["split_hash"]:
+                raise ConfigError(f"table {spec['name']!r}: {name} seed{first['seed']} and seed{r['seed']} were made on "
+                                  f"different splits ({first['split_hash']} vs {r['split_hash']}); they cannot share a row")
+            _refuse_differences(spec, f"{name} seed{first['seed']} and seed{r['seed']}", first, r, own)
+    if not (spec.get("settings") or spec.get("methods")):       # no table file: its variables are unknown
+        return
+    for r in results[1:]:
+        _refuse_differences(spec, f"{results[0]['setting']}/{results[0]['method']} seed{results[0]['seed']} and "
+                                  f"{r['setting']}/{r['method']} seed{r['seed']}", results[0], r, table)
+
+
+def _refuse_differences(spec: dict, what: str, a: dict, b: dict, ignore: tuple[str, ...]) -> None:
+    if "config" not in a or "config" not in b:
+        return
+    differ = config_diff(a["config"], b["config"], ignore)
+    if differ:
+        shown = "; ".join(f"{k}: {x!r} vs {y!r}" for k, (x, y) in list(differ.items())[:4])
+        more = f" (and {len(differ) - 4} more)" if len(differ) > 4 else ""
+        raise ConfigError(f"table {spec['name']!r}: {what} differ in keys the table does not vary: {shown}{more}; "
+                          "they cannot share a table")
 
 
 def n_runs(n: int) -> str:
@@ -280,6 +332,7 @@ def markdown(spec: dict, agg: dict, command: str, results: list[dict]) -> tuple[
 
 
 def write_table(spec: dict, results: list[dict], results_dir: Path | None, command: str) -> str:
+    check_comparable(spec, results)
     md, table_csv = markdown(spec, aggregate(results, spec["metrics"]), command, results)
     if results_dir is not None:
         results_dir.mkdir(parents=True, exist_ok=True)

@@ -44,6 +44,19 @@ def versions() -> str:
     return f"Python {platform.python_version()}, torch {torch.__version__}, numpy {numpy.__version__}"
 
 
-def environment() -> dict[str, str]:
+def packages() -> dict[str, str]:
+    """Python's and the installed versions of the packages a run's numbers depend on."""
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for name in ("mlml", "torch", "torchvision", "numpy", "pillow"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def environment() -> dict:
     """What `metrics.json` records under "provenance"."""
-    return {"commit": git_commit(), "versions": versions(), "hardware": hardware()}
+    return {"commit": git_commit(), "versions": versions(), "packages": packages(), "hardware": hardware()}

@@ -6,11 +6,12 @@ Every configurable component declares its settings beside itself as a dataclass 
 its keyword parameters: `fn(logits, targets, observed, q: float = 0.05)` has the settings
 `{q: float = 0.05}` (`signature_settings`), so there is no second list to keep in step.
 
-`load_config` calls `check_components`, which looks up every named component and resolves its
-table into its dataclass before any data are built: an unknown name, an unknown key, a value of
-the wrong type or out of range is one `ConfigError` naming the dotted key and where it came from
-(the config file or `--set`). Components resolve their settings again, with the same function
-(`resolve`), when they are built. A plug-in without a `Settings` class gets its table as a dict.
+`load_config` (through `mlml.config.validate_config`) calls `check_components`, which looks up
+every named component and resolves its table into its dataclass before any data are built: an
+unknown key, a value of the wrong type or out of range is one `ConfigError` naming the dotted key,
+and `load_config` adds where it came from (the config file or the `--set` override). Components
+resolve their settings again, with the same function (`resolve`), when they are built. A plug-in
+without a `Settings` class gets its table as a dict.
 
 Range checks live in the dataclass's `__post_init__`, written with `must(ok, name, rule, value)`.
 """
@@ -22,14 +23,16 @@ import functools
 import inspect
 import typing
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable
 
 from mlml.config import Config, ConfigError, from_dict
 
 
-class SettingError(ValueError):
-    """A settings value out of its range; `name` is the field, `message` what it must be."""
+class SettingError(Exception):
+    """A settings value out of its range; `name` is the field, `message` what it must be.
+
+    Not a `ValueError`, so that it reaches `resolve` (which names the dotted key) through
+    `mlml.config.from_dict`."""
 
     def __init__(self, name: str, message: str) -> None:
         super().__init__(f"{name} {message}")
@@ -40,8 +43,7 @@ class SettingsError(ConfigError):
     """A config mistake in a component's settings; `key` is the dotted config key."""
 
     def __init__(self, key: str, message: str) -> None:
-        super().__init__(message)
-        self.key = key
+        super().__init__(message, key)
 
 
 def must(ok: bool, name: str, rule: str, value: Any) -> None:
@@ -150,7 +152,6 @@ def check_components(cfg: Config) -> None:
 
     check_method_config(cfg.method)
     _check_observation(cfg)
-    _check_names(cfg)
 
 
 def _check_observation(cfg: Config) -> None:
@@ -166,15 +167,6 @@ def _check_observation(cfg: Config) -> None:
     resolve(settings_class(cls), cfg.data.observation_args, "data.observation_args", f"observation model '{name}'")
 
 
-def _check_names(cfg: Config) -> None:
-    from mlml.data.pipeline import SOURCES
-    from mlml.models import BACKBONES, HEADS
-
-    lookup(SOURCES, cfg.data.source, "data.source")
-    lookup(BACKBONES, cfg.model.backbone, "model.backbone")
-    lookup(HEADS, cfg.model.head, "model.head")
-
-
 def lookup(registry: Any, name: str, key: str) -> Any:
     """`registry.get(name)`, an unknown name being a `SettingsError` on `key`."""
     from mlml.registry import UnknownNameError
@@ -183,15 +175,3 @@ def lookup(registry: Any, name: str, key: str) -> Any:
         return registry.get(name)
     except UnknownNameError as err:
         raise SettingsError(key, f"config key '{key}': {err}") from None
-
-
-def validate(cfg: Config, path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
-    """`check_components(cfg)`, its error naming where the offending key was set; returns `cfg`."""
-    try:
-        check_components(cfg)
-    except SettingsError as err:
-        set_keys = [o.split("=", 1)[0].strip() for o in overrides]
-        from_cli = any(err.key == k or err.key.startswith(k + ".") for k in set_keys)
-        where = "--set" if from_cli or path is None else str(path)
-        raise ConfigError(f"{err} [{where}]") from None
-    return cfg

@@ -4,7 +4,16 @@ Reading order: `train()` builds everything from the config, `Trainer.fit()` runs
 `Trainer.train_epoch()` the steps, `Trainer.validate()` / `Trainer.finish()` the evaluation.
 Checkpoints (`checkpoints/last.pt`, `checkpoints/best.pt`) hold the model, the method's state, the
 optimiser, the AMP scaler, RNG states, the position in the epoch and the config, and are written
-atomically, so `--resume` continues a stopped run exactly where it stopped.
+atomically (`mlml.checkpoint`), so `--resume` continues a stopped run exactly where it stopped.
+
+Reliability (docs/reliability.md): nothing is written to the run directory before the config and the
+data are built and the directory is known not to hold another run; a lock file (`run.lock`, owner pid
+and host) keeps a second process out. `last.pt` is written at epoch ends, every `run.checkpoint_every`
+steps, every `run.checkpoint_minutes` minutes, and when SIGTERM or SIGUSR1 arrives: the step in
+progress finishes, every rank agrees to stop after it, `last.pt` is written and the process exits
+with `PREEMPTED_EXIT_CODE`. The previous `last.pt` is kept as `last.prev.pt`; resume falls back to
+it when `last.pt` is unreadable, and refuses a checkpoint of another config unless told otherwise.
+A state with non-finite parameters or buffers is never written.
 
 Under torchrun (N processes, one per GPU or CPU share): `data.batch_size` is the global batch of one
 optimiser step, split into N equal per-rank batches, each split again into `optim.accumulate`
@@ -20,8 +29,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
+import signal
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -32,9 +42,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from mlml.config import Config, run_dir_for, to_toml
+from mlml.checkpoint import (
+    CheckpointError, config_differences, first_non_finite, load_checkpoint, previous_path, rng_state, save_checkpoint,
+    set_rng_state,
+)
+from mlml.config import Config, ConfigError, config_hash, run_dir_for, to_toml, validate_config
 from mlml.data.dataset import epoch_sampler
-from mlml.data.pipeline import Data, build_data
+from mlml.data.pipeline import Data, build_data, split_hash
 from mlml.distributed import (
     DistInfo,
     all_gather_objects,
@@ -42,19 +56,38 @@ from mlml.distributed import (
     broadcast_buffers,
     broadcast_object,
     init_distributed,
+    is_distributed,
     mean_over_ranks,
     min_over_ranks,
     rank,
     resolve_device,
     restart_count,
 )
+from mlml.files import FileLock, atomic_write_text
 from mlml.evaluation import (
-    calibrate_thresholds, classes_without_positives, group_metrics, per_class_ap, predict, softmax_groups, split_metrics,
+    calibrate_thresholds, check_selection, classes_without_positives, group_metrics, per_class_ap, predict, softmax_groups,
+    split_metrics,
 )
 from mlml.methods import Method, MethodContext, build_method, method_views
 from mlml.models import build_model
 from mlml.provenance import environment
 from mlml.tensorboard import RunLogger
+
+PREEMPTED_EXIT_CODE = 75      # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after writing last.pt; run again with --resume
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Preempted(Exception):
+    """Training stopped on a signal after writing `checkpoints/last.pt`; `--resume` continues it."""
+
+    def __init__(self, signum: int, step: int, path: Path) -> None:
+        self.signum, self.step, self.path = signum, step, path
+        super().__init__(f"stopped by {signal.Signals(signum).name} after optimiser step {step}; "
+                         f"checkpoint {path} written; continue with --resume")
+
+
+class ConfigChangedError(ConfigError):
+    """`--resume` of a checkpoint written by another config."""
 
 
 def seed_everything(seed: int) -> None:
@@ -64,15 +97,14 @@ def seed_everything(seed: int) -> None:
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
-    """Learning-rate multiplier at optimiser step `step` (0-based): linear warm-up, then cosine or constant."""
+    """Learning-rate multiplier at optimiser step `step` (0-based): linear warm-up, then cosine or
+    constant (`schedule`, checked when the config is loaded)."""
     if step < warmup:
         return (step + 1) / warmup
     if schedule == "constant":
         return 1.0
-    if schedule == "cosine":
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    raise ValueError(f"unknown optim.schedule '{schedule}'; known: constant, cosine")
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def build_optimizer(cfg: Config, model: nn.Module, method: Method) -> torch.optim.Optimizer:
@@ -86,17 +118,13 @@ def build_optimizer(cfg: Config, model: nn.Module, method: Method) -> torch.opti
     ]
     for g in groups:
         g["lr"] = cfg.optim.lr * g["lr_scale"]
-    if cfg.optim.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.optim.lr)
-    if cfg.optim.name == "sgd":
+    if cfg.optim.name == "sgd":                  # optim.name is adamw or sgd (checked at load time)
         return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum, nesterov=True)
-    raise ValueError(f"unknown optim.name '{cfg.optim.name}'; known: adamw, sgd")
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr)
 
 
 def amp_dtype_for(cfg: Config, device: torch.device) -> torch.dtype | None:
     """bf16 on GPUs that have it, else fp16 (with a grad scaler); None = full precision."""
-    if cfg.optim.amp not in ("auto", "on", "off"):
-        raise ValueError(f"optim.amp must be auto, on or off, got '{cfg.optim.amp}'")
     if cfg.optim.amp == "off" or device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -115,8 +143,6 @@ def observed_label_counts(data: Data, chunk: int = 8192) -> tuple[torch.Tensor, 
 
 def per_rank_batch(batch_size: int, world_size: int, accumulate: int) -> int:
     """The loader batch of each rank: the global batch split over ranks (then into micro-batches)."""
-    if accumulate < 1:
-        raise ValueError(f"optim.accumulate must be >= 1, got {accumulate}")
     if batch_size % (world_size * accumulate):
         raise ValueError(
             f"data.batch_size {batch_size} (the global batch of one optimiser step) must be divisible by "
@@ -132,38 +158,28 @@ def convert_sync_batchnorm(model: nn.Module, device: torch.device, info: DistInf
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
+def on_rank_0(fn, *args):
+    """`fn(*args)` run by rank 0 only; its result, or the exception it raised, on every rank."""
+    result, error = None, None
+    if rank() == 0:
+        try:
+            result = fn(*args)
+        except Exception as err:                  # noqa: BLE001 - re-raised on every rank below
+            error = err
+    result, error = broadcast_object((result, error))
+    if error is not None:
+        raise error
+    return result
+
+
 def read_checkpoint(path: Path) -> dict:
     """Rank 0 reads the file, every rank gets its content (no shared file system needed to resume)."""
-    return broadcast_object(torch.load(path, map_location="cpu", weights_only=False) if rank() == 0 else None)
+    return on_rank_0(load_checkpoint, path)
 
 
 def rank_seed(seed: int, rank: int, step: int) -> int:
     """Seed of rank `rank`'s random stream (ranks > 0), started at optimiser step `step`."""
     return (seed * 1_000_003 + rank * 7919 + step) % 2**63
-
-
-def rng_state() -> dict:
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-    }
-
-
-def set_rng_state(rng: dict) -> None:
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
-
-
-def atomic_save(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 class Trainer:
@@ -197,6 +213,7 @@ class Trainer:
             hidden_labels_for_diagnostics=lambda idx: self.data.hidden_labels("train", idx.cpu().numpy()).to(idx.device),
         )
         self.method = build_method(cfg.method, ctx).to(self.device)
+        check_selection(cfg.eval.select, cfg.data.val_labels == "full", list(self.method.eval_models(self.model)), self.data.label_space)
         if info.rank > 0:                                   # own random stream per rank (dropout, ...)
             seed_everything(rank_seed(cfg.run.seed, info.rank, 0))
         self.ddp_model = self.model
@@ -218,11 +235,19 @@ class Trainer:
         self.best, self.best_epoch, self.history = -math.inf, -1, []
         self.skipped_images = {"train": 0, "val": 0, "test": 0}   # unreadable images met (per pass)
         self.logger = RunLogger(run_dir, enabled=info.is_main)
+        self.train_seconds_before = 0.0                     # training time of earlier segments (resumes)
+        self.segment_start = time.perf_counter()
+        self.last_saved = time.monotonic()                  # for run.checkpoint_minutes
+        self.stop_signal = 0                                # set by the SIGTERM/SIGUSR1 handler
 
     def _method_views(self) -> dict[str, str]:
         return method_views(self.cfg.method)
 
     # ------------------------------------------------------------------ checkpoints
+    def train_seconds(self) -> float:
+        """Training time of this run so far, summed over the segments a resume continued."""
+        return self.train_seconds_before + time.perf_counter() - self.segment_start
+
     def state(self) -> dict:
         return {
             "model": self.model.state_dict(),
@@ -236,6 +261,7 @@ class Trainer:
             "best_epoch": self.best_epoch,
             "history": self.history,
             "skipped_images": self.skipped_images,
+            "train_seconds": self.train_seconds(),
             "world_size": self.info.world_size,
             "rng": all_gather_objects(rng_state()),          # one per rank
             "config": self.cfg.to_dict(),
@@ -243,13 +269,29 @@ class Trainer:
         }
 
     def save(self, name: str) -> None:
-        """Called on every rank (it gathers their RNG states); rank 0 writes."""
+        """Called on every rank (it gathers their RNG states); rank 0 writes.
+
+        A state with a non-finite model parameter or buffer, method parameter (an EMA teacher, a label
+        table) or optimiser value is not written (every rank holds the same state at step boundaries, so
+        every rank raises): the last finite checkpoint stays. Method buffers are not checked: some use
+        infinity as "not seen yet" (em_apl's scores).
+        """
+        path = self.run_dir / "checkpoints" / name
+        bad = first_non_finite({"model": self.model.state_dict(), "method": dict(self.method.named_parameters()),
+                                "optimizer": self.optimizer.state_dict()["state"]})
+        if bad:
+            raise FloatingPointError(
+                f"not writing {path}: '{bad}' has non-finite values at epoch {self.epoch + 1}, step {self.step_in_epoch} "
+                f"(the run diverged); the checkpoints already written are finite and kept; lower optim.lr or check the loss"
+            )
         state = self.state()
         if self.info.is_main:
-            atomic_save(state, self.run_dir / "checkpoints" / name)
+            save_checkpoint(state, path, keep_previous=name == "last.pt")
+        if name == "last.pt":
+            self.last_saved = time.monotonic()
 
-    def load(self, path: Path) -> None:
-        ckpt = read_checkpoint(path)
+    def load(self, path: Path, ckpt: dict | None = None) -> None:
+        ckpt = ckpt if ckpt is not None else read_checkpoint(path)
         self.model.load_state_dict(ckpt["model"])
         self.method.load_state_dict(ckpt["method"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -257,13 +299,30 @@ class Trainer:
         self.epoch, self.global_step = ckpt["epoch"], ckpt["global_step"]
         self.best, self.best_epoch, self.history = ckpt["best"], ckpt["best_epoch"], ckpt["history"]
         self.skipped_images = ckpt.get("skipped_images", self.skipped_images)
+        self.train_seconds_before, self.segment_start = float(ckpt.get("train_seconds", 0.0)), time.perf_counter()
         # The global batch is fixed, so a step count means the same samples at any world size.
         self.step_in_epoch = ckpt["step_in_epoch"]
-        rng = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]
+        rng = ckpt["rng"]
         if len(rng) == self.info.world_size or self.info.rank == 0:
             set_rng_state(rng[self.info.rank])
         else:                 # another world size: a fresh stream for this rank, a function of the step
             seed_everything(rank_seed(self.cfg.run.seed, self.info.rank, self.global_step))
+
+    def checkpoint_now(self, due: bool) -> None:
+        """At a step boundary: write last.pt if `due`, a signal arrived or run.checkpoint_minutes passed,
+        then stop if a signal arrived. Every rank takes the same decision (one all-reduce under DDP)."""
+        minutes = self.cfg.run.checkpoint_minutes
+        timed = minutes > 0 and time.monotonic() - self.last_saved >= 60 * minutes
+        flags = [self.stop_signal, int(timed), int(due)]
+        if is_distributed():
+            t = torch.tensor(flags, dtype=torch.long, device=self.device if self.device.type == "cuda" else "cpu")
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            flags = t.tolist()
+        stop, timed, due = flags
+        if stop or timed or due:
+            self.save("last.pt")
+        if stop:
+            raise Preempted(stop, self.global_step, self.run_dir / "checkpoints" / "last.pt")
 
     # ------------------------------------------------------------------ training
     def fit(self) -> dict:
@@ -271,18 +330,18 @@ class Trainer:
         total = cfg.optim.epochs * self.steps_per_epoch
         warmup = int(cfg.optim.warmup_epochs * self.steps_per_epoch)
         self.logger.start(self.global_step)
-        start = time.perf_counter()
-        while self.epoch < cfg.optim.epochs:
-            self.train_epoch(total, warmup)
-            self.method.on_epoch_end(self.epoch)
-            self.epoch, self.step_in_epoch = self.epoch + 1, 0
-            if self.epoch % cfg.eval.every == 0 or self.epoch == cfg.optim.epochs:
-                self.validate()
-            self.save("last.pt")
-        train_seconds = time.perf_counter() - start
-        metrics = self.finish(train_seconds)
-        self.logger.close()
-        return metrics
+        self.segment_start = time.perf_counter()
+        try:
+            while self.epoch < cfg.optim.epochs:
+                self.train_epoch(total, warmup)
+                self.method.on_epoch_end(self.epoch)
+                self.epoch, self.step_in_epoch = self.epoch + 1, 0
+                if self.epoch % cfg.eval.every == 0 or self.epoch == cfg.optim.epochs:
+                    self.validate()
+                self.checkpoint_now(due=True)
+            return self.finish(self.train_seconds())
+        finally:
+            self.logger.close()                     # also when stopped: the events so far are flushed
 
     def train_epoch(self, total: int, warmup: int) -> None:
         sampler = epoch_sampler(self.train_loader)
@@ -291,7 +350,8 @@ class Trainer:
         self.ddp_model.train()
         bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{self.cfg.optim.epochs}", leave=False,
                    disable=not (self.info.is_main and self.cfg.run.progress) or None)
-        for batch in bar:
+        every = self.cfg.run.checkpoint_every
+        for k, batch in enumerate(bar):
             self.skipped_images["train"] += int(batch.pop("skipped", 0))
             # Every image of the batch unreadable: skip the step. Under DDP every rank must take the same
             # steps and micro-batches, so all skip when one rank has fewer images than micro-batches.
@@ -308,8 +368,8 @@ class Trainer:
             self.logger.scalars("train", parts, self.global_step)
             self.logger.scalars("train", {"lr": self.cfg.optim.lr * factor}, self.global_step)
             bar.set_postfix(loss=f"{parts['loss']:.4f}")
-            if self.cfg.run.checkpoint_every and self.global_step % self.cfg.run.checkpoint_every == 0:
-                self.save("last.pt")
+            if k + 1 < len(self.train_loader):          # the epoch's end has its own checkpoint, after validation
+                self.checkpoint_now(due=bool(every) and self.global_step % every == 0)
         self.logger.scalars("data", {"skipped_images": sum(self.skipped_images.values())}, self.global_step)
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -420,33 +480,115 @@ class Trainer:
             classes_without_positives=[names[c] for c in classes_without_positives(test_targets)],
             history=self.history,
         )
+        # What the numbers depend on: tables refuse to aggregate runs that differ in them.
+        result.update(config=self.cfg.to_dict(), config_hash=config_hash(self.cfg), split_hash=split_hash(self.data.splits))
         result["data/skipped_images"] = sum(self.skipped_images.values())
         result["data/skipped_images_by_split"] = dict(self.skipped_images)
         self.logger.hparams(self.cfg, result["metrics"])
         if self.info.is_main:
-            tmp = self.run_dir / "metrics.json.tmp"
-            tmp.write_text(json.dumps(result, indent=2))
-            os.replace(tmp, self.run_dir / "metrics.json")
+            atomic_write_text(self.run_dir / "metrics.json", json.dumps(result, indent=2))
         return result
 
 
-def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dict:
+def train(cfg: Config, run_dir: Path | None = None, resume: bool = False, allow_config_change: bool = False) -> dict:
     """Train one run end to end and return its `metrics.json` content.
 
-    `resume`: continue from `checkpoints/last.pt` if it exists, else start (so the same command can
-    be repeated). A worker group that torchrun restarts (`--max-restarts`) always resumes.
+    `resume`: continue from `checkpoints/last.pt` (or `last.prev.pt` when `last.pt` is unreadable) if
+    there is one, else start (so the same command can be repeated). A worker group that torchrun
+    restarts (`--max-restarts`) always resumes. A checkpoint written by another config is refused,
+    naming the differing keys, unless `allow_config_change`. Nothing is written to `run_dir` before
+    the config and data are built, the run lock is taken and the checkpoint (if any) is checked.
+    Raises `Preempted` after writing `last.pt` when SIGTERM or SIGUSR1 arrives.
     """
+    validate_config(cfg)                         # also for configs built in code, not loaded
     info = init_distributed(cfg.run.device, cfg.run.dist_timeout)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     run_dir = Path(run_dir) if run_dir else run_dir_for(cfg)
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(to_toml(cfg.to_dict()))
-    trainer = Trainer(cfg, run_dir, info)
+    trainer = Trainer(cfg, run_dir, info)                   # builds (and so validates) data, model, method
+    lock = FileLock(run_dir / "run.lock", what=f"run directory {run_dir}")
+    on_rank_0(lambda: (run_dir.mkdir(parents=True, exist_ok=True), lock.acquire()))
+    try:
+        found = on_rank_0(find_resume_checkpoint, run_dir, resume or restart_count() > 0)
+        if found is not None:
+            path, ckpt = found
+            check_resume_config(ckpt, cfg, path, allow_config_change)
+            trainer.load(path, ckpt)
+        if info.is_main:
+            atomic_write_text(run_dir / "config.toml", to_toml(cfg.to_dict()))
+        with stop_on_signals(trainer):
+            return trainer.fit()
+    finally:
+        lock.release()
+
+
+def find_resume_checkpoint(run_dir: Path, resume: bool) -> tuple[Path, dict] | None:
+    """The checkpoint to continue from and its content: last.pt, else last.prev.pt when last.pt is
+    missing or unreadable; None for a new run.
+
+    Refuses a directory that holds a run unless `resume`; reports each unusable file by name.
+    """
     last = run_dir / "checkpoints" / "last.pt"
-    if broadcast_object(last.exists()):          # rank 0's file system decides, for every rank
-        if not (resume or restart_count() > 0):
-            raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose --out")
-        trainer.load(last)
-    return trainer.fit()
+    candidates = [p for p in (last, previous_path(last)) if p.exists()]
+    if not candidates and not (run_dir / "metrics.json").exists():
+        return None
+    if not resume:
+        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose --out")
+    problems = []
+    for path in candidates:
+        try:
+            ckpt = load_checkpoint(path)
+        except CheckpointError as err:
+            problems.append(str(err))
+            print(f"mlml: warning: {err}", file=sys.stderr)
+            continue
+        if problems:
+            print(f"mlml: resuming from the previous checkpoint {path}", file=sys.stderr)
+        return path, ckpt
+    if problems:
+        raise CheckpointError("no usable checkpoint to resume from: " + "; ".join(problems)
+                              + f". Restore one, or delete {run_dir / 'checkpoints'} to train from the start")
+    return None
+
+
+def check_resume_config(ckpt: dict, cfg: Config, path: Path, allow_change: bool) -> None:
+    """Refuse to continue a checkpoint under another config (naming the keys) unless `allow_change`."""
+    differ = config_differences(ckpt["config"], cfg.to_dict())
+    if not differ:
+        return
+    if allow_change:
+        print(f"mlml: warning: resuming {path} under a changed config: " + "; ".join(differ), file=sys.stderr)
+        return
+    raise ConfigChangedError(
+        f"{path} was written by another config: " + "; ".join(differ)
+        + ". Resume with the config the run was started with (a copy is in the run directory's config.toml), "
+        "start a new run with another --out, or pass --allow-config-change to continue this state under the new config"
+    )
+
+
+class stop_on_signals:
+    """While active, SIGTERM and SIGUSR1 ask `trainer` to stop after its current step (a second one kills).
+
+    Only in the main thread (signal handlers cannot be set elsewhere); the previous handlers come back after.
+    """
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer, self.previous = trainer, {}
+
+    def handle(self, signum: int, frame) -> None:
+        if self.trainer.stop_signal:              # asked twice: stop now, as without the handler
+            signal.signal(signum, self.previous.get(signum, signal.SIG_DFL))
+            signal.raise_signal(signum)
+            return
+        self.trainer.stop_signal = signum
+
+    def __enter__(self) -> stop_on_signals:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self.handle) for s in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)

@@ -106,13 +106,14 @@ if __name__ == "__main__":
 # ---------------------------------------------------------------------------------------------
 
 
-def scenarios(rank: int, out: Path, overrides: list[str], stop_at: int) -> None:
+def scenarios(rank: int, out: Path, overrides: list[str], stop_at: int, signals: list[tuple[int, int]]) -> None:
     """Everything tests/test_distributed.py checks on 2 ranks, in one launch (process start-up is the cost)."""
     collectives(rank, out)
     every_method(rank, out, overrides)
     unused_parameters(rank, out, overrides)
     unreadable_batch(rank, out, overrides)
     stopped_and_reference(rank, out, overrides, stop_at)
+    preempted(rank, out, overrides, signals)
 
 
 # Settings beyond each method's defaults whose state must also stay identical across ranks.
@@ -267,3 +268,35 @@ def stopped_and_reference(rank: int, out: Path, overrides: list[str], stop_at: i
         pass
     finally:
         Trainer.train_step = original
+
+
+def preempted(rank: int, out: Path, overrides: list[str], signals: list[tuple[int, int]]) -> None:
+    """SIGTERM to one rank (`signals`: (optimiser step, rank) pairs) during a step; every rank stops after
+    that step, last.pt is written, and `train(resume=True)` continues, until the run is done. Also an
+    uninterrupted reference run."""
+    import signal
+
+    from mlml.trainer import Preempted, Trainer, train
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(*overrides, "optim.epochs=4", "run.checkpoint_every=0")
+    train(cfg, out / "preempt_reference")
+    original, pending, seen = Trainer.train_step, list(signals), []
+
+    def signalled(self, batch):
+        if pending and self.global_step == pending[0][0]:
+            if pending.pop(0)[1] == rank:
+                signal.raise_signal(signal.SIGTERM)
+        return original(self, batch)
+
+    Trainer.train_step = signalled
+    try:
+        while True:
+            try:
+                train(cfg, out / "preempted", resume=True)
+                break
+            except Preempted as stop:
+                seen.append(stop.step)
+    finally:
+        Trainer.train_step = original
+    torch.save({"seen": seen}, out / f"preempted.rank{rank}.pt")

@@ -49,11 +49,63 @@ def test_csv_and_jsonl_give_the_same_rows(tmp_path):
     ("a.jsonl", '{"path": "x.png", "positives": "cat"}\n', "a.jsonl:1", "lists of label names"),
     ("a.jsonl", '\n{"path": "x.png", "negatives": ["tiger"]}\n', "a.jsonl:2", "unknown label 'tiger' \\(negative\\)"),
     ("a.txt", "x.png cat\n", "a.txt:1", "must end in .csv or .jsonl"),
+    ("a.csv", "path,positives\nx.png,cat\ny.png,dog\n./x.png,sofa\n", "a.csv:4", "'./x.png' is listed twice, first on line 2"),
+    ("a.jsonl", '{"path": "d/x.png"}\n{"path": "d//x.png", "positives": ["cat"]}\n', "a.jsonl:2", "listed twice, first on line 1"),
+    ("a.csv", "path,positives\n../../etc/x.png,cat\n", "a.csv:2", "'../../etc/x.png' leads outside data.root"),
+    ("a.csv", "path,positives\nd/../../x.png,cat\n", "a.csv:2", "leads outside data.root"),
+    ("a.jsonl", '{"path": "/etc/x.png"}\n', "a.jsonl:1", "'/etc/x.png' leads outside data.root .*allow_outside_root = true"),
+    ("a.jsonl", '{"path": "."}\n', "a.jsonl:1", "leads outside data.root"),
+    ("a.jsonl", '{"path": "x\\u0000.png"}\n', "a.jsonl:1", "NUL character"),
+    ("a.jsonl", '{"path": "x\\ud800.png"}\n', "a.jsonl:1", "not valid Unicode"),
+    ("a.csv", "path,positives,path\nx.png,cat,y.png\n", "a.csv:1", "names a column twice"),
 ])
 def test_bad_lines_name_file_line_and_reason(tmp_path, name, text, where, reason):
     f = write(tmp_path / name, text)
     with pytest.raises(AnnotationError, match=f"{where}: .*{reason}"):
         list(read_annotations(f, SPACE))
+
+
+def test_a_line_that_is_not_utf8_is_named(tmp_path):
+    f = tmp_path / "a.csv"
+    f.write_bytes(b"\xef\xbb\xbfpath,positives\nx.png,cat\ny\xff.png,dog\n")      # a BOM is fine, byte 0xff is not
+    with pytest.raises(AnnotationError, match=r"a\.csv:3: not UTF-8 text"):
+        list(read_annotations(f, SPACE))
+    f.write_bytes(b"\xef\xbb\xbfpath,positives\nx.png,cat\n")
+    assert list(read_annotations(f, SPACE)) == [("x.png", [0], [])]
+
+
+def test_paths_inside_the_root_are_accepted_and_outside_ones_only_when_allowed(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    f = write(tmp_path / "a.jsonl", "\n".join(json.dumps({"path": p}) for p in [f"{root}/a.png", "b/../c.png", "../root/d.png", "../x.png"]))
+    with pytest.raises(AnnotationError, match="a.jsonl:4: image path '../x.png' leads outside"):
+        list(read_annotations(f, SPACE, root))
+    rows = list(read_annotations(f, SPACE, root, allow_outside_root=True))
+    assert [p for p, _, _ in rows] == [f"{root}/a.png", "b/../c.png", "../root/d.png", "../x.png"]
+
+
+def test_allow_outside_root_is_part_of_the_cached_index(tmp_path):
+    from mlml.config import load_config
+    from mlml.data.pipeline import SOURCES
+
+    labels = write(tmp_path / "labels.txt", "cat\n")
+    (tmp_path / "root").mkdir()
+    ann = write(tmp_path / "a.csv", "path,positives\n../elsewhere/1.png,cat\n")
+    over = [f"data.annotations={ann}", f"data.label_names={labels}", f"data.root={tmp_path / 'root'}", f"data.store={tmp_path / 's'}"]
+    source = SOURCES.get("annotations")(load_config(None, [*over, "data.allow_outside_root=true"]).data)
+    assert source.path(0) == tmp_path / "root" / "../elsewhere/1.png"
+    with pytest.raises(AnnotationError, match="leads outside data.root"):      # the index built with the opt-in is not reused
+        SOURCES.get("annotations")(load_config(None, over).data)
+
+
+@pytest.mark.parametrize("text, reason", [
+    ('[1, 2]', "non-empty list of names"), ('{"groups": [{"name": "g", "labels": "ab"}]}', "non-empty list of names"),
+    ('{"groups": [{"name": 3, "labels": ["a"]}]}', "name must be a string"), ('["a", "a"]', "not unique"),
+    ('{"groups": [{"name": "g", "labels": ["a"], "exclusive": "yes"}]}', "exclusive true or false"), ('[" a"]', "surrounding spaces"),
+])
+def test_bad_label_names_json(tmp_path, text, reason):
+    with pytest.raises(AnnotationError, match=f"l.json:1: not a label names file: .*{reason}"):
+        read_label_names(write(tmp_path / "l.json", text))
 
 
 def test_annotation_source_store_and_cache(tmp_path):

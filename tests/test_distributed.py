@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from mlml.checkpoint import load_checkpoint
 from mlml.data.dataset import EpochSampler, MixedBatchSampler
 from mlml.distributed import DistInfo
 from mlml.methods import METHODS
@@ -32,17 +34,20 @@ ROOT = Path(__file__).resolve().parent.parent
 DDP = ["data.n_train=96", "data.n_val=45", "data.n_test=99", "data.batch_size=32", "optim.epochs=2",
        "optim.accumulate=2", "model.dropout=0.2", "run.threads=1", "run.checkpoint_every=1"]
 STOP_AT = 4                       # optimiser steps done when the stopped runs stop: epoch 1, step 1
+# SIGTERM to one rank during these (optimiser step, rank) of a 4-epoch run (12 steps): 10 stops at random.
+_steps = random.Random(16).sample(range(12), 10)
+SIGNALS = [(s, random.Random(s).randrange(2)) for s in sorted(_steps)]
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ddp")
-    launch(scenarios, 2, out, DDP, STOP_AT)
+    launch(scenarios, 2, out, DDP, STOP_AT, SIGNALS)
     return out
 
 
 def load_ranks(out: Path, name: str) -> list[dict]:
-    return [torch.load(out / f"{name}.rank{r}.pt", weights_only=False) for r in range(2)]
+    return [torch.load(out / f"{name}.rank{r}.pt", weights_only=True) for r in range(2)]
 
 
 def assert_identical(a, b, where: str = "") -> None:
@@ -134,16 +139,28 @@ def test_only_rank_0_writes_the_run_directory(two_ranks):
     files = sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())
     events = [f for f in files if f.startswith("events.out.tfevents")]
     assert len(events) == 1, files                                  # one TensorBoard writer
-    assert sorted(set(files) - set(events)) == ["checkpoints/best.pt", "checkpoints/last.pt", "config.toml", "metrics.json"]
+    assert sorted(set(files) - set(events)) == ["checkpoints/best.pt", "checkpoints/last.prev.pt", "checkpoints/last.pt",
+                                                "config.toml", "metrics.json"]
+
+
+def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step_and_resume_is_exact(two_ranks):
+    """10 SIGTERMs, each to one rank only: both ranks agree (all-reduced flag) on the step, write one
+    last.pt, and the resumed runs end with the metrics of the uninterrupted run."""
+    seen = [torch.load(two_ranks / f"preempted.rank{r}.pt", weights_only=True)["seen"] for r in range(2)]
+    assert seen[0] == seen[1] == [s + 1 for s, _ in SIGNALS]
+    assert {r for _, r in SIGNALS} == {0, 1}
+    preempted = json.loads((two_ranks / "preempted" / "metrics.json").read_text())
+    reference = json.loads((two_ranks / "preempt_reference" / "metrics.json").read_text())
+    assert preempted["metrics"] == reference["metrics"] and preempted["history"] == reference["history"]
 
 
 def test_resume_at_world_size_1_of_a_world_size_2_checkpoint(two_ranks, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(two_ranks / "stopped", run)
-    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
     assert (ckpt["world_size"], ckpt["global_step"], ckpt["epoch"], ckpt["step_in_epoch"]) == (2, STOP_AT, 1, 1)
     result = train(tiny_config(*DDP), run, resume=True)
-    final = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    final = load_checkpoint(run / "checkpoints" / "last.pt")
     assert (final["world_size"], final["global_step"], final["epoch"]) == (1, 6, 2)
     assert [h["epoch"] for h in result["history"]] == [1, 2]
     assert 0 < result["metrics"]["test/mAP_macro"] <= 1

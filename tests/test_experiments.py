@@ -4,9 +4,10 @@ import sys
 import pytest
 
 from mlml import experiments
+from mlml.cli import main
 from mlml.config import ConfigError
-from mlml.experiments import expand, list_tables, read_table, reproduce, table_from_runs, train_command
-from tests.conftest import TINY
+from mlml.experiments import expand, list_tables, read_table, reproduce, run_config, run_dir, table_from_runs, train_command
+from tests.conftest import TINY, stop_mid_run
 
 
 @pytest.fixture
@@ -49,6 +50,9 @@ def test_reproduce_twice_trains_nothing_the_second_time_and_gives_the_same_table
     assert "0 to run" in capsys.readouterr().err
     assert {p: p.stat().st_mtime for p in runs.rglob("metrics.json")} == mtimes
     assert first == second == (results / "tiny.md").read_text()
+    recorded = [json.loads(p.read_text()) for p in sorted(runs.rglob("metrics.json"))]
+    assert len({r["split_hash"] for r in recorded}) == 1 and len({r["config_hash"] for r in recorded}) == 4
+    assert all(r["provenance"]["packages"]["torch"] and r["config"]["run"]["seed"] == r["seed"] for r in recorded)
     assert "| an |" in first and "Training time: 4 runs" in first and (results / "tiny.csv").exists()
     assert len(list((runs / "tiny").glob("events.out.tfevents.*"))) == 1     # the custom-scalars layout
     rebuilt = table_from_runs(runs / "tiny")                                  # `mlml table runs/tiny`
@@ -117,3 +121,78 @@ def test_grouped_heads_table_builds_every_run(tmp_path):
             assert (cfg.model.head == "grouped") == cfg.method.name.startswith("grouped"), run.method
             assert synthetic_label_space(cfg.data.synthetic).group("pattern").has_unknown
             assert cfg.data.groups == ({"pattern": {"has_unknown": False}} if run.method == "grouped_no_unknown" else {})
+
+
+def test_an_interrupted_run_is_not_resumed_under_an_edited_profile(table, tmp_path, monkeypatch, capsys):
+    """reproduce resumes an unfinished run with `mlml train --resume` (train_command): after the profile
+    changed, that command refuses, naming the key, instead of mixing two configs in one run."""
+    run = expand(read_table(str(table)), "quick", 1, tmp_path / "runs")[0]
+    stop_mid_run(run_config(run), run_dir(run), monkeypatch)
+    (tmp_path / "base.toml").write_text("[optim]\nweight_decay = 0.0\n")
+    command = train_command(run, threads=1)
+    assert "--allow-config-change" not in command
+    assert main(command[3:]) == 2                                       # what reproduce's subprocess runs
+    assert "optim.weight_decay = 0.0001 in the checkpoint, 0.0 now" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ table integrity
+def fake_run(root, setting="sp", method="an", seed=0, split="s1", **changes):
+    """A metrics.json as a run writes it, without training: its config with `changes` (dotted keys)."""
+    from mlml.config import load_config
+
+    cfg = load_config(None, [f"run.setting={setting}", f"run.method_label={method}", f"run.seed={seed}", "run.experiment=tiny",
+                             *(f"{k}={v}" for k, v in changes.items())])
+    d = root / setting / method / f"seed{seed}"
+    d.mkdir(parents=True, exist_ok=True)
+    result = {"metrics": {"test/mAP_macro": 0.5 + seed / 100}, "setting": setting, "method": method, "seed": seed,
+              "experiment": "tiny", "config": cfg.to_dict(), "split_hash": split}
+    (d / "metrics.json").write_text(json.dumps(result))
+    return d
+
+
+def test_seeds_of_one_cell_with_different_configs_are_refused_naming_the_keys(tmp_path):
+    fake_run(tmp_path, seed=0)
+    fake_run(tmp_path, seed=1, **{"optim.lr": 0.1, "run.threads": 3})    # threads: how it ran, not what it computed
+    with pytest.raises(ConfigError, match=r"sp/an seed0 and seed1 differ in keys the table does not vary: optim.lr: 0.002 vs 0.1; "):
+        table_from_runs(tmp_path)
+    fake_run(tmp_path, seed=1, **{"run.threads": 3})
+    assert "| an | 0.5050 ± 0.0071 | 2 |" in table_from_runs(tmp_path)
+
+
+def test_runs_on_different_splits_never_share_a_row(tmp_path):
+    fake_run(tmp_path, seed=0, split="s1")
+    fake_run(tmp_path, seed=1, split="s2")
+    with pytest.raises(ConfigError, match="sp/an seed0 and seed1 were made on different splits"):
+        table_from_runs(tmp_path)
+
+
+def test_a_seed_twice_in_one_cell_is_refused(tmp_path):
+    fake_run(tmp_path / "a", seed=0)
+    fake_run(tmp_path / "b", seed=0)
+    with pytest.raises(ConfigError, match="sp/an has seed 0 more than once"):
+        table_from_runs(tmp_path)
+
+
+def test_runs_of_a_table_may_differ_only_in_the_keys_it_varies(table, tmp_path):
+    spec = read_table(str(table))
+    runs = tmp_path / "runs"
+    fake_run(runs, "sp", "an", **{"method.loss": "an", "data.observation": "single_positive"})
+    fake_run(runs, "sp", "full", **{"method.loss": "bce", "data.observation": "full"})           # varied by the table
+    experiments.write_table(spec, experiments.collect(runs), None, "c")
+    fake_run(runs, "sp", "full", **{"method.loss": "bce", "data.observation": "full", "optim.epochs": 3})
+    with pytest.raises(ConfigError, match="sp/an seed0 and sp/full seed0 differ in keys the table does not vary: optim.epochs: 15 vs 3"):
+        experiments.write_table(spec, experiments.collect(runs), None, "c")
+
+
+def test_runs_recorded_before_metrics_held_the_config_are_read_from_config_toml(tmp_path):
+    from mlml.config import load_config, to_toml
+
+    d = fake_run(tmp_path, seed=0)
+    result = json.loads((d / "metrics.json").read_text())
+    del result["config"], result["split_hash"]
+    (d / "metrics.json").write_text(json.dumps(result))
+    (d / "config.toml").write_text(to_toml(load_config(None, ["optim.lr=0.5"]).to_dict()))
+    assert experiments.read_result(d / "metrics.json")["config"]["optim"]["lr"] == 0.5
+    fake_run(tmp_path, seed=1)
+    with pytest.raises(ConfigError, match="optim.lr: 0.5 vs 0.002"):
+        table_from_runs(tmp_path)

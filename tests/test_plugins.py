@@ -90,7 +90,7 @@ def test_plugin_settings_are_checked_when_the_config_is_loaded(plugin_path, tmp_
                               ("method.args={weight = -1.0}", "config key 'method.args.weight' must be >= 0, got -1.0"),
                               ("method.loss_args={r = 0.1}", "unknown config key 'method.loss_args.r'; loss 'soft_an' takes: q")):
         done = mlml(["train", *sets(*TINY, *PLUGGED, override), "--out", str(tmp_path / "run")], plugin_path, PLUGIN, cwd=tmp_path)
-        assert done.returncode == 2 and message in done.stderr and "[--set]" in done.stderr, done.stderr
+        assert done.returncode == 2 and message in done.stderr and "error: --set method." in done.stderr, done.stderr
         assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
     done = mlml(["list", "methods"], plugin_path, PLUGIN, cwd=tmp_path)
     assert done.returncode == 0 and "consistency" in done.stdout and "ramp_epochs: float = 1.0" in done.stdout

@@ -73,8 +73,8 @@ def test_bad_values_and_names_are_one_line_errors_naming_the_key_and_the_file(tm
     path.write_text('[method]\nname = "role"\nargs = {k = -1.0}\n')
     with pytest.raises(ConfigError) as err:
         load_config(path)
-    assert str(err.value) == f"config key 'method.args.k' must be > 0, got -1.0 [{path}]"
-    with pytest.raises(ConfigError, match=re.escape("config key 'method.args.k' must be > 0, got -2.0 [--set]")):
+    assert str(err.value) == f"{path}: config key 'method.args.k' must be > 0, got -1.0"
+    with pytest.raises(ConfigError, match=re.escape("--set method.args={k = -2.0}: config key 'method.args.k' must be > 0, got -2.0")):
         load_config(path, ["method.args={k = -2.0}"])
     for override, key in (("method.name=nope", "method.name"), ("method.loss=nope", "method.loss"),
                           ("data.observation=nope", "data.observation"), ("model.head=nope", "model.head"),

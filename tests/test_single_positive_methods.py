@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from mlml.checkpoint import load_checkpoint
 from mlml.config import MethodConfig
 from mlml.labels import LabelSpace
 from mlml.losses import splc
@@ -408,14 +409,14 @@ def test_resume_mid_epoch_gives_the_same_metrics(method, tmp_path, monkeypatch):
                       "data.n_val=64", "data.n_test=64", *args)
     reference = train(cfg, tmp_path / "a")
     stop_mid_run(cfg, tmp_path / "b", monkeypatch, at_step=17)   # epoch 2 of 3, step 6 of 12
-    state = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=False)["method"]
+    state = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")["method"]
     if method == "em_apl":                        # half of epoch 2 scored, no round yet
         assert 0 < int(torch.isfinite(state["scores"]).sum()) and not state["pseudo"].any()
     else:                                         # corrections from the first 5 steps of epoch 2
         assert len(state["_extra_state"]["corrected"]) == 5 * math.ceil(32 * 14 * 0.01)
     resumed = train(cfg, tmp_path / "b", resume=True)
     assert resumed["metrics"] == reference["metrics"]
-    final = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=False)["method"]
+    final = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")["method"]
     if method == "em_apl":
         assert final["pseudo"].any()
     else:

@@ -6,7 +6,9 @@ Label names file (`data.label_names`):
     "exclusive": true}, ...]}` (every label in exactly one group; label order = listed order).
 
 Annotation file (`data.annotations`), one image per line, paths relative to `data.root` (default:
-the annotation file's folder):
+the annotation file's folder), each image once; a path that leads outside the root (`../x.png`, an
+absolute path elsewhere) is refused unless `data.allow_outside_root = true` (see
+`resolve_image_path`; readers of other formats call it and `DuplicateCheck` too):
   * `.csv`: a header naming the columns `path`, `positives` and optionally `negatives`; a label
     cell lists names separated by `;` (empty: none).
 
@@ -20,8 +22,9 @@ the annotation file's folder):
 What is listed is what is known: listed positives are positive, listed negatives negative, every
 other label unknown (the `annotated` observation model). Evaluation on such a source uses the
 stored positives as full labels and counts every unlisted label negative. A line that cannot be
-used (bad syntax, missing path, unknown label name, a label listed twice or both positive and
-negative) stops with `AnnotationError` naming file, line and reason, before any training.
+used (bad syntax, not UTF-8, missing path, a path outside the root, an image listed twice, unknown
+label name, a label listed twice or both positive and negative) stops with a one-line
+`AnnotationError` naming file, line and reason, before any training.
 Image files are not opened while indexing (millions of stats are slow on network storage); a
 missing or corrupt image is found when loaded, and skipped and counted then.
 """
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -43,8 +47,62 @@ SEPARATOR = ";"
 class AnnotationError(ValueError):
     """A line of an annotation or label names file cannot be used."""
 
-    def __init__(self, file: Path | str, line: int, reason: str) -> None:
-        super().__init__(f"{file}:{line}: {reason}")
+    def __init__(self, file: Path | str, line: int | None, reason: str) -> None:
+        where = f"{file}:{line}" if line is not None else f"{file}"
+        super().__init__(f"{where}: {reason}".replace("\r", "\\r").replace("\n", "\\n"))
+
+
+def resolve_image_path(root: Path, image: str, allow_outside: bool, file: Path | str, line: int) -> str:
+    """`image` (a path from line `line` of annotation file `file`), checked to lie inside `root`.
+
+    The check is on the path's text (`..`, absolute paths; no file is touched, millions of stats are
+    slow): symbolic links inside the root are followed, as whoever can make them owns the data.
+    `allow_outside` (`data.allow_outside_root`) accepts any path. Returns `image` as stored.
+    """
+    if not image:
+        raise AnnotationError(file, line, "no image path")
+    if "\x00" in image:
+        raise AnnotationError(file, line, f"image path {image!r} contains a NUL character")
+    try:
+        image.encode()
+    except UnicodeEncodeError:
+        raise AnnotationError(file, line, f"image path {image!r} is not valid Unicode") from None
+    if not allow_outside:
+        base = os.path.abspath(root)
+        full = os.path.normpath(os.path.join(base, image))
+        if os.path.commonpath([base, full]) != base or full == base:
+            raise AnnotationError(file, line, f"image path {image!r} leads outside data.root ({base}); "
+                                              "set data.allow_outside_root = true if that is intended")
+    return image
+
+
+class DuplicateCheck:
+    """Refuses an image listed twice in one annotation file (paths compared after normalisation).
+
+    Keeps a 64-bit hash per path, not the path, so millions of lines fit in little memory.
+    """
+
+    def __init__(self, file: Path | str) -> None:
+        self.file, self.first_line = file, {}
+
+    def add(self, image: str, line: int) -> None:
+        first = self.first_line.setdefault(hash(os.path.normpath(image)), line)
+        if first != line:
+            raise AnnotationError(self.file, line, f"image {image!r} is listed twice, first on line {first}")
+
+
+def text_lines(path: Path) -> Iterator[str]:
+    """The lines of a UTF-8 text file (a leading byte-order mark dropped); a line that is not UTF-8,
+    or a file that cannot be read, raises `AnnotationError` naming it."""
+    try:
+        with open(path, "rb") as f:
+            for line_no, raw in enumerate(f, 1):
+                try:
+                    yield raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+                except UnicodeDecodeError as err:
+                    raise AnnotationError(path, line_no, f"not UTF-8 text (byte {err.start}: {err.reason})") from None
+    except OSError as err:
+        raise AnnotationError(path, None, f"cannot read: {err.strerror or err}") from None
 
 
 def read_label_names(path: str | Path) -> LabelSpace:
@@ -52,7 +110,7 @@ def read_label_names(path: str | Path) -> LabelSpace:
     path = Path(path)
     if path.suffix == ".txt":
         names: dict[str, None] = {}                       # ordered, with O(1) membership
-        for line_no, line in enumerate(path.read_text().splitlines(), 1):
+        for line_no, line in enumerate(text_lines(path), 1):
             name = line.strip()
             if name and not name.startswith("#"):
                 if name in names:
@@ -63,22 +121,40 @@ def read_label_names(path: str | Path) -> LabelSpace:
         return LabelSpace(tuple(names))
     if path.suffix == ".json":
         try:
-            data = json.loads(path.read_text())
+            data = json.loads("".join(text_lines(path)))
             if isinstance(data, list):
-                return LabelSpace(tuple(str(n) for n in data))
+                return LabelSpace(_label_list(data))
             names, groups = [], []
+            if not isinstance(data, dict) or not isinstance(data["groups"], list) or not data["groups"]:
+                raise TypeError('expected a list of names or {"groups": [...]} with at least one group')
             for g in data["groups"]:
                 start = len(names)
-                names.extend(str(n) for n in g["labels"])
-                groups.append(Group(g["name"], tuple(range(start, len(names))), bool(g.get("exclusive", False))))
+                names.extend(_label_list(g["labels"]))
+                if not isinstance(g["name"], str) or not isinstance(g.get("exclusive", False), bool):
+                    raise TypeError("a group's name must be a string and exclusive true or false")
+                groups.append(Group(g["name"], tuple(range(start, len(names))), g.get("exclusive", False)))
             return LabelSpace(tuple(names), tuple(groups))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, RecursionError) as err:
+            if isinstance(err, AnnotationError):
+                raise
             raise AnnotationError(path, getattr(err, "lineno", 1), f"not a label names file: {err!r}") from None
     raise AnnotationError(path, 1, "label names file must end in .txt or .json")
 
 
-def read_annotations(path: Path, label_space: LabelSpace) -> Iterator[tuple[str, list[int], list[int]]]:
-    """(image path, positive indices, negative indices) of each line, checked, streamed."""
+def _label_list(names: object) -> tuple[str, ...]:
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n.strip() == n and n for n in names):
+        raise TypeError("labels must be a non-empty list of names (strings without surrounding spaces)")
+    return tuple(names)
+
+
+def read_annotations(path: Path, label_space: LabelSpace, root: Path | None = None,
+                     allow_outside_root: bool = False) -> Iterator[tuple[str, list[int], list[int]]]:
+    """(image path, positive indices, negative indices) of each line, checked, streamed.
+
+    Each image once, and (unless `allow_outside_root`) inside `root` (default: the file's folder).
+    """
+    root = path.parent if root is None else root
+    seen = DuplicateCheck(path)
     index = {name: i for i, name in enumerate(label_space.names)}
     if path.suffix == ".csv":
         lines = _csv_lines(path)
@@ -87,8 +163,8 @@ def read_annotations(path: Path, label_space: LabelSpace) -> Iterator[tuple[str,
     else:
         raise AnnotationError(path, 1, "annotation file must end in .csv or .jsonl")
     for line_no, image, positives, negatives in lines:
-        if not image:
-            raise AnnotationError(path, line_no, "no image path")
+        resolve_image_path(root, image, allow_outside_root, path, line_no)
+        seen.add(image, line_no)
         pos, neg = [], []
         for names, out, kind in ((positives, pos, "positive"), (negatives, neg, "negative")):
             for name in names:
@@ -104,49 +180,49 @@ def read_annotations(path: Path, label_space: LabelSpace) -> Iterator[tuple[str,
 
 
 def _csv_lines(path: Path) -> Iterator[tuple[int, str, list[str], list[str]]]:
-    with open(path, newline="") as f:
-        reader = csv.reader(f)
+    reader = csv.reader(text_lines(path))
+    try:
         header = [h.strip() for h in next(reader, [])]
         missing = {"path", "positives"} - set(header)
         unknown = set(header) - {"path", "positives", "negatives"}
         if missing or unknown:
             raise AnnotationError(path, 1, f"the header must name path, positives[, negatives]; got {','.join(header) or 'nothing'}")
+        if len(set(header)) != len(header):
+            raise AnnotationError(path, 1, f"the header names a column twice: {','.join(header)}")
         col = {name: header.index(name) for name in header}
-        try:
-            for cells in reader:
-                if not cells:
-                    continue
-                if len(cells) != len(header):
-                    raise AnnotationError(path, reader.line_num, f"{len(cells)} fields, the header has {len(header)}")
-                labels = [[n.strip() for n in cells[col[k]].split(SEPARATOR) if n.strip()] if k in col else [] for k in ("positives", "negatives")]
-                yield reader.line_num, cells[col["path"]].strip(), labels[0], labels[1]
-        except csv.Error as err:
-            raise AnnotationError(path, reader.line_num, f"bad CSV: {err}") from None
+        for cells in reader:
+            if not cells:
+                continue
+            if len(cells) != len(header):
+                raise AnnotationError(path, reader.line_num, f"{len(cells)} fields, the header has {len(header)}")
+            labels = [[n.strip() for n in cells[col[k]].split(SEPARATOR) if n.strip()] if k in col else [] for k in ("positives", "negatives")]
+            yield reader.line_num, cells[col["path"]].strip(), labels[0], labels[1]
+    except csv.Error as err:
+        raise AnnotationError(path, reader.line_num, f"bad CSV: {err}") from None
 
 
 def _jsonl_lines(path: Path) -> Iterator[tuple[int, str, list[str], list[str]]]:
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise AnnotationError(path, line_no, f"bad JSON: {err}") from None
-            if not isinstance(item, dict) or set(item) - {"path", "positives", "negatives"}:
-                raise AnnotationError(path, line_no, "a line must be an object with keys path, positives[, negatives]")
-            lists = [item.get(k, []) for k in ("positives", "negatives")]
-            if not isinstance(item.get("path", ""), str) or not all(isinstance(v, list) and all(isinstance(n, str) for n in v) for v in lists):
-                raise AnnotationError(path, line_no, "path must be a string and positives/negatives lists of label names")
-            yield line_no, item.get("path", ""), lists[0], lists[1]
+    for line_no, line in enumerate(text_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as err:
+            raise AnnotationError(path, line_no, f"bad JSON: {err}") from None
+        if not isinstance(item, dict) or set(item) - {"path", "positives", "negatives"}:
+            raise AnnotationError(path, line_no, "a line must be an object with keys path, positives[, negatives]")
+        lists = [item.get(k, []) for k in ("positives", "negatives")]
+        if not isinstance(item.get("path", ""), str) or not all(isinstance(v, list) and all(isinstance(n, str) for n in v) for v in lists):
+            raise AnnotationError(path, line_no, "path must be a string and positives/negatives lists of label names")
+        yield line_no, item.get("path", ""), lists[0], lists[1]
 
 
-def build_annotation_index(annotations: Path, label_space: LabelSpace, root: Path, out: Path) -> dict:
+def build_annotation_index(annotations: Path, label_space: LabelSpace, root: Path, out: Path, allow_outside_root: bool = False) -> dict:
     """Stream the annotation file into `out` (labels/ and paths); returns the source.json content."""
     builder = LabelStoreBuilder(out / "labels", label_space.num_labels)
     paths = StringColumnWriter(out / "paths")
     count = 0
-    for image, pos, neg in read_annotations(annotations, label_space):
+    for image, pos, neg in read_annotations(annotations, label_space, root, allow_outside_root):
         paths.add(image)
         builder.add(pos, neg)
         count += 1
@@ -166,13 +242,15 @@ class AnnotationSource(FileSource):
         root: folder the image paths are relative to (default: the annotation file's folder).
         image_size: images are decoded to (3, image_size, image_size) (centre square).
         store: where the index is cached (default: under $MLML_CACHE, keyed by the file's path).
+        allow_outside_root: accept image paths that lead outside `root` (`data.allow_outside_root`).
     """
 
-    def __init__(self, annotations: str | Path, label_names: str | Path, root: str | Path | None, image_size: int, store: str | Path | None = None) -> None:
+    def __init__(self, annotations: str | Path, label_names: str | Path, root: str | Path | None, image_size: int,
+                 store: str | Path | None = None, allow_outside_root: bool = False) -> None:
         annotations, label_names = Path(annotations), Path(label_names)
         root = Path(root) if root else annotations.parent
-        signature = [*file_signature(annotations, label_names), str(root.resolve())]
+        signature = [*file_signature(annotations, label_names), str(root.resolve()), *(["outside"] if allow_outside_root else [])]
         store = Path(store) if store else default_store_dir("annotations", annotations)
         label_space = read_label_names(label_names)
-        index = cached_index(store, signature, lambda out: build_annotation_index(annotations, label_space, root, out))
+        index = cached_index(store, signature, lambda out: build_annotation_index(annotations, label_space, root, out, allow_outside_root))
         super().__init__(index, image_size)

@@ -17,6 +17,7 @@ observation model.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -72,7 +73,8 @@ def folder(cfg: DataConfig) -> ImageFolderSource:
 @SOURCES.register("annotations")
 def annotations(cfg: DataConfig) -> AnnotationSource:
     root = _path(cfg, "root", "folder") if cfg.root else None
-    return AnnotationSource(_path(cfg, "annotations"), _path(cfg, "label_names"), root, _image_size(cfg), cfg.store or None)
+    return AnnotationSource(_path(cfg, "annotations"), _path(cfg, "label_names"), root, _image_size(cfg), cfg.store or None,
+                            cfg.allow_outside_root)
 
 
 @SOURCES.register("recolour")
@@ -101,6 +103,18 @@ def default_splits(n: int, sizes: dict[str, int], seed: int) -> dict[str, np.nda
         out[name] = np.sort(perm[start : start + size])
         start += size
     return out
+
+
+def split_hash(splits: dict[str, np.ndarray]) -> str:
+    """A stable hash (16 hex digits) of the split definition: each split's name and image indices.
+
+    Recorded in `metrics.json`; runs whose splits differ never share a table row.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(splits):
+        digest.update(f"{name}:{len(splits[name])}:".encode())
+        digest.update(np.asarray(splits[name], dtype="<i8").tobytes())
+    return digest.hexdigest()[:16]
 
 
 class ImageCache:

@@ -51,7 +51,7 @@ from mlml.losses import LOSSES, get_loss
 from mlml.methods.domain import DomainBranch, DomainBranchSettings
 from mlml.methods.teacher import Teacher, TeacherSettings, pseudo_label_quality
 from mlml.registry import Registry
-from mlml.settings import SettingError, SettingsError, lookup, one_of, resolve, settings_class
+from mlml.settings import SettingsError, lookup, resolve, settings_class
 
 METHODS: Registry = Registry("method", entry_point_group="mlml.methods")
 register_method = METHODS.register
@@ -127,10 +127,6 @@ def check_method_config(cfg: MethodConfig) -> None:
     cls = lookup(METHODS, cfg.name, "method.name")
     resolve(settings_class(cls), cfg.args, "method.args", f"method '{cfg.name}'")
     lookup(LOSSES, cfg.loss, "method.loss")
-    try:
-        one_of(cfg.pos_weight, "pos_weight", ("none", "observed"))
-    except SettingError as err:
-        raise SettingsError("method.pos_weight", f"config key 'method.pos_weight' {err.message}") from None
     check_own_loss(cls, cfg)
     resolve(settings_class(LOSSES.get(cfg.loss)), cfg.loss_args, "method.loss_args", f"loss '{cfg.loss}'")
     if cfg.teacher:
