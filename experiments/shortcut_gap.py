@@ -20,23 +20,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mlml.checkpoint import load_checkpoint
 from mlml.config import Config, from_dict
 from mlml.data.pipeline import build_data
 from mlml.data.synthetic import nuisance_styles
-from mlml.models import build_model
+from mlml.inference import load_predictor
 
 
 @torch.no_grad()
 def style_gaps(run: Path, chunk: int = 500) -> dict[str, float]:
     """{group name: mean over its labels of (mean positive logit, style 0) - (style 1)}."""
-    ckpt = load_checkpoint(run / "checkpoints" / "best.pt")
-    cfg = from_dict(Config, ckpt["config"])
+    predictor = load_predictor(run / "checkpoints" / "best.pt")
+    model = predictor.model
+    cfg = from_dict(Config, predictor.config)
     cfg.data.synthetic.nuisance = "collection"
     data = build_data(cfg.data)
-    model = build_model(cfg.model, data.label_space)
-    model.load_state_dict(ckpt["model"])
-    model.eval()
     train, test = data.splits["train"], data.splits["test"]
     d = data.observation.num_domains
     styles = torch.from_numpy(nuisance_styles(len(data.source), train, data.observation.domain(train), d, cfg.data.data_seed)[test])

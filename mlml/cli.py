@@ -7,8 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML config file (defaults apply to every key it leaves out)")
@@ -36,69 +34,36 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_checkpoint_model(path: str):
-    """(config, model, data) rebuilt from a checkpoint file."""
-    from mlml.config import Config, from_dict
-    from mlml.data.pipeline import build_data
-    from mlml.models import build_model
-
-    from mlml.checkpoint import load_checkpoint
-
-    ckpt = load_checkpoint(path)
-    cfg = from_dict(Config, ckpt["config"])
-    cfg.model.weights = ""                        # the checkpoint carries the weights
-    data = build_data(cfg.data)
-    model = build_model(cfg.model, data.label_space)
-    model.load_state_dict(ckpt["model"])
-    return cfg, model.eval(), data
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mlml.evaluation import calibrate_thresholds, group_metrics, predict, softmax_groups, split_metrics
+    from mlml.inference import evaluate_checkpoint
 
-    cfg, model, data = load_checkpoint_model(args.checkpoint)
-    loaders = {s: data.loader(s, {"image": "none"}, cfg.run.seed, batch_size=256) for s in ("val", args.split)}
-    device = torch.device("cpu")
-    val_scores, val_targets = predict(model, loaders["val"], device)
-    scores, targets = predict(model, loaders[args.split], device)
-    metrics = split_metrics(scores, targets, cfg.eval.threshold, calibrate_thresholds(val_scores, val_targets))
-    if args.split == "test" or cfg.data.val_labels == "full":
-        metrics |= group_metrics(scores, targets, data.label_space, softmax_groups(model), cfg.eval.threshold)
+    metrics = evaluate_checkpoint(args.checkpoint, args.split, args.overrides, args.device, Path(args.predictions) if args.predictions else None)
     print(json.dumps({f"{args.split}/{k}": round(v, 6) for k, v in metrics.items()}, indent=2))
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from mlml.data.image_files import decode_image
+    from mlml.inference import image_files, load_predictor, predict_files, write_predictions
 
-    from mlml.evaluation import softmax_groups
-    from mlml.groups import decode_groups
-
-    cfg, model, data = load_checkpoint_model(args.checkpoint)
-    space = data.label_space
-    names, size = space.names, data.image_size
-    results = []
-    for file in args.images:
-        image = decode_image(file, size)                  # as training images: centre square, resized
-        with torch.no_grad():
-            probs = torch.sigmoid(model(image[None])["logits"].float())            # (1, C)
-        order = probs[0].argsort(descending=True)[: args.top].tolist()
-        groups = {}
-        for name, dec in decode_groups(probs, space, softmax_groups(model), cfg.eval.threshold).items():
-            k = int(dec.pred[0])
-            labels = space.group(name).labels
-            groups[name] = {"class": names[labels[k]] if k < len(labels) else "unknown", "probability": round(float(dec.probs[0, k]), 4)}
-        results.append({"image": str(file), "labels": [{"label": names[c], "probability": round(float(probs[0, c]), 4)} for c in order],
-                        "groups": groups})
+    predictor = load_predictor(args.checkpoint, args.device)
+    files = image_files(args.inputs)
+    if not files:
+        raise FileNotFoundError(f"no image files in {' '.join(args.inputs)}")
+    records = predict_files(predictor, files, args.batch_size, args.workers, args.top, progress=bool(args.out))
+    if args.out:
+        count = write_predictions(records, Path(args.out), predictor.label_space)
+        print(f"wrote {count} predictions to {args.out} ({'calibrated' if predictor.calibrated else 'fixed'} thresholds)")
+        return 0
+    results = list(records)
     if args.json:
         print(json.dumps(results, indent=2))
-    else:
-        for r in results:
-            print(r["image"])
-            for item in r["labels"]:
-                print(f"  {item['label']:<16} {item['probability']:.3f}")
-            for name, g in r["groups"].items():
-                print(f"  [{name}] {g['class']:<10} {g['probability']:.3f}")
+        return 0
+    for r in results:
+        print(r["image"] + (f"  unreadable: {r['error']}" if "error" in r else f"  labels: {', '.join(r['labels']) or '(none)'}"))
+        for item in r.get("top", []):
+            print(f"  {item['label']:<16} {item['probability']:.3f}")
+        for name, g in r.get("groups", {}).items():
+            print(f"  [{name}] {g['class']:<10} {g['probability']:.3f}")
     return 0
 
 
@@ -269,16 +234,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(q)
     q.set_defaults(fn=cmd_data_index)
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint on full labels")
+    p = sub.add_parser("eval", help="evaluate a checkpoint on its run's data (complete or annotated labels, as the run)")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--split", default="test", choices=["val", "test"])
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="change a key of the run's config, e.g. where its data is here: --set data.root=/data/coco")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:1 | auto")
+    p.add_argument("--predictions", help="also write each image's predictions (.jsonl or .csv), as mlml predict does")
     p.set_defaults(fn=cmd_eval)
 
-    p = sub.add_parser("predict", help="label probabilities for image files")
+    p = sub.add_parser("predict", help="labels of image files from a checkpoint alone (no data, no config)")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("images", nargs="+")
-    p.add_argument("--top", type=int, default=5, help="labels shown per image")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("inputs", nargs="+", help="image files and folders (their images, recursively)")
+    p.add_argument("--out", help="write predictions.jsonl or predictions.csv (with a progress bar) instead of printing")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0, help="image decoding processes")
+    p.add_argument("--top", type=int, default=5, help="labels with probabilities per image")
+    p.add_argument("--json", action="store_true", help="print JSON (without --out)")
     p.set_defaults(fn=cmd_predict)
 
     p = sub.add_parser("reproduce", help="run a table's settings x methods x seeds and write results/<table>.md")

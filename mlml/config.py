@@ -57,8 +57,8 @@ class RunConfig:
 @dataclass
 class DataConfig:
     source: str = "synthetic"
-    n_train: int = 6000
-    n_val: int = 1500
+    n_train: int = 6000           # split sizes; a source with its own splits is capped at them (a random
+    n_val: int = 1500             # subset of data_seed), -1 = the whole split
     n_test: int = 3000
     data_seed: int = 0            # fixes the images and which labels are observed, across runs
     observation: str = "auto"     # auto (the source's default: single_positive for synthetic data,
@@ -76,8 +76,13 @@ class DataConfig:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     root: str = ""                # folder, recolour: the folder of class folders; annotations: what
                                   # image paths are relative to ("" = the annotation file's folder)
-    annotations: str = ""         # annotations (and recolour over annotations): .csv or .jsonl file
-    allow_outside_root: bool = False   # annotations: accept image paths that lead outside data.root (../x.png, /abs)
+    annotations: str | dict = ""  # annotations (and recolour over annotations): .csv or .jsonl file, or one
+                                  # per split {train = "...", val = "...", test = "..."}; the formats' files
+    confidence_threshold: float = 0.5   # tencent: a listed label with at least this confidence is positive
+    split_file: str = ""          # file sources: .csv (path,split) or .json ({split: [paths]}) fixing the splits
+    eval_labels: str = "auto"     # complete | annotated (metrics on listed positives and negatives only) |
+                                  # auto (annotated when the source lists negatives, else complete)
+    allow_outside_root: bool = False   # file sources: accept image paths that lead outside data.root (../x.png, /abs)
     label_names: str = ""         # annotations: .txt or .json label names file
     image_size: int = 64          # file sources: images decoded to (3, S, S), centre square
     store: str = ""               # file sources: index cache directory ("" = under $MLML_CACHE)
@@ -135,6 +140,7 @@ class EvalConfig:
     every: int = 1                # evaluate on validation every N epochs
     select: str = "val/mAP_macro" # metric choosing best.pt; test metrics use the best checkpoint
     threshold: float = 0.5        # fixed threshold for F1/Hamming (calibrated ones are reported too)
+    min_positives: int = 1        # data.eval_labels = annotated: classes with fewer annotated positives are reported apart
     image_grid: int = 16          # test images logged to TensorBoard with true and predicted labels
 
 
@@ -268,11 +274,14 @@ CHECKS: dict[str, Check] = {
     "run.threads": _at_least(0),
     "run.checkpoint_every": _at_least(0),
     "run.dist_timeout": _above(0),
-    "data.n_train": _at_least(1),
-    "data.n_val": (lambda v: v >= 1, ">= 1 (validation selects the best epoch and calibrates thresholds)"),
-    "data.n_test": _at_least(1),
+    "data.n_train": (lambda v: v >= 1 or v == -1, ">= 1, or -1: the whole split of a source with splits of its own"),
+    "data.n_val": (lambda v: v >= 1 or v == -1, ">= 1 (validation selects the best epoch and calibrates thresholds), "
+                                                 "or -1: the whole split of a source with splits of its own"),
+    "data.n_test": (lambda v: v >= 1 or v == -1, ">= 1, or -1: the whole split of a source with splits of its own"),
     "data.data_seed": _within(0, 2**32, hi_open=True),
     "data.val_labels": _one_of("full", "observed"),
+    "data.eval_labels": _one_of("auto", "complete", "annotated"),
+    "data.confidence_threshold": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "data.batch_size": _at_least(1),
     "data.unlabelled_ratio": _at_least(0),
     "data.num_workers": _at_least(0),
@@ -295,6 +304,7 @@ CHECKS: dict[str, Check] = {
     "eval.every": _at_least(1),
     "eval.threshold": _within(0, 1),
     "eval.image_grid": _at_least(0),
+    "eval.min_positives": _at_least(1),
 }
 
 # Dotted key -> (module, registry) of the names it may take (plug-ins included).

@@ -1,7 +1,10 @@
 """Evaluation: predictions over a loader (sharded across ranks, gathered) and the metrics of a split.
 
-Test metrics are always against full labels. Per-class thresholds are calibrated on validation
-predictions and applied unchanged to test predictions.
+Test metrics are against full labels, or, where the labels are partial (`data.eval_labels =
+"annotated"`: known negatives listed, as Open Images), against each class's annotated entries only
+(a mask), over the classes with at least `eval.min_positives` annotated positives; the others are
+reported apart. Per-class thresholds are calibrated on validation predictions (on the same
+entries) and applied unchanged to test predictions.
 """
 
 from __future__ import annotations
@@ -23,18 +26,21 @@ from mlml.metrics import (
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: DataLoader, device: torch.device, amp_dtype: torch.dtype | None = None, stats: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sigmoid scores and targets of a whole split, in dataset order, on the CPU.
+def predict(model: nn.Module, loader: DataLoader, device: torch.device, amp_dtype: torch.dtype | None = None, stats: dict | None = None,
+            masked: bool = False) -> tuple[torch.Tensor, ...]:
+    """Sigmoid scores and targets of a whole split, in dataset order, on the CPU (and, `masked`, the
+    bool (N, C) mask of the labels the split's observation model knows: the annotated entries).
 
     Each rank predicts its shard; under torch.distributed the shards are gathered and the
     sampler's padding duplicates dropped by dataset index, so every rank gets the scores a single
     process would compute on the same weights. Images that could not be read are left out (the
     rows returned are the readable images, in order); their count is added to
-    `stats["skipped_images"]` when `stats` is given.
+    `stats["skipped_images"]` when `stats` is given, and `stats["positions"]` holds the dataset
+    positions of the rows returned.
     """
     was_training = model.training
     model.eval()
-    scores, targets, index = [], [], []
+    scores, targets, index, observed = [], [], [], []
     for batch in loader:
         if stats is not None:
             stats["skipped_images"] = stats.get("skipped_images", 0) + int(batch.get("skipped", 0))
@@ -45,23 +51,49 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device, amp_dtyp
         scores.append(torch.sigmoid(logits.float()).cpu())
         targets.append(batch["targets"])
         index.append(batch["index"])
+        observed.append(batch["observed"])
     model.train(was_training)
     if not scores:
         raise RuntimeError(f"no readable image in a split of {len(loader.dataset)} images")
-    s, t, i = torch.cat(scores), torch.cat(targets), torch.cat(index)
+    s, t, i, m = torch.cat(scores), torch.cat(targets), torch.cat(index), torch.cat(observed)
     if is_distributed():   # nccl gathers CUDA tensors, gloo CPU ones
-        s, t, i = (all_gather_cat(x.to(device)).cpu() for x in (s, t, i))
+        s, t, i, m = (all_gather_cat(x.to(device)).cpu() for x in (s, t, i, m))
     n = len(loader.dataset)
-    out_s, out_t = torch.empty(n, s.shape[1]), torch.empty(n, t.shape[1])
+    out_s, out_t, out_m = torch.empty(n, s.shape[1]), torch.empty(n, t.shape[1]), torch.empty(n, m.shape[1], dtype=torch.bool)
     covered = torch.zeros(n, dtype=torch.bool)
-    out_s[i], out_t[i], covered[i] = s, t, True   # duplicates carry identical values
-    return out_s[covered], out_t[covered]
+    out_s[i], out_t[i], out_m[i], covered[i] = s, t, m, True   # duplicates carry identical values
+    if stats is not None:
+        stats["positions"] = torch.nonzero(covered).flatten()
+    return (out_s[covered], out_t[covered], out_m[covered]) if masked else (out_s[covered], out_t[covered])
 
 
-def split_metrics(scores: torch.Tensor, targets: torch.Tensor, threshold: float, thresholds: torch.Tensor | None) -> dict[str, float]:
-    """The multi-label metric summary of one split (NaN-free keys only)."""
-    metrics = multilabel_metrics(scores, targets, threshold=threshold, thresholds=thresholds)
+def split_metrics(scores: torch.Tensor, targets: torch.Tensor, threshold: float, thresholds: torch.Tensor | None,
+                  mask: torch.Tensor | None = None, min_positives: int = 1) -> dict[str, float]:
+    """The multi-label metric summary of one split (NaN-free keys only).
+
+    With `mask` (bool (N, C), the annotated entries) every metric uses each class's annotated
+    entries, over the classes with at least `min_positives` annotated positives; the others are
+    reported apart: `classes_evaluated`, `classes_few_positives` and, where they have any
+    positive, `mAP_macro_few_positives`.
+    """
+    if mask is None:
+        metrics = multilabel_metrics(scores, targets, threshold=threshold, thresholds=thresholds)
+    else:
+        few = torch.zeros(targets.shape[1], dtype=torch.bool)
+        few[few_positive_classes(targets, mask, min_positives)] = True
+        keep = ~few
+        metrics = {"classes_evaluated": float(keep.sum()), "classes_few_positives": float(few.sum())}
+        if keep.any():
+            metrics |= multilabel_metrics(scores[:, keep], targets[:, keep], threshold,
+                                          None if thresholds is None else thresholds[keep], mask[:, keep])
+        if few.any():
+            metrics["mAP_macro_few_positives"] = float(mean_average_precision(scores[:, few], targets[:, few], "macro", mask[:, few]))
     return {k: float(v) for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
+
+
+def few_positive_classes(targets: torch.Tensor, mask: torch.Tensor, min_positives: int) -> list[int]:
+    """Classes with fewer than `min_positives` annotated positives (reported apart from the others)."""
+    return torch.nonzero((targets.bool() & mask).sum(0) < min_positives).flatten().tolist()
 
 
 def softmax_groups(model: nn.Module) -> dict[str, bool]:
@@ -149,10 +181,11 @@ def check_selection(select: str, full_labels: bool, model_names: list[str] | Non
         raise ConfigError(f"config key 'eval.select' = {select!r} is not a validation metric{why}; known: {'; '.join(known)}", "eval.select")
 
 
-def per_class_ap(scores: torch.Tensor, targets: torch.Tensor, names: tuple[str, ...]) -> dict[str, float | None]:
-    """Label name -> AP (None for a label without positives in this split)."""
-    ap = mean_average_precision(scores, targets, average=None)
+def per_class_ap(scores: torch.Tensor, targets: torch.Tensor, names: tuple[str, ...], mask: torch.Tensor | None = None) -> dict[str, float | None]:
+    """Label name -> AP (None for a label without positives in this split); on the annotated entries with `mask`."""
+    ap = mean_average_precision(scores, targets, average=None, mask=mask)
     return {name: (None if math.isnan(v) else float(v)) for name, v in zip(names, ap.tolist())}
 
 
-__all__ = ["predict", "split_metrics", "split_metric_names", "validation_metric_names", "check_selection", "group_metrics", "softmax_groups", "per_class_ap", "calibrate_thresholds", "classes_without_positives"]
+__all__ = ["predict", "split_metrics", "split_metric_names", "validation_metric_names", "check_selection", "group_metrics", "softmax_groups", "per_class_ap", "calibrate_thresholds", "classes_without_positives",
+           "few_positive_classes"]

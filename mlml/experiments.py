@@ -250,12 +250,28 @@ def run_provenance(results: list[dict], key: str) -> str:
     return "; ".join(f"{v} ({n_runs(n)})" for v, n in counts.items())
 
 
+def split_of(result: dict) -> str:
+    """The run's split definition (`split_hash` in metrics.json; older runs did not record it)."""
+    return result.get("split_hash", "not recorded")
+
+
+def split_rows(results: list[dict]) -> list[dict]:
+    """The results, with the split in the method name when the runs used several splits (rows never mix splits)."""
+    if len({r["split_hash"] for r in results if "split_hash" in r}) < 2:    # runs that recorded none are not compared
+        return results
+    return [{**r, "method": f"{r['method']} [split {split_of(r)}]"} for r in results]
+
+
 def provenance(command: str, results: list[dict]) -> list[str]:
     train_seconds = sum(r.get("train_seconds", 0.0) for r in results)
+    splits: dict[str, int] = {}
+    for r in results:
+        splits[split_of(r)] = splits.get(split_of(r), 0) + 1
     return [
         f"Command: `{command}`",
         f"Commit: {run_provenance(results, 'commit')}; {run_provenance(results, 'versions')}",
         f"Hardware: {run_provenance(results, 'hardware')}",
+        "Splits (split_hash): " + "; ".join(f"{h} ({n_runs(n)})" for h, n in splits.items()),
         f"Training time: {n_runs(len(results))}, {minutes(train_seconds)} in total (sum of the runs' train_seconds)",
     ]
 
@@ -310,6 +326,9 @@ def aggregate(results: list[dict], metrics: list[str]) -> dict[tuple[str, str], 
 def markdown(spec: dict, agg: dict, command: str, results: list[dict]) -> tuple[str, str]:
     settings = list(spec["settings"]) if spec.get("settings") else sorted({s for s, _ in agg})
     methods = list(spec["methods"]) if spec.get("methods") else sorted({m for _, m in agg})
+    split_methods = sorted({m for _, m in agg} - set(methods))      # runs on several splits: "<method> [split <hash>]"
+    if split_methods:
+        methods = [m for m in methods if any(k[1] == m for k in agg)] + split_methods
     metrics = spec["metrics"]
     header = ["method"] + [f"{m} ({s})" if len(settings) > 1 else m for s in settings for m in metrics] + ["seeds"]
     lines = [f"# {spec['title']}", "", *[f"{line}  " for line in provenance(command, results)], "",
@@ -332,6 +351,7 @@ def markdown(spec: dict, agg: dict, command: str, results: list[dict]) -> tuple[
 
 
 def write_table(spec: dict, results: list[dict], results_dir: Path | None, command: str) -> str:
+    results = split_rows(results)
     check_comparable(spec, results)
     md, table_csv = markdown(spec, aggregate(results, spec["metrics"]), command, results)
     if results_dir is not None:

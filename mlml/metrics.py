@@ -6,6 +6,10 @@ the device of its inputs. Results agree with scikit-learn (`average_precision_sc
 `roc_auc_score`, `f1_score(zero_division=0)`, `hamming_loss`), ties included: samples with equal
 scores form one threshold, never an arbitrary order.
 
+Partially annotated data (Open Images: only verified labels count): every metric takes an optional
+`mask: bool (N, C)`, True on the annotated entries, and is then computed on each class's annotated
+entries only, equal to scikit-learn on those entries (masked AP, AUROC, F1, Hamming, thresholds).
+
 The ranking metrics share one idea: sort each column by decreasing score once, find the block of
 tied scores each sample belongs to, and read true/false positive counts at the block boundaries.
 That turns AP, ROC AUC and the best-F1 threshold search into a few (N, C) tensor operations with no
@@ -40,6 +44,18 @@ __all__ = [
 # Counts are accumulated in float64: exact up to 2**53 samples, and ratios of them stay within
 # 1e-15 of scikit-learn whatever the score dtype.
 _COUNT_DTYPE = torch.float64
+
+
+def _check_mask(scores: Tensor, mask: Tensor | None) -> Tensor | None:
+    """Validates an annotation mask (None: every entry annotated) and returns it as bool (N, C)."""
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor) or mask.shape != scores.shape:
+        raise ValueError(f"mask must be a tensor of the scores' shape {tuple(scores.shape)}, got "
+                         f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}")
+    if mask.device != scores.device:
+        raise ValueError(f"mask is on {mask.device} but scores are on {scores.device}")
+    return mask.bool()
 
 
 def _check_inputs(scores: Tensor, targets: Tensor) -> Tensor:
@@ -83,17 +99,25 @@ class _Ranked(NamedTuple):
     """
 
     sorted_scores: Tensor  # (N, C) decreasing down each column
-    positive: Tensor  # (N, C) float64, target of the k-th ranked sample
+    positive: Tensor  # (N, C) float64, target of the k-th ranked sample (0 where not annotated)
     block_end: Tensor  # (N, C) long, row of the last sample tied with the k-th
+    count_at: Tensor  # (N, C) float64, annotated samples predicted positive at the k-th score
     tp_at: Tensor  # (N, C) float64
     fp_above: Tensor  # (N, C) float64
     num_pos: Tensor  # (C,) float64
+    num_counted: Tensor  # (C,) float64, annotated samples
 
 
-def _rank(scores: Tensor, targets: Tensor) -> _Ranked:
-    """Sorts each column by decreasing score and counts positives at tie-block boundaries."""
+def _rank(scores: Tensor, targets: Tensor, mask: Tensor | None = None) -> _Ranked:
+    """Sorts each column by decreasing score and counts positives at tie-block boundaries.
+
+    With `mask`, entries that are not annotated stay in the order (they may share a tie block) but
+    count as neither positive nor negative.
+    """
     n = scores.shape[0]
     sorted_scores, order = scores.sort(dim=0, descending=True)  # (N, C)
+    if mask is not None:
+        targets = targets & mask
     positive = targets.gather(0, order).to(_COUNT_DTYPE)  # (N, C)
     row = torch.arange(n, device=scores.device).unsqueeze(1).expand_as(scores)  # (N, C)
 
@@ -108,8 +132,17 @@ def _rank(scores: Tensor, targets: Tensor) -> _Ranked:
     tp = positive.cumsum(dim=0)  # (N, C) positives among the top k+1
     tp_at = tp.gather(0, block_end)  # (N, C)
     tp_above = tp.gather(0, block_start) - positive.gather(0, block_start)  # (N, C)
-    fp_above = block_start.to(_COUNT_DTYPE) - tp_above  # (N, C)
-    return _Ranked(sorted_scores, positive, block_end, tp_at, fp_above, positive.sum(dim=0))
+    if mask is None:  # every sample counts: counts are row numbers
+        count_at, count_above = (block_end + 1).to(_COUNT_DTYPE), block_start.to(_COUNT_DTYPE)  # (N, C)
+        num_counted = torch.full_like(tp[0], n)  # (C,)
+    else:
+        counted = mask.gather(0, order).to(_COUNT_DTYPE)  # (N, C)
+        seen = counted.cumsum(dim=0)  # (N, C) annotated samples among the top k+1
+        count_at = seen.gather(0, block_end)  # (N, C)
+        count_above = seen.gather(0, block_start) - counted.gather(0, block_start)  # (N, C)
+        num_counted = counted.sum(dim=0)  # (C,)
+    fp_above = count_above - tp_above  # (N, C)
+    return _Ranked(sorted_scores, positive, block_end, count_at, tp_at, fp_above, positive.sum(dim=0), num_counted)
 
 
 def classes_without_positives(targets: Tensor) -> list[int]:
@@ -128,7 +161,7 @@ def classes_without_positives(targets: Tensor) -> list[int]:
     return torch.nonzero(~targets.bool().any(dim=0)).flatten().tolist()
 
 
-def average_precision(scores: Tensor, targets: Tensor) -> Tensor:
+def average_precision(scores: Tensor, targets: Tensor, mask: Tensor | None = None) -> Tensor:
     """Per-class average precision, as scikit-learn's `average_precision_score`.
 
     AP = sum over thresholds of (R_k - R_{k-1}) P_k: step-wise, without interpolation, with tied
@@ -138,9 +171,10 @@ def average_precision(scores: Tensor, targets: Tensor) -> Tensor:
     Args:
         scores: float (N, C), any score increasing with the chance of a positive.
         targets: (N, C) in {0, 1}.
+        mask: optional bool (N, C), the annotated entries: AP of each class over those only.
 
     Returns:
-        (C,) AP in the dtype of `scores`; NaN for a class without positives.
+        (C,) AP in the dtype of `scores`; NaN for a class without (annotated) positives.
 
     Example:
         >>> scores = torch.tensor([[0.9, 0.1], [0.8, 0.7], [0.3, 0.7], [0.2, 0.2]])
@@ -149,14 +183,14 @@ def average_precision(scores: Tensor, targets: Tensor) -> Tensor:
         tensor([0.8333, 0.5000])
     """
     targets = _check_inputs(scores, targets)
-    r = _rank(scores, targets)
-    precision_at = r.tp_at / (r.block_end + 1)  # (N, C)
+    r = _rank(scores, targets, _check_mask(scores, mask))
+    precision_at = r.tp_at / r.count_at.clamp(min=1)  # (N, C) count_at >= 1 wherever positive
     ap = (r.positive * precision_at).sum(dim=0) / r.num_pos  # (C,) 0/0 = NaN without positives
     return ap.to(scores.dtype)
 
 
 def mean_average_precision(
-    scores: Tensor, targets: Tensor, average: Average = "macro"
+    scores: Tensor, targets: Tensor, average: Average = "macro", mask: Tensor | None = None
 ) -> Tensor:
     """Mean average precision over classes.
 
@@ -166,6 +200,7 @@ def mean_average_precision(
         average: "macro": mean of per-class AP over the classes with at least one positive (see
             `classes_without_positives` for those left out); "micro": AP of all (sample, class)
             pairs pooled, as scikit-learn's average="micro"; None: per-class AP with NaN.
+        mask: optional bool (N, C), the annotated entries (micro: the annotated pairs pooled).
 
     Returns:
         A scalar, or (C,) for average=None, in the dtype of `scores`. NaN when no class has a
@@ -181,13 +216,15 @@ def mean_average_precision(
     """
     _check_average(average, ("macro", "micro", None))
     _check_inputs(scores, targets)  # before flattening, which would hide a shape mismatch
+    mask = _check_mask(scores, mask)
     if average == "micro":
-        return average_precision(scores.reshape(-1, 1), targets.reshape(-1, 1)).squeeze(0)
-    ap = average_precision(scores, targets)  # (C,)
+        flat_mask = None if mask is None else mask.reshape(-1, 1)
+        return average_precision(scores.reshape(-1, 1), targets.reshape(-1, 1), flat_mask).squeeze(0)
+    ap = average_precision(scores, targets, mask)  # (C,)
     return ap if average is None else ap.nanmean()
 
 
-def auroc(scores: Tensor, targets: Tensor, average: Literal["macro"] | None = "macro") -> Tensor:
+def auroc(scores: Tensor, targets: Tensor, average: Literal["macro"] | None = "macro", mask: Tensor | None = None) -> Tensor:
     """Area under the ROC curve per class, as scikit-learn's `roc_auc_score`.
 
     The probability that a random positive outscores a random negative, a tie counting one half
@@ -197,15 +234,16 @@ def auroc(scores: Tensor, targets: Tensor, average: Literal["macro"] | None = "m
         scores: float (N, C).
         targets: (N, C) in {0, 1}.
         average: "macro": mean over the classes having both positives and negatives; None: (C,).
+        mask: optional bool (N, C), the annotated entries.
 
     Returns:
         A scalar or (C,) in the dtype of `scores`; NaN for a class with a single target value.
     """
     _check_average(average, ("macro", None))
     targets = _check_inputs(scores, targets)
-    r = _rank(scores, targets)
-    num_neg = scores.shape[0] - r.num_pos  # (C,)
-    fp_at = (r.block_end + 1) - r.tp_at  # (N, C)
+    r = _rank(scores, targets, _check_mask(scores, mask))
+    num_neg = r.num_counted - r.num_pos  # (C,)
+    fp_at = r.count_at - r.tp_at  # (N, C)
     # Negatives a positive beats: those strictly below, plus half of those tied with it.
     wins = num_neg - (r.fp_above + fp_at) / 2  # (N, C)
     auc = (r.positive * wins).sum(dim=0) / (r.num_pos * num_neg)  # (C,) 0/0 = NaN
@@ -230,7 +268,7 @@ def _predict(scores: Tensor, threshold: float | Tensor) -> Tensor:
 
 
 def f1_score(
-    scores: Tensor, targets: Tensor, threshold: float | Tensor = 0.5, average: Average = "macro"
+    scores: Tensor, targets: Tensor, threshold: float | Tensor = 0.5, average: Average = "macro", mask: Tensor | None = None
 ) -> Tensor:
     """F1 of the predictions `scores >= threshold`, as scikit-learn's `f1_score(zero_division=0)`.
 
@@ -242,13 +280,17 @@ def f1_score(
         average: "macro": mean of per-class F1 over all classes (a class with no positive and no
             prediction counts as 0, as in scikit-learn); "micro": F1 of the pooled counts;
             None: per-class (C,).
+        mask: optional bool (N, C), the annotated entries: only those are counted.
 
     Returns:
         A scalar or (C,) in the dtype of `scores`.
     """
     _check_average(average, ("macro", "micro", None))
     targets = _check_inputs(scores, targets)
+    mask = _check_mask(scores, mask)
     pred = _predict(scores, threshold)  # (N, C)
+    if mask is not None:
+        pred, targets = pred & mask, targets & mask  # an entry not annotated is neither right nor wrong
     tp = (pred & targets).sum(dim=0).to(_COUNT_DTYPE)  # (C,)
     wrong = (pred ^ targets).sum(dim=0).to(_COUNT_DTYPE)  # (C,) false positives + false negatives
     if average == "micro":
@@ -258,7 +300,7 @@ def f1_score(
     return f1.mean() if average == "macro" else f1
 
 
-def hamming_loss(scores: Tensor, targets: Tensor, threshold: float | Tensor = 0.5) -> Tensor:
+def hamming_loss(scores: Tensor, targets: Tensor, threshold: float | Tensor = 0.5, mask: Tensor | None = None) -> Tensor:
     """Fraction of wrong (sample, class) predictions `scores >= threshold`.
 
     Equals scikit-learn's `hamming_loss` on the thresholded predictions.
@@ -267,16 +309,20 @@ def hamming_loss(scores: Tensor, targets: Tensor, threshold: float | Tensor = 0.
         scores: float (N, C).
         targets: (N, C) in {0, 1}.
         threshold: a number, or per-class thresholds (C,).
+        mask: optional bool (N, C): the fraction over the annotated entries only.
 
     Returns:
-        A scalar in the dtype of `scores`.
+        A scalar in the dtype of `scores` (NaN when no entry is annotated).
     """
     targets = _check_inputs(scores, targets)
+    mask = _check_mask(scores, mask)
     wrong = _predict(scores, threshold) ^ targets  # (N, C)
-    return wrong.to(_COUNT_DTYPE).mean().to(scores.dtype)
+    if mask is None:
+        return wrong.to(_COUNT_DTYPE).mean().to(scores.dtype)
+    return ((wrong & mask).sum().to(_COUNT_DTYPE) / mask.sum()).to(scores.dtype)
 
 
-def calibrate_thresholds(scores: Tensor, targets: Tensor) -> Tensor:
+def calibrate_thresholds(scores: Tensor, targets: Tensor, mask: Tensor | None = None) -> Tensor:
     """Per-class thresholds maximising each class's F1 on the given (validation) data.
 
     Every distinct score of a class is a candidate; F1 at all of them comes from one sort. The
@@ -293,6 +339,7 @@ def calibrate_thresholds(scores: Tensor, targets: Tensor) -> Tensor:
     Args:
         scores: float (N, C).
         targets: (N, C) in {0, 1}.
+        mask: optional bool (N, C): F1 of each class on its annotated entries only.
 
     Returns:
         (C,) thresholds in the dtype of `scores`, to use as `scores >= thresholds`.
@@ -306,10 +353,10 @@ def calibrate_thresholds(scores: Tensor, targets: Tensor) -> Tensor:
         tensor([0.2500, 0.1500,    inf])
     """
     targets = _check_inputs(scores, targets)
-    r = _rank(scores, targets)
+    r = _rank(scores, targets, _check_mask(scores, mask))
     n = scores.shape[0]
-    # Thresholding at the k-th score predicts block_end + 1 samples: F1 = 2 TP / (pred + pos).
-    f1 = 2 * r.tp_at / (r.block_end + 1 + r.num_pos)  # (N, C)
+    # Thresholding at the k-th score predicts count_at (annotated) samples: F1 = 2 TP / (pred + pos).
+    f1 = 2 * r.tp_at / (r.count_at + r.num_pos).clamp(min=1)  # (N, C)
     best = f1.argmax(dim=0, keepdim=True)  # (1, C) first = highest-scored maximiser
     end = r.block_end.gather(0, best)  # (1, C)
     chosen = r.sorted_scores.gather(0, best).squeeze(0)  # (C,)
@@ -323,7 +370,7 @@ def calibrate_thresholds(scores: Tensor, targets: Tensor) -> Tensor:
 
 
 def multilabel_metrics(
-    scores: Tensor, targets: Tensor, threshold: float = 0.5, thresholds: Tensor | None = None
+    scores: Tensor, targets: Tensor, threshold: float = 0.5, thresholds: Tensor | None = None, mask: Tensor | None = None
 ) -> dict[str, float]:
     """The evaluation summary written to metrics.json.
 
@@ -334,6 +381,7 @@ def multilabel_metrics(
         threshold: one threshold for `f1_*` and `hamming`.
         thresholds: optional per-class (C,) thresholds, typically `calibrate_thresholds` on a
             validation split; adds the `*_calibrated` entries.
+        mask: optional bool (N, C), the annotated entries: every metric on those only.
 
     Returns:
         `mAP_macro` (over classes with a positive), `mAP_micro`, `auroc_macro` (over classes with
@@ -344,19 +392,20 @@ def multilabel_metrics(
     _check_inputs(scores, targets)
     if ((scores < 0) | (scores > 1)).any():
         raise ValueError("scores must be probabilities in [0, 1]; apply torch.sigmoid to logits")
+    m = _check_mask(scores, mask)
     summary = {
-        "mAP_macro": mean_average_precision(scores, targets, "macro"),
-        "mAP_micro": mean_average_precision(scores, targets, "micro"),
-        "auroc_macro": auroc(scores, targets, "macro"),
-        "f1_macro": f1_score(scores, targets, threshold, "macro"),
-        "f1_micro": f1_score(scores, targets, threshold, "micro"),
-        "hamming": hamming_loss(scores, targets, threshold),
+        "mAP_macro": mean_average_precision(scores, targets, "macro", m),
+        "mAP_micro": mean_average_precision(scores, targets, "micro", m),
+        "auroc_macro": auroc(scores, targets, "macro", m),
+        "f1_macro": f1_score(scores, targets, threshold, "macro", m),
+        "f1_micro": f1_score(scores, targets, threshold, "micro", m),
+        "hamming": hamming_loss(scores, targets, threshold, m),
     }
     if thresholds is not None:
         summary |= {
-            "f1_macro_calibrated": f1_score(scores, targets, thresholds, "macro"),
-            "f1_micro_calibrated": f1_score(scores, targets, thresholds, "micro"),
-            "hamming_calibrated": hamming_loss(scores, targets, thresholds),
+            "f1_macro_calibrated": f1_score(scores, targets, thresholds, "macro", m),
+            "f1_micro_calibrated": f1_score(scores, targets, thresholds, "micro", m),
+            "hamming_calibrated": hamming_loss(scores, targets, thresholds, m),
         }
     return {name: value.item() for name, value in summary.items()}
 

@@ -27,6 +27,7 @@ samples at any world size, so a checkpoint resumes at another world size.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -65,9 +66,11 @@ from mlml.distributed import (
 )
 from mlml.files import FileLock, atomic_write_text
 from mlml.evaluation import (
-    calibrate_thresholds, check_selection, classes_without_positives, group_metrics, per_class_ap, predict, softmax_groups,
+    calibrate_thresholds, check_selection, classes_without_positives, few_positive_classes, group_metrics, per_class_ap, predict,
+    softmax_groups,
     split_metrics,
 )
+from mlml.inference import inference_metadata
 from mlml.methods import Method, MethodContext, build_method, method_views
 from mlml.models import build_model
 from mlml.provenance import environment
@@ -213,7 +216,7 @@ class Trainer:
             hidden_labels_for_diagnostics=lambda idx: self.data.hidden_labels("train", idx.cpu().numpy()).to(idx.device),
         )
         self.method = build_method(cfg.method, ctx).to(self.device)
-        check_selection(cfg.eval.select, cfg.data.val_labels == "full", list(self.method.eval_models(self.model)), self.data.label_space)
+        check_selection(cfg.eval.select, cfg.data.val_labels == "full", list(self.method.models_to_evaluate(self.model)), self.data.label_space)
         if info.rank > 0:                                   # own random stream per rank (dropout, ...)
             seed_everything(rank_seed(cfg.run.seed, info.rank, 0))
         self.ddp_model = self.model
@@ -266,7 +269,13 @@ class Trainer:
             "rng": all_gather_objects(rng_state()),          # one per rank
             "config": self.cfg.to_dict(),
             "label_space": self.data.label_space.to_dict(),
+            "inference": self.inference_metadata(),
         }
+
+    def inference_metadata(self, thresholds: torch.Tensor | None = None, state_dict: dict | None = None) -> dict:
+        """What `mlml predict` needs from a checkpoint (mlml.inference); thresholds once calibrated."""
+        return inference_metadata(dataclasses.asdict(self.cfg.model), self.data.label_space, self.data.image_size,
+                                  self.cfg.eval.threshold, thresholds, state_dict)
 
     def save(self, name: str) -> None:
         """Called on every rank (it gathers their RNG states); rank 0 writes.
@@ -423,19 +432,21 @@ class Trainer:
             ) from err
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, split: str, model: nn.Module, thresholds: torch.Tensor | None = None) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    def evaluate(self, split: str, model: nn.Module, thresholds: torch.Tensor | None = None) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Metrics, scores, targets and (annotated evaluation) the mask of annotated entries of a split."""
         stats: dict = {}
-        scores, targets = predict(model, self.eval_loaders[split], self.device, self.amp_dtype, stats)
+        scores, targets, observed = predict(model, self.eval_loaders[split], self.device, self.amp_dtype, stats, masked=True)
         self.skipped_images[split] += stats.get("skipped_images", 0)
-        metrics = split_metrics(scores, targets, self.cfg.eval.threshold, thresholds)
-        if split == "test" or self.cfg.data.val_labels == "full":   # group metrics need full labels
+        mask = observed if self.data.annotated(split) else None
+        metrics = split_metrics(scores, targets, self.cfg.eval.threshold, thresholds, mask, self.cfg.eval.min_positives)
+        if mask is None and (split == "test" or self.cfg.data.val_labels == "full"):   # group metrics need full labels
             metrics |= group_metrics(scores, targets, self.data.label_space, softmax_groups(model), self.cfg.eval.threshold)
-        return metrics, scores, targets
+        return metrics, scores, targets, mask
 
     def validate(self) -> None:
         record = {"epoch": self.epoch}
         for i, (name, model) in enumerate(self.method.models_to_evaluate(self.model).items()):
-            metrics, _, _ = self.evaluate("val", model)
+            metrics, *_ = self.evaluate("val", model)
             prefix = "val" if i == 0 else f"val_{name}"
             record.update({f"{prefix}/{k}": v for k, v in metrics.items()})
             self.logger.scalars(prefix, metrics, self.global_step)
@@ -451,6 +462,7 @@ class Trainer:
         """Reload the best checkpoint, calibrate thresholds on val, evaluate val and test on full labels."""
         barrier()
         best = self.run_dir / "checkpoints" / "best.pt"
+        ckpt = None
         if broadcast_object(best.exists()):
             ckpt = read_checkpoint(best)
             self.model.load_state_dict(ckpt["model"])
@@ -459,12 +471,19 @@ class Trainer:
         result: dict = {"metrics": {}, "per_class_ap": {}}
         for i, (name, model) in enumerate(self.method.models_to_evaluate(self.model).items()):
             suffix = "" if i == 0 else f"_{name}"
-            val, val_scores, val_targets = self.evaluate("val", model)
-            thresholds = calibrate_thresholds(val_scores, val_targets)
-            test, test_scores, test_targets = self.evaluate("test", model, thresholds)
+            val, val_scores, val_targets, val_mask = self.evaluate("val", model)
+            thresholds = calibrate_thresholds(val_scores, val_targets, val_mask)
+            test, test_scores, test_targets, test_mask = self.evaluate("test", model, thresholds)
             result["metrics"].update({f"val{suffix}/{k}": v for k, v in val.items()})
             result["metrics"].update({f"test{suffix}/{k}": v for k, v in test.items()})
-            result["per_class_ap"][name] = per_class_ap(test_scores, test_targets, names)
+            result["per_class_ap"][name] = per_class_ap(test_scores, test_targets, names, test_mask)
+            if i == 0 and ckpt is not None and self.info.is_main:
+                # best.pt (the file users copy) gains the calibrated thresholds, and the reported model's weights
+                # when that is not the student (mlml.inference), rewritten atomically.
+                ckpt["inference"] = self.inference_metadata(thresholds, None if model is self.model else model.state_dict())
+                save_checkpoint(ckpt, best)
+            if i == 0 and test_mask is not None:
+                result["classes_few_positives"] = [names[c] for c in few_positive_classes(test_targets, test_mask, self.cfg.eval.min_positives)]
             if i == 0:
                 self.logger.final(model, self.eval_loaders["test"], test_scores, test_targets, names, self.global_step, self.cfg.eval.image_grid)
         result.update(
@@ -478,6 +497,7 @@ class Trainer:
             provenance=environment(),
             train_images_per_second=round(self.steps_per_epoch * self.cfg.data.batch_size * self.cfg.optim.epochs / max(train_seconds, 1e-9), 1),
             classes_without_positives=[names[c] for c in classes_without_positives(test_targets)],
+            eval_labels=self.data.eval_labels,
             history=self.history,
         )
         # What the numbers depend on: tables refuse to aggregate runs that differ in them.

@@ -35,7 +35,7 @@ def test_predict_prints_label_probabilities(trained, tmp_path, capsys):
     capsys.readouterr()
     assert main(["predict", "--checkpoint", str(trained / "checkpoints" / "best.pt"), str(image), "--json", "--top", "3"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert len(result[0]["labels"]) == 3 and 0 <= result[0]["labels"][0]["probability"] <= 1
+    assert len(result[0]["top"]) == 3 and 0 <= result[0]["top"][0]["probability"] <= 1 and isinstance(result[0]["labels"], list)
     assert main(["predict", "--checkpoint", str(trained / "checkpoints" / "best.pt"), str(image)]) == 0
     assert "probability" not in capsys.readouterr().out
 

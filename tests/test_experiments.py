@@ -196,3 +196,14 @@ def test_runs_recorded_before_metrics_held_the_config_are_read_from_config_toml(
     fake_run(tmp_path, seed=1)
     with pytest.raises(ConfigError, match="optim.lr: 0.5 vs 0.002"):
         table_from_runs(tmp_path)
+
+
+def test_runs_on_different_splits_never_share_a_row():
+    spec = {"name": "t", "title": "t", "metrics": ["test/mAP_macro"], "settings": {}, "methods": {"an": []}}
+    runs = [{"setting": "s", "method": "an", "seed": k, "split_hash": h, "metrics": {"test/mAP_macro": v}}
+            for k, (h, v) in enumerate([("aaaa", 0.5), ("aaaa", 0.7), ("bbbb", 0.9)])]
+    md = experiments.write_table(spec, runs, None, "cmd")
+    assert "| an [split aaaa] | 0.6000 ± 0.1414 | 2 |" in md and "| an [split bbbb] | 0.9000 ± 0.0000 | 1 |" in md
+    assert "Splits (split_hash): aaaa (2 runs); bbbb (1 run)" in md
+    one = experiments.write_table(spec, runs[:2], None, "cmd")
+    assert "| an | 0.6000 ± 0.1414 | 2 |" in one and "Splits (split_hash): aaaa (2 runs)" in one

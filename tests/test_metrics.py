@@ -424,3 +424,62 @@ def test_evaluation_group_metrics_against_naive():
     # pattern: unknown = 1 - sum -> [0.1, 0.1, 0.8, 0.3]; pred = [stripes, stripes, unknown, stripes]
     assert got == pytest.approx({"group_acc/object": 1.0, "decoded_acc/object": 1.0, "group_acc/pattern": 0.5,
                                  "decoded_acc/pattern": 0.5, "unknown_acc/pattern": 0.5, "unknown_auroc/pattern": 1.0})
+
+
+# --- partially annotated data: metrics on each class's annotated entries ----------------------------
+
+
+def assert_masked_matches_sklearn(scores: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> None:
+    """Every masked metric equals scikit-learn on the annotated entries of each class."""
+    s, t, m = scores.numpy(), targets.numpy().astype(bool), mask.numpy()
+    cols = [(s[m[:, c], c], t[m[:, c], c]) for c in range(s.shape[1])]      # each class's annotated entries
+    ap = np.array([skm.average_precision_score(tc, sc) if tc.any() else np.nan for sc, tc in cols])
+    assert_close(metrics.average_precision(scores, targets, mask), ap)
+    assert_close(metrics.mean_average_precision(scores, targets, "macro", mask), nanmean_or_nan(ap))
+    micro = skm.average_precision_score(t[m], s[m]) if t[m].any() else np.nan
+    assert_close(metrics.mean_average_precision(scores, targets, "micro", mask), micro)
+    auc = np.array([skm.roc_auc_score(tc, sc) if 0 < tc.sum() < len(tc) else np.nan for sc, tc in cols])
+    assert_close(metrics.auroc(scores, targets, None, mask), auc)
+    for threshold in (0.5, torch.from_numpy(s[0]).to(scores.dtype)):
+        thr = threshold.numpy() if isinstance(threshold, torch.Tensor) else np.full(s.shape[1], threshold)
+        f1 = np.array([skm.f1_score(tc, sc >= thr[c], zero_division=0) if len(tc) else 0.0 for c, (sc, tc) in enumerate(cols)])
+        assert_close(metrics.f1_score(scores, targets, threshold, None, mask), f1)
+        assert_close(metrics.f1_score(scores, targets, threshold, "macro", mask), f1.mean())
+        pred = s >= thr
+        if m.any():
+            assert_close(metrics.f1_score(scores, targets, threshold, "micro", mask), skm.f1_score(t[m], pred[m], zero_division=0))
+            assert_close(metrics.hamming_loss(scores, targets, threshold, mask), skm.hamming_loss(t[m], pred[m]))
+    # Calibrated thresholds reach the best F1 of the annotated entries.
+    for c, ((sc, tc), thr) in enumerate(zip(cols, metrics.calibrate_thresholds(scores, targets, mask).numpy())):
+        if not tc.any():
+            assert thr == np.inf
+            continue
+        best = max(f1_np(sc >= x, tc) for x in np.append(np.unique(sc), np.inf))
+        assert abs(f1_np(sc >= thr, tc) - best) < 1e-12
+
+
+@st.composite
+def masked_triples(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    scores, targets = draw(score_target_pairs())
+    mask = draw(hnp.arrays(np.bool_, tuple(scores.shape)))
+    return scores, targets, torch.from_numpy(mask)
+
+
+@SMALL
+@given(masked_triples())
+def test_hypothesis_masked_metrics_match_sklearn_on_the_annotated_entries(triple) -> None:
+    assert_masked_matches_sklearn(*triple)
+
+
+@pytest.mark.parametrize("ties", TIES)
+def test_masked_metrics_match_sklearn_and_a_full_mask_changes_nothing(ties: str) -> None:
+    scores, targets = make_inputs(80, 5, ties, torch.float64, seed=11)
+    mask = torch.from_numpy(np.random.default_rng(2).random((80, 5)) < 0.4)
+    assert_masked_matches_sklearn(scores, targets, mask)
+    full = torch.ones_like(mask)
+    thresholds = metrics.calibrate_thresholds(scores, targets)
+    assert metrics.multilabel_metrics(scores, targets, thresholds=thresholds, mask=full) == \
+        metrics.multilabel_metrics(scores, targets, thresholds=thresholds)
+    # Unannotated entries are ignored, whatever their target: scores of entries outside the mask do not matter.
+    moved = torch.where(mask, scores, 1.0 - scores)
+    assert metrics.multilabel_metrics(moved, targets, mask=mask) == pytest.approx(metrics.multilabel_metrics(scores, targets, mask=mask), abs=1e-12)

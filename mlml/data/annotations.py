@@ -9,24 +9,34 @@ Annotation file (`data.annotations`), one image per line, paths relative to `dat
 the annotation file's folder), each image once; a path that leads outside the root (`../x.png`, an
 absolute path elsewhere) is refused unless `data.allow_outside_root = true` (see
 `resolve_image_path`; readers of other formats call it and `DuplicateCheck` too):
-  * `.csv`: a header naming the columns `path`, `positives` and optionally `negatives`; a label
-    cell lists names separated by `;` (empty: none).
+  * `.csv`: a header naming the columns `path`, `positives` and optionally `negatives` and
+    `split`; a label cell lists names separated by `;` (empty: none).
 
-        path,positives,negatives
-        images/0001.jpg,cat;sofa,dog
-        images/0002.jpg,dog,
+        path,positives,negatives,split
+        images/0001.jpg,cat;sofa,dog,train
+        images/0002.jpg,dog,,test
 
   * `.jsonl`: one object per line, `{"path": "images/0001.jpg", "positives": ["cat", "sofa"],
-    "negatives": ["dog"]}` (`negatives` optional; no other keys).
+    "negatives": ["dog"], "split": "train"}` (`negatives` and `split` optional; no other keys).
+
+Fixed splits: a `split` column/key (train, val or test; on every line or on none), or one file
+per split, `data.annotations = {train = "train.csv", val = "val.csv", test = "test.csv"}` (paths
+relative to `data.root`, default the first file's folder; an image in two files is refused). A
+source with splits is split as it says (see `mlml.data.pipeline`); one without, at random.
 
 What is listed is what is known: listed positives are positive, listed negatives negative, every
 other label unknown (the `annotated` observation model). Evaluation on such a source uses the
-stored positives as full labels and counts every unlisted label negative. A line that cannot be
-used (bad syntax, not UTF-8, missing path, a path outside the root, an image listed twice, unknown
-label name, a label listed twice or both positive and negative) stops with a one-line
-`AnnotationError` naming file, line and reason, before any training.
+stored positives as full labels and counts every unlisted label negative, unless negatives are
+listed (`data.eval_labels`). A line that cannot be used (bad syntax, not UTF-8, missing path, a
+path outside the root, an image listed twice, unknown label name, a label listed twice or both
+positive and negative, a bad split) stops with a one-line `AnnotationError` naming file, line and
+reason, before any training.
 Image files are not opened while indexing (millions of stats are slow on network storage); a
 missing or corrupt image is found when loaded, and skipped and counted then.
+
+The standard formats (`mlml.data.formats`: COCO, Pascal VOC, Open Images, Tencent ML-Images) are
+readers that yield the same `Entry` rows into the same index (`write_index`, which checks every
+reader's paths with `resolve_image_path` and `DuplicateCheck`).
 """
 
 from __future__ import annotations
@@ -35,13 +45,27 @@ import csv
 import json
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator, NamedTuple
 
-from mlml.data.image_files import FileSource, StringColumnWriter, cached_index, default_store_dir, file_signature
-from mlml.data.label_store import LabelStoreBuilder
+import numpy as np
+
+from mlml.data.image_files import SPLITS, FileSource, StringColumnWriter, cached_index, default_store_dir, file_signature
+from mlml.data.label_store import LabelStoreBuilder, finish_npy
 from mlml.labels import Group, LabelSpace
 
 SEPARATOR = ";"
+COLUMNS = ("path", "positives", "negatives", "split")
+
+
+class Entry(NamedTuple):
+    """One image of an annotation source, as every reader yields it."""
+
+    path: str               # relative to the source's root
+    positives: list[int]    # label indices
+    negatives: list[int]    # known negative label indices
+    split: str              # one of SPLITS, or "" (the source gives no split)
+    file: Path              # where it was read, for messages
+    line: int
 
 
 class AnnotationError(ValueError):
@@ -85,10 +109,13 @@ class DuplicateCheck:
     def __init__(self, file: Path | str) -> None:
         self.file, self.first_line = file, {}
 
-    def add(self, image: str, line: int) -> None:
-        first = self.first_line.setdefault(hash(os.path.normpath(image)), line)
-        if first != line:
-            raise AnnotationError(self.file, line, f"image {image!r} is listed twice, first on line {first}")
+    def add(self, image: str, line: int, file: Path | str | None = None) -> None:
+        """`file`: where the line is, when one check spans several files (one per split)."""
+        where = (str(file or self.file), line)
+        first = self.first_line.setdefault(hash(os.path.normpath(image)), where)
+        if first != where:
+            elsewhere = f" of {first[0]}" if first[0] != where[0] else ""
+            raise AnnotationError(where[0], line, f"image {image!r} is listed twice, first on line {first[1]}{elsewhere}")
 
 
 def text_lines(path: Path) -> Iterator[str]:
@@ -148,8 +175,8 @@ def _label_list(names: object) -> tuple[str, ...]:
 
 
 def read_annotations(path: Path, label_space: LabelSpace, root: Path | None = None,
-                     allow_outside_root: bool = False) -> Iterator[tuple[str, list[int], list[int]]]:
-    """(image path, positive indices, negative indices) of each line, checked, streamed.
+                     allow_outside_root: bool = False, split: str = "") -> Iterator[Entry]:
+    """The entries of each line, checked, streamed. `split`: the split of every line (one file per split).
 
     Each image once, and (unless `allow_outside_root`) inside `root` (default: the file's folder).
     """
@@ -162,7 +189,7 @@ def read_annotations(path: Path, label_space: LabelSpace, root: Path | None = No
         lines = _jsonl_lines(path)
     else:
         raise AnnotationError(path, 1, "annotation file must end in .csv or .jsonl")
-    for line_no, image, positives, negatives in lines:
+    for line_no, image, positives, negatives, own_split in lines:
         resolve_image_path(root, image, allow_outside_root, path, line_no)
         seen.add(image, line_no)
         pos, neg = [], []
@@ -171,22 +198,31 @@ def read_annotations(path: Path, label_space: LabelSpace, root: Path | None = No
                 if name not in index:
                     raise AnnotationError(path, line_no, f"unknown label '{name}' ({kind}); it is not in the label names file")
                 out.append(index[name])
-        if len(set(pos)) != len(pos) or len(set(neg)) != len(neg):
-            raise AnnotationError(path, line_no, "a label is listed twice")
-        both = set(pos) & set(neg)
-        if both:
-            raise AnnotationError(path, line_no, f"label '{label_space.names[both.pop()]}' is both positive and negative")
-        yield image, pos, neg
+        check_labels(path, line_no, pos, neg, label_space)
+        if own_split and own_split not in SPLITS:
+            raise AnnotationError(path, line_no, f"split '{own_split}' is not one of {', '.join(SPLITS)}")
+        if split and own_split and own_split != split:
+            raise AnnotationError(path, line_no, f"split '{own_split}' in the {split} file")
+        yield Entry(image, pos, neg, split or own_split, path, line_no)
 
 
-def _csv_lines(path: Path) -> Iterator[tuple[int, str, list[str], list[str]]]:
+def check_labels(path: Path, line_no: int, pos: list[int], neg: list[int], label_space: LabelSpace) -> None:
+    """A line's label indices: none twice, none both positive and negative."""
+    if len(set(pos)) != len(pos) or len(set(neg)) != len(neg):
+        raise AnnotationError(path, line_no, "a label is listed twice")
+    both = set(pos) & set(neg)
+    if both:
+        raise AnnotationError(path, line_no, f"label '{label_space.names[both.pop()]}' is both positive and negative")
+
+
+def _csv_lines(path: Path) -> Iterator[tuple[int, str, list[str], list[str], str]]:
     reader = csv.reader(text_lines(path))
     try:
         header = [h.strip() for h in next(reader, [])]
         missing = {"path", "positives"} - set(header)
-        unknown = set(header) - {"path", "positives", "negatives"}
+        unknown = set(header) - set(COLUMNS)
         if missing or unknown:
-            raise AnnotationError(path, 1, f"the header must name path, positives[, negatives]; got {','.join(header) or 'nothing'}")
+            raise AnnotationError(path, 1, f"the header must name path, positives[, negatives][, split]; got {','.join(header) or 'nothing'}")
         if len(set(header)) != len(header):
             raise AnnotationError(path, 1, f"the header names a column twice: {','.join(header)}")
         col = {name: header.index(name) for name in header}
@@ -196,12 +232,13 @@ def _csv_lines(path: Path) -> Iterator[tuple[int, str, list[str], list[str]]]:
             if len(cells) != len(header):
                 raise AnnotationError(path, reader.line_num, f"{len(cells)} fields, the header has {len(header)}")
             labels = [[n.strip() for n in cells[col[k]].split(SEPARATOR) if n.strip()] if k in col else [] for k in ("positives", "negatives")]
-            yield reader.line_num, cells[col["path"]].strip(), labels[0], labels[1]
+            split = cells[col["split"]].strip() if "split" in col else ""
+            yield reader.line_num, cells[col["path"]].strip(), labels[0], labels[1], split
     except csv.Error as err:
         raise AnnotationError(path, reader.line_num, f"bad CSV: {err}") from None
 
 
-def _jsonl_lines(path: Path) -> Iterator[tuple[int, str, list[str], list[str]]]:
+def _jsonl_lines(path: Path) -> Iterator[tuple[int, str, list[str], list[str], str]]:
     for line_no, line in enumerate(text_lines(path), 1):
         if not line.strip():
             continue
@@ -209,48 +246,103 @@ def _jsonl_lines(path: Path) -> Iterator[tuple[int, str, list[str], list[str]]]:
             item = json.loads(line)
         except (json.JSONDecodeError, RecursionError) as err:
             raise AnnotationError(path, line_no, f"bad JSON: {err}") from None
-        if not isinstance(item, dict) or set(item) - {"path", "positives", "negatives"}:
-            raise AnnotationError(path, line_no, "a line must be an object with keys path, positives[, negatives]")
+        if not isinstance(item, dict) or set(item) - set(COLUMNS):
+            raise AnnotationError(path, line_no, "a line must be an object with keys path, positives[, negatives][, split]")
         lists = [item.get(k, []) for k in ("positives", "negatives")]
-        if not isinstance(item.get("path", ""), str) or not all(isinstance(v, list) and all(isinstance(n, str) for n in v) for v in lists):
-            raise AnnotationError(path, line_no, "path must be a string and positives/negatives lists of label names")
-        yield line_no, item.get("path", ""), lists[0], lists[1]
+        if not all(isinstance(item.get(k, ""), str) for k in ("path", "split")) or \
+                not all(isinstance(v, list) and all(isinstance(n, str) for n in v) for v in lists):
+            raise AnnotationError(path, line_no, "path and split must be strings and positives/negatives lists of label names")
+        yield line_no, item.get("path", ""), lists[0], lists[1], item.get("split", "")
 
 
-def build_annotation_index(annotations: Path, label_space: LabelSpace, root: Path, out: Path, allow_outside_root: bool = False) -> dict:
-    """Stream the annotation file into `out` (labels/ and paths); returns the source.json content."""
+def write_index(entries: Iterable[Entry], label_space: LabelSpace, root: Path, out: Path, kind: str, origin: Path | str,
+                allow_outside_root: bool = False) -> dict:
+    """Stream `entries` into `out` (labels/, paths, split.npy when they carry splits); returns source.json's content.
+
+    Every reader's paths are checked here: inside `root` unless `allow_outside_root`
+    (`resolve_image_path`), and each image once across all files, so no image is in two splits.
+    Every entry has a split or none does: a source is split by its annotations or at random, never half and half.
+    `origin` (the annotation file, or folder) is named when there is no entry at all.
+    """
+    seen = DuplicateCheck(origin)
     builder = LabelStoreBuilder(out / "labels", label_space.num_labels)
     paths = StringColumnWriter(out / "paths")
-    count = 0
-    for image, pos, neg in read_annotations(annotations, label_space, root, allow_outside_root):
-        paths.add(image)
-        builder.add(pos, neg)
-        count += 1
-    if count == 0:
-        raise AnnotationError(annotations, 1, "no annotated images")
+    codes = {name: k for k, name in enumerate(SPLITS)}
+    first: Entry | None = None
+    with open(out / "split.raw", "wb") as split_file:
+        for entry in entries:
+            first = first or entry
+            if bool(entry.split) != bool(first.split):
+                with_split, without = (entry, first) if entry.split else (first, entry)
+                raise AnnotationError(without.file, without.line, f"no split, but {with_split.file}:{with_split.line} has one")
+            resolve_image_path(root, entry.path, allow_outside_root, entry.file, entry.line)
+            seen.add(entry.path, entry.line, entry.file)
+            paths.add(entry.path)
+            builder.add(entry.positives, entry.negatives)
+            split_file.write(np.int8(codes.get(entry.split, -1)).tobytes())
+    if first is None:
+        raise AnnotationError(origin, 1, "no annotated images")
     builder.close()
     paths.close()
-    return {"kind": "annotations", "root": str(root.resolve()), "label_space": label_space.to_dict()}
+    if first.split:
+        finish_npy(out / "split.raw", out / "split.npy", np.dtype(np.int8), paths.count)
+    else:
+        (out / "split.raw").unlink()
+    return {"kind": kind, "root": str(root.resolve()), "label_space": label_space.to_dict()}
 
 
-class AnnotationSource(FileSource):
-    """Images listed in an annotation file, with the labels it gives them.
+def split_files(annotations: str | Path | dict) -> dict[str, Path]:
+    """`data.annotations` as {split: file}: one file (split "") or one file per split name."""
+    if isinstance(annotations, dict):
+        bad = set(annotations) - set(SPLITS)
+        if bad or not annotations:
+            raise AnnotationError("data.annotations", 1, f"split files must be named {', '.join(SPLITS)}; got {', '.join(annotations) or 'none'}")
+        return {split: Path(file) for split, file in annotations.items()}
+    return {"": Path(annotations)}
+
+
+class IndexedSource(FileSource):
+    """A file source whose index a reader builds from annotation files; cached by their signature.
 
     Args:
-        annotations: the `.csv` or `.jsonl` annotation file.
+        kind: the source's name (cache folder prefix, messages).
+        files: the input files the index depends on (the first keys the default cache folder).
+        root: folder image paths are relative to.
+        image_size: images are decoded to (3, image_size, image_size) (centre square).
+        read: out folder -> source.json content (see `write_index`).
+        store: where the index is cached (default: under $MLML_CACHE, keyed by the first file).
+        extra: anything else the index depends on (options), part of the signature.
+        allow_outside_root: the index accepts image paths leading outside `root` (part of the signature).
+    """
+
+    def __init__(self, kind: str, files: list[Path], root: Path, image_size: int, read: Callable[[Path], dict],
+                 store: str | Path | None = None, extra: Iterable = (), allow_outside_root: bool = False) -> None:
+        signature = [*file_signature(*files), str(root.resolve()), *extra, *(["outside"] if allow_outside_root else [])]
+        store = Path(store) if store else default_store_dir(kind, files[0])
+        super().__init__(cached_index(store, signature, read), image_size)
+
+
+class AnnotationSource(IndexedSource):
+    """Images listed in annotation files, with the labels (and splits) they give them.
+
+    Args:
+        annotations: the `.csv` or `.jsonl` annotation file, or {split: file}, one per split.
         label_names: the `.txt` or `.json` label names file.
-        root: folder the image paths are relative to (default: the annotation file's folder).
+        root: folder the image paths are relative to (default: the (first) annotation file's folder).
         image_size: images are decoded to (3, image_size, image_size) (centre square).
         store: where the index is cached (default: under $MLML_CACHE, keyed by the file's path).
         allow_outside_root: accept image paths that lead outside `root` (`data.allow_outside_root`).
     """
 
-    def __init__(self, annotations: str | Path, label_names: str | Path, root: str | Path | None, image_size: int,
+    def __init__(self, annotations: str | Path | dict, label_names: str | Path, root: str | Path | None, image_size: int,
                  store: str | Path | None = None, allow_outside_root: bool = False) -> None:
-        annotations, label_names = Path(annotations), Path(label_names)
-        root = Path(root) if root else annotations.parent
-        signature = [*file_signature(annotations, label_names), str(root.resolve()), *(["outside"] if allow_outside_root else [])]
-        store = Path(store) if store else default_store_dir("annotations", annotations)
+        files, label_names = split_files(annotations), Path(label_names)
+        root = Path(root) if root else next(iter(files.values())).parent
         label_space = read_label_names(label_names)
-        index = cached_index(store, signature, lambda out: build_annotation_index(annotations, label_space, root, out, allow_outside_root))
-        super().__init__(index, image_size)
+        first = next(iter(files.values()))
+
+        def read(out: Path) -> dict:
+            entries = (e for split, file in files.items() for e in read_annotations(file, label_space, root, allow_outside_root, split))
+            return write_index(entries, label_space, root, out, "annotations", first, allow_outside_root)
+
+        super().__init__("annotations", [*files.values(), label_names], root, image_size, read, store, [sorted(files)], allow_outside_root)

@@ -2,8 +2,9 @@
 
 A file source (an image folder, an annotation file) is indexed once into a *store directory*:
 the label store (`labels/`, see `mlml.data.label_store`), the image paths as one memory-mapped
-column (`paths.npy` bytes + `path_offsets.npy`), and `source.json` (label space, root, and the
-signature of the inputs it was built from). The next run with unchanged inputs opens it instead
+column (`paths.npy` bytes + `path_offsets.npy`), for a source with its own splits `split.npy`
+(int8 per image: index in `SPLITS`, -1 = in no split), and `source.json` (label space, root, and
+the signature of the inputs it was built from). The next run with unchanged inputs opens it instead
 of rebuilding; ranks that build at the same time each build privately and the first rename wins.
 
 An image that cannot be decoded (missing, corrupt, truncated, not an image) raises
@@ -28,6 +29,7 @@ from PIL import Image
 from mlml.data.label_store import LabelStore, finish_npy, load_npy
 from mlml.labels import LabelSpace
 
+SPLITS = ("train", "val", "test")   # split names; a store's `split.npy` holds their index, -1 = in none
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
@@ -154,6 +156,14 @@ class FileSource:
         self.label_space = LabelSpace.from_dict(info["label_space"])
         self.labels = LabelStore.open(store / "labels")
         self.paths = StringColumn(store / "paths")
+        self.split = load_npy(store / "split.npy") if (store / "split.npy").exists() else None
+
+    @property
+    def fixed_splits(self) -> dict[str, np.ndarray] | None:
+        """The source's own splits (split name -> sorted rows), or None when it has none."""
+        if self.split is None:
+            return None
+        return {name: np.flatnonzero(np.asarray(self.split) == k) for k, name in enumerate(SPLITS)}
 
     def __len__(self) -> int:
         return len(self.paths)

@@ -8,16 +8,27 @@ negatives where the source has them), `__len__`, and `image(i) -> uint8 (3, H, W
 raise `UnreadableImageError`: the item is then skipped and counted (or the run stops, `data.strict`).
 
 Sources: `synthetic` (built-in colour + object), `folder` (ImageNet-style class folders),
-`annotations` (a CSV/JSONL annotation file and a label names file), `recolour` (a folder or
+`annotations` (a CSV/JSONL annotation file and a label names file), the standard formats `coco`,
+`voc`, `openimages` and `tencent` (`mlml.data.formats`), `recolour` (a folder or
 annotation file with every image recoloured to one colour class: colour + object groups), `mixed`
 (several of these concatenated, each a domain: `mlml.data.mixed`). A source with domains of its
 own (`domain(rows)`, `num_domains`, `unlabelled`) gives every image its domain, whatever the
 observation model.
+
+Splits: a source with splits of its own (`fixed_splits`: an annotation file's split column, one
+file per split, a format's split files) or a `data.split_file` is split as it says; `data.n_*`
+cap each split (a random subset of `data.data_seed`, with a warning; -1 = the whole split), and
+without a val split `n_val` images of train are drawn for it. Other sources are split at random
+(`data.n_*`, `data.data_seed`). `split_hash(splits)` names the split definition in metrics.json
+and tables, so results on different splits never share a row.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -27,9 +38,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from mlml.config import ConfigError, DataConfig
-from mlml.data.annotations import AnnotationSource
+from mlml.data.annotations import AnnotationError, AnnotationSource, split_files
 from mlml.data.dataset import Collate, EpochSampler, MixedBatchSampler, SplitDataset
 from mlml.data.folder import ImageFolderSource
+from mlml.data.formats.coco import CocoSource
+from mlml.data.formats.openimages import OpenImagesSource
+from mlml.data.formats.tencent import TencentSource
+from mlml.data.formats.voc import VocSource
+from mlml.data.image_files import SPLITS
 from mlml.data.label_store import LabelStore
 from mlml.data.mixed import MemberDomains, MixedSource
 from mlml.data.observation import Full, Observation, build_observation
@@ -40,7 +56,6 @@ from mlml.labels import LabelSpace, configure_groups
 from mlml.registry import Registry
 
 SOURCES: Registry = Registry("source", entry_point_group="mlml.sources")
-SPLITS = ("train", "val", "test")
 
 
 @SOURCES.register("synthetic")
@@ -70,11 +85,58 @@ def folder(cfg: DataConfig) -> ImageFolderSource:
     return ImageFolderSource(_path(cfg, "root", "folder"), _image_size(cfg), cfg.store or None)
 
 
+def annotation_files(cfg: DataConfig) -> dict[str, Path]:
+    """data.annotations as {split: file} ("" for one file without), each checked to exist."""
+    if not cfg.annotations:
+        raise ConfigError(f"data.source = '{cfg.source}' needs data.annotations")
+    try:
+        files = split_files(cfg.annotations)
+    except AnnotationError as err:
+        raise ConfigError(str(err)) from None
+    for split, file in files.items():
+        if not file.expanduser().is_file():
+            raise ConfigError(f"data.annotations{'.' + split if split else ''} = '{file}': no such file")
+    return {split: file.expanduser() for split, file in files.items()}
+
+
 @SOURCES.register("annotations")
 def annotations(cfg: DataConfig) -> AnnotationSource:
     root = _path(cfg, "root", "folder") if cfg.root else None
-    return AnnotationSource(_path(cfg, "annotations"), _path(cfg, "label_names"), root, _image_size(cfg), cfg.store or None,
+    files = annotation_files(cfg)
+    return AnnotationSource(files if "" not in files else files[""], _path(cfg, "label_names"), root, _image_size(cfg), cfg.store or None,
                             cfg.allow_outside_root)
+
+
+def _optional(cfg: DataConfig, key: str, kind: str = "file") -> Path | None:
+    return _path(cfg, key, kind) if getattr(cfg, key) else None
+
+
+@SOURCES.register("coco")
+def coco(cfg: DataConfig) -> CocoSource:
+    return CocoSource(annotation_files(cfg), _optional(cfg, "root", "folder"), _image_size(cfg), _optional(cfg, "label_names"),
+                      cfg.store or None, cfg.allow_outside_root)
+
+
+@SOURCES.register("voc")
+def voc(cfg: DataConfig) -> VocSource:
+    """data.root: the VOC year folder; data.annotations: {split: image set name} (default: train, val, test)."""
+    if isinstance(cfg.annotations, str) and cfg.annotations:
+        raise ConfigError("data.source = 'voc': data.annotations names image sets per split, e.g. {train = \"trainval\", test = \"test\"}")
+    sets = dict(cfg.annotations) or None
+    return VocSource(_path(cfg, "root", "folder"), _image_size(cfg), sets, _optional(cfg, "label_names"), cfg.store or None,
+                     cfg.allow_outside_root)
+
+
+@SOURCES.register("openimages")
+def openimages(cfg: DataConfig) -> OpenImagesSource:
+    return OpenImagesSource(annotation_files(cfg), _path(cfg, "label_names"), _optional(cfg, "root", "folder"), _image_size(cfg),
+                            cfg.store or None, cfg.allow_outside_root)
+
+
+@SOURCES.register("tencent")
+def tencent(cfg: DataConfig) -> TencentSource:
+    return TencentSource(annotation_files(cfg), _path(cfg, "label_names"), _optional(cfg, "root", "folder"), _image_size(cfg),
+                         cfg.confidence_threshold, cfg.store or None, cfg.allow_outside_root)
 
 
 @SOURCES.register("recolour")
@@ -91,6 +153,65 @@ def mixed(cfg: DataConfig) -> MixedSource:
         raise ConfigError("data.mixed cannot contain 'mixed'")
     members = [SOURCES.get(name)(cfg) for name in cfg.mixed]
     return MixedSource(members, list(cfg.mixed), cfg.mixed_eval, cfg.mixed_train, cfg.mixed_unlabelled)
+
+
+def read_split_file(path: Path, source: Any) -> dict[str, np.ndarray]:
+    """The splits a `.csv` (`path,split`) or `.json` (`{split: [paths]}`) file gives a file source's images.
+
+    Paths are as the source lists them (relative to its root); its images the file does not list
+    are in no split. Errors name the file and line.
+    """
+    if not hasattr(source, "paths"):
+        raise ConfigError(f"data.split_file: source '{type(source).__name__}' has no image paths to match")
+    listed: list[tuple[int, str, str]] = []                    # (line, path, split)
+    if path.suffix == ".csv":
+        with open(path, newline="") as f:
+            reader = csv.reader(f)
+            if [h.strip() for h in next(reader, [])] != ["path", "split"]:
+                raise AnnotationError(path, 1, "the header must be path,split")
+            listed = [(reader.line_num, *(c.strip() for c in cells)) for cells in reader if cells]
+    elif path.suffix == ".json":
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
+            raise AnnotationError(path, 1, "must be an object {split: [paths]}")
+        listed = [(1, p, split) for split, paths in data.items() for p in paths]
+    else:
+        raise AnnotationError(path, 1, "split file must end in .csv or .json")
+    row_of = {source.paths[i]: i for i in range(len(source))}
+    codes = np.full(len(source), -1, dtype=np.int8)
+    for line, image, split in listed:
+        if split not in SPLITS:
+            raise AnnotationError(path, line, f"split '{split}' is not one of {', '.join(SPLITS)}")
+        if image not in row_of:
+            raise AnnotationError(path, line, f"'{image}' is not an image of the source")
+        if codes[row_of[image]] >= 0:
+            raise AnnotationError(path, line, f"'{image}' is listed twice")
+        codes[row_of[image]] = SPLITS.index(split)
+    return {name: np.flatnonzero(codes == k) for k, name in enumerate(SPLITS)}
+
+
+def capped_splits(fixed: dict[str, np.ndarray], sizes: dict[str, int], seed: int) -> dict[str, np.ndarray]:
+    """A source's own splits, each capped at its `sizes` entry (-1: whole); val drawn from train when it has none."""
+    fixed = {name: np.sort(np.asarray(rows, dtype=np.int64)) for name, rows in fixed.items() if len(rows)}
+    for name in ("train", "test"):
+        if name not in fixed:
+            raise ConfigError(f"the source's own splits have no {name} images (they have {', '.join(fixed) or 'none'})")
+    rng = np.random.default_rng(seed)
+    if "val" not in fixed:
+        n_val = sizes["val"] if sizes["val"] >= 0 else len(fixed["train"]) // 10
+        if n_val >= len(fixed["train"]):
+            raise ConfigError(f"data.n_val = {n_val}: the train split, which also gives validation images, has {len(fixed['train'])}")
+        perm = rng.permutation(fixed["train"])
+        fixed["val"], fixed["train"] = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+    out = {}
+    for name in sizes:
+        rows, cap = fixed[name], sizes[name]
+        if 0 <= cap < len(rows):
+            warnings.warn(f"data.n_{name} = {cap} caps the source's {name} split of {len(rows)} images "
+                          f"(a random subset); data.n_{name} = -1 takes it whole", stacklevel=2)
+            rows = np.sort(rng.permutation(rows)[:cap])
+        out[name] = rows
+    return out
 
 
 def default_splits(n: int, sizes: dict[str, int], seed: int) -> dict[str, np.ndarray]:
@@ -139,6 +260,7 @@ class Data:
     observation: Observation
     image: Callable[[int], torch.Tensor]
     label_space: LabelSpace   # the source's, with the groups of `data.groups` applied
+    eval_labels: str = "complete"   # data.eval_labels resolved: complete | annotated
 
     @property
     def labels(self) -> LabelStore:
@@ -147,7 +269,9 @@ class Data:
     @property
     def image_size(self) -> int:
         size = getattr(self.source, "image_size", None)
-        return int(size) if size else int(self.image(int(self.splits["train"][0])).shape[-1])
+        cached = getattr(self.image, "position", None)            # an ImageCache: one of its rows
+        row = next(iter(cached)) if cached else int(self.splits["train"][0])
+        return int(size) if size else int(self.image(row).shape[-1])
 
     def hidden_labels(self, split: str, positions: np.ndarray) -> torch.Tensor:
         """bool (n, C): the full ground truth of `positions` in `split` — the answer key.
@@ -159,10 +283,16 @@ class Data:
         return self.labels.dense(self.splits[split][np.asarray(positions, dtype=np.int64)])
 
     def observation_for(self, split: str) -> Observation:
-        """Training sees the observation model; test always full labels; val as configured."""
+        """Training sees the observation model; test full (or annotated) labels; val as configured."""
         if split == "train" or (split == "val" and self.cfg.val_labels == "observed"):
             return self.observation
+        if self.eval_labels == "annotated":
+            return build_observation("annotated", self.label_space, self.cfg.data_seed, {}, self.labels)
         return Full(self.label_space, self.cfg.data_seed)
+
+    def annotated(self, split: str) -> bool:
+        """Whether `split`'s metrics use only the annotated entries (its loader's `observed` is their mask)."""
+        return self.eval_labels == "annotated" and not (split == "train" or (split == "val" and self.cfg.val_labels == "observed"))
 
     def dataset(self, split: str, views: dict[str, str], seed: int) -> SplitDataset:
         return SplitDataset(self.image, self.splits[split], build_views(views, self.image_size), seed, self.cfg.strict)
@@ -205,13 +335,24 @@ class Data:
                                  steps, seed, rank, world_size)
 
 
-def build_data(cfg: DataConfig) -> Data:
+def source_splits(source: Any, cfg: DataConfig) -> dict[str, np.ndarray]:
+    """The train/val/test rows of `source`: its own (or data.split_file's), capped; else the source's or random ones."""
+    sizes = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}
+    fixed = read_split_file(_path(cfg, "split_file"), source) if cfg.split_file else getattr(source, "fixed_splits", None)
+    if fixed is not None:
+        return capped_splits(fixed, sizes, cfg.data_seed)
+    if min(sizes.values()) < 0:
+        raise ConfigError(f"data.n_* = -1 (the whole split) needs a source with splits of its own; got {sizes}")
+    splitter = getattr(source, "splits", None)
+    return splitter(sizes, cfg.data_seed) if splitter else default_splits(len(source), sizes, cfg.data_seed)
+
+
+def build_data(cfg: DataConfig, cache: tuple[str, ...] = SPLITS) -> Data:
+    """The configured source, split, with its observation model; `cache`: the splits whose images are cached."""
     if cfg.val_labels not in ("full", "observed"):
         raise ValueError(f"data.val_labels must be 'full' or 'observed', got '{cfg.val_labels}'")
     source = SOURCES.get(cfg.source)(cfg)
-    sizes = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}
-    splitter = getattr(source, "splits", None)
-    splits = splitter(sizes, cfg.data_seed) if splitter else default_splits(len(source), sizes, cfg.data_seed)
+    splits = source_splits(source, cfg)
     label_space = configure_groups(source.label_space, cfg.groups)
     name = cfg.observation if cfg.observation != "auto" else getattr(source, "default_observation", "single_positive")
     observation = build_observation(name, label_space, cfg.data_seed, cfg.observation_args, source.labels)
@@ -226,5 +367,17 @@ def build_data(cfg: DataConfig) -> Data:
                                           cfg.data_seed), observation.num_domains)
     image: Callable[[int], torch.Tensor] = source.image
     if hasattr(source, "images"):
-        image = ImageCache(source, np.concatenate([splits[s] for s in SPLITS]))
-    return Data(cfg, source, splits, observation, image, label_space)
+        image = ImageCache(source, np.concatenate([splits[s] for s in cache]))
+    return Data(cfg, source, splits, observation, image, label_space, resolve_eval_labels(cfg, source.labels))
+
+
+def resolve_eval_labels(cfg: DataConfig, labels: LabelStore) -> str:
+    """data.eval_labels: auto follows the source (annotated where it lists negatives, else complete)."""
+    if cfg.eval_labels not in ("auto", "complete", "annotated"):
+        raise ConfigError(f"data.eval_labels must be auto, complete or annotated, got '{cfg.eval_labels}'")
+    if cfg.eval_labels == "annotated" and not labels.has_negatives:
+        raise ConfigError("data.eval_labels = 'annotated' needs a source that lists negatives (this one lists none: "
+                          "every annotated entry would be a positive)")
+    if cfg.eval_labels == "auto":
+        return "annotated" if labels.has_negatives else "complete"
+    return cfg.eval_labels

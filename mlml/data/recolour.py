@@ -96,6 +96,7 @@ class RecolourSource:
         self.image_size = getattr(inner, "image_size", None)
         if hasattr(inner, "splits"):
             self.splits = inner.splits
+        self.fixed_splits = getattr(inner, "fixed_splits", None)
 
     def __len__(self) -> int:
         return len(self.inner)
