@@ -20,10 +20,10 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# CPU benchmark suite (never part of `make test`): benchmarks/results/<machine>.json and .md, ~6-9 min on 2 cores.
+# On a GPU machine: $(BIN)/python benchmarks/gpu_suite.py
 bench: $(STAMP)
-	$(BIN)/python benchmarks/synthetic_generation.py
-	$(BIN)/python benchmarks/train_throughput.py
-	$(BIN)/python benchmarks/ddp_throughput.py
+	$(BIN)/python benchmarks/run_all.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -6,8 +6,10 @@
 
 Without torchrun in the environment the script launches `torchrun --standalone` itself for each
 process count and prints one line per measurement; under torchrun it is one of the workers.
-Each measurement is the median of `--repeats` launches. The global batch is fixed (`data.batch_size`), as in training, so images/s compare directly:
-a step at N processes does the same work as at 1. CPU processes share the machine's cores
+Each measurement is the median of `--repeats` launches. Two series: the global batch fixed
+(`data.batch_size`, as in training: a step at N processes does the same work as at 1, split N ways)
+and scaled (N x the batch: each process keeps its batch), with speedup and scaling efficiency
+against 1 process (on CPU the processes split the same cores, so the ideal speedup there is 1). CPU processes share the machine's cores
 (threads per process = cores // N). Numbers include data loading, DDP's gradient all-reduce, the
 buffer broadcast and the loss-part logging collective. A measurement, not a test.
 """
@@ -85,9 +87,13 @@ def measure(args: argparse.Namespace, procs: int, device: str) -> str:
     return json.dumps(out)
 
 
+def threads_per_process(args: argparse.Namespace, procs: int, device: str) -> int:
+    return (args.threads or max(1, (os.cpu_count() or 1) // procs)) if device == "cpu" else 1
+
+
 def launch(args: argparse.Namespace, procs: int, device: str) -> str:
     """Run this script under `torchrun --standalone --nproc-per-node=procs`; return rank 0's line."""
-    threads = args.threads or max(1, (os.cpu_count() or 1) // procs) if device == "cpu" else 1
+    threads = threads_per_process(args, procs, device)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}", __file__,
            "--backbone", args.backbone, "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
            "--steps", str(args.steps), "--device", device, "--threads", str(threads)]
@@ -98,28 +104,66 @@ def launch(args: argparse.Namespace, procs: int, device: str) -> str:
     return [line for line in out.stdout.splitlines() if line.startswith("{")][-1]
 
 
+def scaling(args: argparse.Namespace, device: str, procs: list[int]) -> dict:
+    """Images/s at each process count with the global batch fixed (strong scaling: the same optimiser
+    steps, each split N ways) and scaled (weak scaling: N x the batch, per-process batch fixed), and
+    the scaling efficiency of each against 1 process.
+
+    Efficiency = rate_N / (rate_1 x hardware_N), hardware_N = N on GPUs (one each), and for CPU
+    processes the ratio of the cores they use (N x threads each, against 1 process's threads):
+    1 when the processes split the same cores (`--threads 0`), N with `--threads 1`.
+    """
+    out = {"device": device, "base_global_batch": args.batch_size, "fixed": {}, "scaled": {}}
+    base = args.batch_size
+    for mode in ("fixed", "scaled"):
+        for n in procs:
+            if mode == "scaled" and n == procs[0] and procs[0] == 1:
+                out["scaled"][n] = out["fixed"][n]               # the same measurement at 1 process
+                continue
+            args.batch_size = base * (n if mode == "scaled" else 1)
+            line = json.loads(measure(args, n, device))
+            args.batch_size = base
+            out[mode][n] = line
+            print(json.dumps({"mode": mode, **line}), flush=True)
+        one = out[mode][procs[0]]["train_images_per_s"]
+        for n in procs:
+            hw = n * threads_per_process(args, n, device) / (procs[0] * threads_per_process(args, procs[0], device))
+            rec = out[mode][n]
+            rec["speedup"] = rec["train_images_per_s"] / one
+            rec["efficiency"] = rec["speedup"] / hw
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backbone", default="small_cnn")
     p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=128, help="global batch (data.batch_size)")
+    p.add_argument("--batch-size", type=int, default=128, help="global batch (data.batch_size); 'scaled' uses N x this")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--procs", type=int, nargs="+", default=[1, 2], help="CPU process counts to measure")
     p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: cores // processes)")
     p.add_argument("--repeats", type=int, default=3, help="launches per measurement (the median is reported)")
     p.add_argument("--device", default="auto", help="worker mode: cpu | cuda | auto")
+    p.add_argument("--json", default="", help="also write the scaling summary to this file")
     args = p.parse_args()
     if "TORCHELASTIC_RUN_ID" in os.environ or "WORLD_SIZE" in os.environ:
         worker(args)
         return
-    for procs in args.procs:
-        print(measure(args, procs, "cpu"), flush=True)
-    if torch.cuda.is_available():
-        print(measure(args, 1, "cuda"), flush=True)
-        if torch.cuda.device_count() > 1:
-            print(measure(args, torch.cuda.device_count(), "cuda"), flush=True)
+    result = {"cpu": scaling(args, "cpu", args.procs)}
+    if torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        result["cuda"] = scaling(args, "cuda", sorted({1, torch.cuda.device_count()}))
+    elif torch.cuda.is_available():
+        result["cuda"] = {"fixed": {1: json.loads(measure(args, 1, "cuda"))}, "note": "one GPU: no scaling to measure"}
     else:
         print("# no GPU here: GPU figures need one (and >= 2 GPUs for DDP scaling).", flush=True)
+    for dev, r in result.items():
+        for mode in ("fixed", "scaled"):
+            for n, rec in r.get(mode, {}).items():
+                if "efficiency" in rec:
+                    print(f"{dev} {mode:>5} global batch, {n} process(es): {rec['train_images_per_s']:.0f} images/s, "
+                          f"speedup {rec['speedup']:.2f}, efficiency {rec['efficiency']:.2f}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The `mlml` command line: train, eval, predict, reproduce, table, list."""
+"""The `mlml` command line: train, eval, predict, data, reproduce, search, table, list."""
 
 from __future__ import annotations
 
@@ -114,6 +114,7 @@ def cmd_data_index(args: argparse.Namespace) -> int:
         "groups": {g.name: len(g.labels) for g in source.label_space.groups},
         "positives": int(labels.indptr[-1]),
         "known_negatives": int(labels.neg_indptr[-1]) if labels.has_negatives else 0,
+        "own_splits": {k: len(v) for k, v in fixed.items()} if (fixed := getattr(source, "fixed_splits", None)) else "none (random)",
         "store": str(getattr(source, "store", "(in memory)")),
     }
     print(json.dumps(summary, indent=2))
@@ -122,15 +123,63 @@ def cmd_data_index(args: argparse.Namespace) -> int:
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from mlml.config import ConfigError
-    from mlml.experiments import list_tables, reproduce
+    from mlml.experiments import launcher_resources, list_tables, reproduce, status
 
     if args.list or not args.table:
         print(list_tables(Path(args.results_dir)))
         return 0
+    if args.status:
+        print(status(args.table, args.profile, seeds=args.seeds, runs_dir=Path(args.runs_dir)))
+        return 0
     if args.jobs < 1 or args.torchrun < 0:
         raise ConfigError(f"--jobs must be >= 1 and --torchrun >= 0, got {args.jobs} and {args.torchrun}")
+    launcher = slurm_launcher(args, launcher_resources(args.table, args.profile, args.slurm))
     print(reproduce(args.table, args.profile, seeds=args.seeds, jobs=args.jobs, runs_dir=Path(args.runs_dir),
-                    results_dir=Path(args.results_dir), torchrun=args.torchrun))
+                    results_dir=Path(args.results_dir), torchrun=args.torchrun, launcher=launcher, wait_lock=args.wait_lock))
+    return 0
+
+
+def add_launcher_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--launcher", default="local", choices=["local", "slurm"],
+                   help="local: processes on this machine; slurm: one SLURM job each, through submitit (pip install 'mlml[cluster]')")
+    p.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
+                   help="SLURM resources over the [launcher.slurm] section (repeatable): partition, nodes, gpus_per_node, "
+                        "cpus_per_task, mem_gb, time_min, account, job_name, sbatch.<option>, setup, checkpoint_every, "
+                        "max_requeues, signal_delay_s")
+    p.add_argument("--no-wait", dest="wait", action="store_false", help="--launcher slurm: submit and return, do not wait for the jobs")
+    p.add_argument("--poll", type=float, default=30.0, metavar="SECONDS", help="--launcher slurm: how often to read the jobs' states while waiting")
+
+
+def slurm_launcher(args: argparse.Namespace, resources):
+    """The SLURM launcher of `--launcher slurm`, else None (local processes)."""
+    from mlml.config import ConfigError
+    from mlml.launchers import SlurmLauncher
+
+    if args.launcher == "local":
+        if args.slurm:
+            raise ConfigError("--slurm options need --launcher slurm")
+        return None
+    return SlurmLauncher(resources, wait=args.wait, poll=args.poll)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    import os
+
+    from mlml.config import ConfigError
+    from mlml.launchers import launcher_section, slurm_resources
+    from mlml.search import SearchSpec, read_space, search
+
+    if args.trials < 1 or args.workers < 1:
+        raise ConfigError(f"--trials and --workers must be >= 1, got {args.trials} and {args.workers}")
+    study = args.study or f"{Path(args.config).stem}-{Path(args.space).stem}"
+    out = Path(args.out or Path("runs") / "search" / study).resolve()
+    resources = slurm_resources([launcher_section(read_space(Path(args.space)))], args.slurm, f"{args.space}: launcher.slurm")
+    launcher = slurm_launcher(args, resources)
+    threads = resources.threads if launcher else max(1, (os.cpu_count() or 1) // args.workers)
+    spec = SearchSpec(config=str(Path(args.config).resolve()), overrides=list(args.overrides), space=str(Path(args.space).resolve()),
+                      storage=args.storage or f"sqlite:///{out / 'study.db'}", study=study, out=str(out), metric=args.metric,
+                      pruner=args.pruner, startup_trials=args.startup_trials, seed=args.seed, threads=threads)
+    print(search(spec, args.trials, args.workers, launcher))
     return 0
 
 
@@ -264,7 +313,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="launch each run as `torchrun --standalone --nproc_per_node=N -m mlml train ...`")
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--results-dir", default="results", help="where tables and measured costs (<table>.timing.json) go")
+    p.add_argument("--status", action="store_true", help="show each run as done, running, pending, failed (with its log), stopped or missing")
+    p.add_argument("--wait-lock", action="store_true", help="if another reproduction of the table runs, wait for it (default: refuse)")
+    add_launcher_args(p)
     p.set_defaults(fn=cmd_reproduce)
+
+    p = sub.add_parser("search", help="hyper-parameter search on validation metrics (Optuna; pip install 'mlml[cluster]')")
+    p.add_argument("config", help="TOML config the trials start from")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key in every trial (repeatable)")
+    p.add_argument("--space", required=True, help="search space TOML ([params], [[enqueue]], [launcher.slurm]; see mlml/search.py)")
+    p.add_argument("--trials", type=int, required=True, help="trials the study holds when done (complete, pruned or failed)")
+    p.add_argument("--workers", type=int, default=1, help="local processes, or SLURM jobs with --launcher slurm, sharing the study")
+    p.add_argument("--metric", default="val/mAP_macro", help="validation metric to maximise")
+    p.add_argument("--pruner", default="median", choices=["median", "halving", "none"],
+                   help="median: stop a trial below the median of finished ones at the same epoch; halving: successive halving")
+    p.add_argument("--startup-trials", type=int, default=5, help="finished trials before the median rule prunes and TPE models")
+    p.add_argument("--storage", help="Optuna storage URL, e.g. postgresql://user@host/db (default: sqlite:///<out>/study.db)")
+    p.add_argument("--study", help="study name (default: <config>-<space>)")
+    p.add_argument("--out", help="trial runs, trials.md and best.toml (default: runs/search/<study>)")
+    p.add_argument("--seed", type=int, default=0, help="sampler seed")
+    add_launcher_args(p)
+    p.set_defaults(fn=cmd_search)
 
     p = sub.add_parser("table", help="rebuild a table from the metrics.json files under a runs directory")
     p.add_argument("runs_dir")

@@ -105,6 +105,7 @@ class ModelConfig:
     dropout: float = 0.0
     sync_bn: bool = False         # torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)
     find_unused_parameters: bool = False   # DDP: allow parameters without gradient in a step (or the method says so)
+    compile: bool = False         # torch.compile the training forward (GPU; the first steps compile, minutes)
 
 
 @dataclass
@@ -273,6 +274,7 @@ CHECKS: dict[str, Check] = {
     "run.device": (_device, "auto, cpu, cuda or cuda:<index>"),
     "run.threads": _at_least(0),
     "run.checkpoint_every": _at_least(0),
+    "run.checkpoint_minutes": _at_least(0),
     "run.dist_timeout": _above(0),
     "data.n_train": (lambda v: v >= 1 or v == -1, ">= 1, or -1: the whole split of a source with splits of its own"),
     "data.n_val": (lambda v: v >= 1 or v == -1, ">= 1 (validation selects the best epoch and calibrates thresholds), "

@@ -57,7 +57,8 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device, amp_dtyp
         raise RuntimeError(f"no readable image in a split of {len(loader.dataset)} images")
     s, t, i, m = torch.cat(scores), torch.cat(targets), torch.cat(index), torch.cat(observed)
     if is_distributed():   # nccl gathers CUDA tensors, gloo CPU ones
-        s, t, i, m = (all_gather_cat(x.to(device)).cpu() for x in (s, t, i, m))
+        s, t, i, m = (all_gather_cat(x.to(device)).cpu() for x in (s, t, i, m.to(torch.uint8)))   # bool as uint8 for every backend
+        m = m.bool()
     n = len(loader.dataset)
     out_s, out_t, out_m = torch.empty(n, s.shape[1]), torch.empty(n, t.shape[1]), torch.empty(n, m.shape[1], dtype=torch.bool)
     covered = torch.zeros(n, dtype=torch.bool)

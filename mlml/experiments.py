@@ -26,6 +26,7 @@ table may differ only in the keys the table varies; otherwise the error names th
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -38,8 +39,11 @@ import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from mlml.config import EXECUTION_KEYS, Config, ConfigError, config_diff, from_dict, load_config, parse_override, run_dir_for
+from mlml.files import FileLock, LockedError
+from mlml.launchers import SlurmLauncher, SlurmResources, launcher_section, run_states, slurm_resources
 from mlml.tensorboard import write_table_layout
 
 TABLES_DIR = Path(__file__).resolve().parent.parent / "experiments" / "tables"
@@ -106,16 +110,21 @@ def check_done_run(run: Run, directory: Path) -> None:
                           "remove it or pass another --runs-dir (each profile wants its own)")
 
 
+def train_args(run: Run, threads: int) -> list[str]:
+    """The `mlml` arguments of one run: `train --config ... --resume --set ...`."""
+    args = ["train", "--config", str(run.config), "--resume"]
+    for o in (*run.overrides, f"run.threads={threads}", "run.progress=false"):
+        args += ["--set", o]
+    return args
+
+
 def train_command(run: Run, threads: int, torchrun: int = 0) -> list[str]:
     """The command line of one run: `python -m mlml train ...`, under torchrun if `torchrun` > 0."""
     if torchrun > 0:
         head = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}", "-m", "mlml"]
     else:
         head = [sys.executable, "-m", "mlml"]
-    cmd = [*head, "train", "--config", str(run.config), "--resume"]
-    for o in (*run.overrides, f"run.threads={threads}", "run.progress=false"):
-        cmd += ["--set", o]
-    return cmd
+    return [*head, *train_args(run, threads)]
 
 
 def launch(run: Run, threads: int, torchrun: int = 0) -> None:
@@ -123,6 +132,27 @@ def launch(run: Run, threads: int, torchrun: int = 0) -> None:
     done = subprocess.run(train_command(run, threads, torchrun), capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"run {run.setting}/{run.method}/seed{run.seed} failed:\n{done.stderr[-3000:]}")
+
+
+@contextlib.contextmanager
+def table_lock(lock: Path, what: str, wait: bool = False, poll: float = 2.0) -> Iterator[None]:
+    """Hold `lock` (`mlml.files.FileLock`: owner pid, host and start; a dead local owner's lock is
+    taken over) while the block runs; if a live process holds it, `LockedError` names it, or with
+    `wait` the lock is waited for."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    holder = FileLock(lock, what)
+    while True:
+        try:
+            holder.acquire()
+            break
+        except LockedError:
+            if not wait:
+                raise
+            time.sleep(poll)
+    try:
+        yield
+    finally:
+        holder.release()
 
 
 def reproduce(
@@ -133,13 +163,24 @@ def reproduce(
     runs_dir: Path = Path("runs"),
     results_dir: Path = Path("results"),
     torchrun: int = 0,
+    launcher: SlurmLauncher | None = None,
+    wait_lock: bool = False,
 ) -> str:
     """Run every missing run of a table, then rebuild and return its Markdown table.
 
     Runs are subprocesses, `jobs` at a time, each under `torchrun --nproc_per_node=<torchrun>`
-    when `torchrun` > 0. A run whose `metrics.json` exists is not trained again.
+    when `torchrun` > 0; or, with a `launcher`, its jobs (`mlml.launchers`). A run whose
+    `metrics.json` exists is not trained again. One reproduction of a table at a time per runs
+    directory (`<runs_dir>/<table>/reproduce.lock`): a second one refuses, naming the first's pid
+    and host, or with `wait_lock` waits for it to finish.
     """
     spec = read_table(name)
+    with table_lock(runs_dir / spec["name"] / "reproduce.lock", f"table {spec['name']} in {runs_dir}", wait_lock):
+        return _reproduce(spec, name, profile, seeds, jobs, runs_dir, results_dir, torchrun, launcher)
+
+
+def _reproduce(spec: dict, name: str, profile: str, seeds: int | None, jobs: int, runs_dir: Path, results_dir: Path, torchrun: int,
+               launcher: SlurmLauncher | None) -> str:
     runs = expand(spec, profile, seeds, runs_dir)
     dirs = {r: run_dir(r) for r in runs}
     todo = [r for r in runs if not (dirs[r] / "metrics.json").exists()]
@@ -150,13 +191,18 @@ def reproduce(
     write_table_layout(runs_dir / spec["name"], spec["name"], spec["metrics"])
     threads = max(1, (os.cpu_count() or 1) // (max(1, jobs) * max(1, torchrun)))
     start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        for i, _ in enumerate(pool.map(lambda r: launch(r, threads, torchrun), todo)):
-            print(f"  finished {i + 1}/{len(todo)}", file=sys.stderr)
+    if launcher is not None:
+        if not launch_jobs(launcher, todo, dirs):
+            return f"{n_runs(len(todo))} submitted or queued; `mlml reproduce {name} --status` follows them, this command again writes the table once they are done"
+    else:
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            for i, _ in enumerate(pool.map(lambda r: launch(r, threads, torchrun), todo)):
+                print(f"  finished {i + 1}/{len(todo)}", file=sys.stderr)
     wall = time.perf_counter() - start
     results = [read_result(dirs[r] / "metrics.json") for r in runs]
-    if todo:
-        record_timing(spec["name"], profile, results, wall if len(todo) == len(runs) else None, jobs, torchrun, results_dir)
+    if todo:       # a launcher's wall time includes queueing: not a measure of the profile's cost
+        complete = len(todo) == len(runs) and launcher is None
+        record_timing(spec["name"], profile, results, wall if complete else None, jobs, torchrun, results_dir)
     command = f"mlml reproduce {name} --profile {profile}" + (f" --seeds {seeds}" if seeds else "")
     return write_table(spec, results, results_dir, command)
 
@@ -164,12 +210,50 @@ def reproduce(
 def read_result(path: Path) -> dict:
     """A run's `metrics.json`; runs recorded before metrics.json held the config get it from the
     `config.toml` beside it (when there is one), so tables can still compare them."""
-    result = json.loads(path.read_text())
-    config = path.parent / "config.toml"
-    if "config" not in result and config.is_file():
-        with open(config, "rb") as f:
-            result["config"] = from_dict(Config, tomllib.load(f)).to_dict()
+    try:
+        result = json.loads(path.read_text())
+        if not isinstance(result, dict) or not {"metrics", "setting", "method", "seed"} <= set(result):
+            raise ValueError("not the metrics.json of a run (metrics, setting, method, seed)")
+        config = path.parent / "config.toml"
+        if "config" not in result and config.is_file():
+            with open(config, "rb") as f:
+                result["config"] = from_dict(Config, tomllib.load(f)).to_dict()
+    except (OSError, ValueError) as err:          # JSON, TOML and config errors are ValueErrors
+        raise ConfigError(f"{path}: cannot be read as a run's results: {err}") from None
     return result
+
+
+def launch_jobs(launcher: SlurmLauncher, todo: list[Run], dirs: dict[Run, Path]) -> bool:
+    """Hand the runs to a launcher (SLURM jobs); True once all are done, False if it did not wait."""
+    return launcher.run({dirs[r]: train_args(r, launcher.threads) for r in todo})
+
+
+def launcher_resources(name: str, profile: str, overrides: list[str]) -> SlurmResources:
+    """A table's SLURM resources: `[launcher.slurm]`, then `[profiles.<profile>.launcher.slurm]`, then `overrides`."""
+    spec = read_table(name)
+    if profile not in spec["profiles"]:
+        raise ConfigError(f"table '{spec['name']}' has no profile '{profile}'; known: {', '.join(spec['profiles'])}")
+    sections = [launcher_section(spec), launcher_section(spec, "profiles", profile)]
+    return slurm_resources(sections, overrides, f"{spec['path']}: launcher.slurm")
+
+
+def status(name: str, profile: str, seeds: int | None = None, runs_dir: Path = Path("runs")) -> str:
+    """Each run of a table as done, running, pending, failed (with its log's last lines), stopped
+    (a checkpoint but no job) or missing, from the run directories and the scheduler."""
+    spec = read_table(name)
+    runs = expand(spec, profile, seeds, runs_dir)
+    dirs = {r: run_dir(r) for r in runs}
+    states = run_states(list(dirs.values()))
+    lines = []
+    for r in runs:
+        s = states[dirs[r]]
+        lines.append(f"{r.setting}/{r.method}/seed{r.seed}: {s.state}" + (f" ({s.job})" if s.job else ""))
+        lines.extend(f"    | {line}" for line in s.log.splitlines())
+    counts = {k: sum(s.state == k for s in states.values()) for k in ("done", "running", "pending", "failed", "stopped", "missing")}
+    summary = f"{name} ({profile}): {n_runs(len(runs))}: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v)
+    if counts["done"] == len(runs):
+        summary += f"; `mlml reproduce {name} --profile {profile}` writes the table"
+    return "\n".join([summary, *lines])
 
 
 def collect(root: Path) -> list[dict]:

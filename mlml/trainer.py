@@ -36,6 +36,7 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -123,7 +124,9 @@ def build_optimizer(cfg: Config, model: nn.Module, method: Method) -> torch.opti
         g["lr"] = cfg.optim.lr * g["lr_scale"]
     if cfg.optim.name == "sgd":                  # optim.name is adamw or sgd (checked at load time)
         return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum, nesterov=True)
-    return torch.optim.AdamW(groups, lr=cfg.optim.lr)
+    # On a GPU the fused kernel: one launch for all parameters instead of several per tensor.
+    fused = {"fused": True} if all(p.is_cuda for g in groups for p in g["params"]) and groups[0]["params"] else {}
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, **fused)
 
 
 def amp_dtype_for(cfg: Config, device: torch.device) -> torch.dtype | None:
@@ -191,6 +194,8 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, info: DistInfo) -> None:
         self.cfg, self.run_dir, self.info = cfg, run_dir, info
         self.device = resolve_device(cfg.run.device, info)
+        if self.device.type == "cuda":                      # fixed training shapes: let cuDNN pick its fastest kernels
+            torch.backends.cudnn.benchmark = True
         seed_everything(cfg.run.seed)                       # same initial model on every rank
         self.data = build_data(cfg.data)
         self.model = build_model(cfg.model, self.data.label_space).to(self.device)
@@ -227,6 +232,8 @@ class Trainer:
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=cfg.model.find_unused_parameters or type(self.method).find_unused_parameters,
             )
+        if cfg.model.compile:                               # training forward only; checkpoints hold self.model
+            self.ddp_model = torch.compile(self.ddp_model)
         self.optimizer = build_optimizer(cfg, self.model, self.method)
         self.amp_dtype = amp_dtype_for(cfg, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
@@ -242,6 +249,7 @@ class Trainer:
         self.segment_start = time.perf_counter()
         self.last_saved = time.monotonic()                  # for run.checkpoint_minutes
         self.stop_signal = 0                                # set by the SIGTERM/SIGUSR1 handler
+        self.on_validate: Callable[[int, dict], None] | None = None   # see train()
 
     def _method_views(self) -> dict[str, str]:
         return method_views(self.cfg.method)
@@ -393,7 +401,7 @@ class Trainer:
         micro = [m for m in zip(*(v.tensor_split(self.cfg.optim.accumulate) for v in batch.values())) if len(m[0])]
         keys = list(batch)
         self.optimizer.zero_grad(set_to_none=True)
-        parts: dict[str, float] = {}
+        outs: list[tuple[float, dict[str, torch.Tensor]]] = []      # (weight, detached parts) per micro-batch
         for i, tensors in enumerate(micro):
             mb = dict(zip(keys, tensors))
             weight = len(mb["index"]) / n
@@ -401,15 +409,21 @@ class Trainer:
             with self.ddp_model.no_sync() if self.info.enabled and not last else nullcontext():
                 with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
                     out = self.forward(mb)
-                loss = out["loss"]
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"non-finite loss {loss.item()} at epoch {self.epoch + 1}, step {self.step_in_epoch + 1} "
-                        f"(parts: { {k: float(v.detach()) for k, v in out.items()} }); lower optim.lr or check the loss"
-                    )
-                self.scaler.scale(loss * weight).backward()
-            for k, v in out.items():
-                parts[k] = parts.get(k, 0.0) + weight * float(v.detach())
+                self.scaler.scale(out["loss"] * weight).backward()
+            outs.append((weight, {k: v.detach() for k, v in out.items()}))
+        # One device sync per step (not one per part and micro-batch), before the optimiser step.
+        values = torch.stack([v.double().reshape(()) for _, o in outs for v in o.values()]).tolist()
+        parts: dict[str, float] = {}
+        for weight, o in outs:
+            mb_values = dict(zip(o, values[: len(o)]))
+            values = values[len(o):]
+            if not math.isfinite(mb_values["loss"]):
+                raise FloatingPointError(
+                    f"non-finite loss {mb_values['loss']} at epoch {self.epoch + 1}, step {self.step_in_epoch + 1} "
+                    f"(parts: {mb_values}); lower optim.lr or check the loss"
+                )
+            for k, v in mb_values.items():
+                parts[k] = parts.get(k, 0.0) + weight * v
         self.method.sync_gradients()               # the method's own parameters are outside DDP
         if self.cfg.optim.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
@@ -457,6 +471,8 @@ class Trainer:
         if record[key] > self.best:
             self.best, self.best_epoch = record[key], self.epoch
             self.save("best.pt")
+        if self.on_validate is not None:
+            self.on_validate(self.epoch, record)
 
     def finish(self, train_seconds: float) -> dict:
         """Reload the best checkpoint, calibrate thresholds on val, evaluate val and test on full labels."""
@@ -510,7 +526,8 @@ class Trainer:
         return result
 
 
-def train(cfg: Config, run_dir: Path | None = None, resume: bool = False, allow_config_change: bool = False) -> dict:
+def train(cfg: Config, run_dir: Path | None = None, resume: bool = False, allow_config_change: bool = False,
+          on_validate: Callable[[int, dict], None] | None = None) -> dict:
     """Train one run end to end and return its `metrics.json` content.
 
     `resume`: continue from `checkpoints/last.pt` (or `last.prev.pt` when `last.pt` is unreadable) if
@@ -519,6 +536,8 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False, allow_
     naming the differing keys, unless `allow_config_change`. Nothing is written to `run_dir` before
     the config and data are built, the run lock is taken and the checkpoint (if any) is checked.
     Raises `Preempted` after writing `last.pt` when SIGTERM or SIGUSR1 arrives.
+    `on_validate(epoch, record)`: called on every rank after each validation with the epoch's
+    history record (validation metrics); an exception it raises stops training (a search's pruning).
     """
     validate_config(cfg)                         # also for configs built in code, not loaded
     info = init_distributed(cfg.run.device, cfg.run.dist_timeout)
@@ -526,6 +545,7 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False, allow_
         torch.set_num_threads(cfg.run.threads)
     run_dir = Path(run_dir) if run_dir else run_dir_for(cfg)
     trainer = Trainer(cfg, run_dir, info)                   # builds (and so validates) data, model, method
+    trainer.on_validate = on_validate
     lock = FileLock(run_dir / "run.lock", what=f"run directory {run_dir}")
     on_rank_0(lambda: (run_dir.mkdir(parents=True, exist_ok=True), lock.acquire()))
     try:

@@ -120,7 +120,7 @@ def header_end(data: bytes) -> int:
 
 
 def garbled_payload(data: bytes) -> bytes:
-    return wrap(bytes(random.Random(0).randrange(256) for _ in range(len(data) - header_end(data))))
+    return wrap(random.Random(0).randbytes(len(data) - header_end(data)))
 
 
 def forged_config(data: bytes) -> bytes:
@@ -149,7 +149,7 @@ DAMAGE = {
     "trailing bytes": (lambda d: d + b"\0" * 7, "truncated: \\d+ of"),
     "a flipped payload byte": (lambda d: flip(d, len(d) - 100), "corrupt: its checksum does not match"),
     "a flipped header byte": (lambda d: flip(d, len(MAGIC) + 3), "garbled header"),
-    "random bytes": (lambda d: bytes(random.Random(1).randrange(256) for _ in range(4096)), "not an mlml checkpoint"),
+    "random bytes": (lambda d: random.Random(1).randbytes(4096), "not an mlml checkpoint"),
     "a text file": (lambda d: b"model weights: see the paper\n", "not an mlml checkpoint"),
     "another format version": (lambda d: d.replace(b'"format": 1', b'"format": 9', 1), "has format 9"),
     "garbled payload, valid checksum": (garbled_payload, "cannot be read"),

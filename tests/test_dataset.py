@@ -53,13 +53,14 @@ def test_flip_crop_equals_numpy_reflect_pad_then_crop():
 
     from mlml.data.transforms import flip_crop
 
-    image = torch.randint(0, 255, (3, 16, 16), dtype=torch.uint8)
     tf, pad = flip_crop(16), 2
-    for seed in range(20):
-        r = random.Random(seed)
-        dy, dx, flip = r.randint(-pad, pad), r.randint(-pad, pad), r.random() < 0.5
-        padded = np.pad(image.numpy(), ((0, 0), (pad, pad), (pad, pad)), mode="reflect")
-        ref = padded[:, pad + dy : pad + dy + 16, pad + dx : pad + dx + 16]
-        if flip:
-            ref = ref[:, :, ::-1]
-        assert np.array_equal(tf(image, seed).numpy(), ref)
+    for h, w in ((16, 16), (12, 20), (16, 16)):          # other shapes through the same transform: its index cache
+        image = torch.randint(0, 255, (3, h, w), dtype=torch.uint8)
+        for seed in range(40):
+            r = random.Random(seed)
+            dy, dx, flip = r.randint(-pad, pad), r.randint(-pad, pad), r.random() < 0.5
+            padded = np.pad(image.numpy(), ((0, 0), (pad, pad), (pad, pad)), mode="reflect")
+            ref = padded[:, pad + dy : pad + dy + h, pad + dx : pad + dx + w]
+            if flip:
+                ref = ref[:, :, ::-1]
+            assert np.array_equal(tf(image, seed).numpy(), ref)

@@ -126,8 +126,8 @@ def test_gathered_evaluation_equals_single_process_on_the_same_checkpoint(two_ra
     trainer.load(two_ranks / "supervised" / "checkpoints" / "last.pt")
     for gathered in load_ranks(two_ranks, "eval"):
         for split in ("val", "test"):
-            metrics, scores, targets, *_ = trainer.evaluate(split, trainer.model)
-            g_metrics, g_scores, g_targets, *_ = gathered[split]
+            metrics, scores, targets, _ = trainer.evaluate(split, trainer.model)
+            g_metrics, g_scores, g_targets, _ = gathered[split]
             assert g_scores.shape == scores.shape == (45 if split == "val" else 99, scores.shape[1])
             assert torch.equal(g_targets, targets)
             torch.testing.assert_close(g_scores, scores, rtol=0, atol=1e-6)

@@ -1,4 +1,5 @@
 import json
+import os
 import sys
 
 import pytest
@@ -162,8 +163,10 @@ def test_seeds_of_one_cell_with_different_configs_are_refused_naming_the_keys(tm
 def test_runs_on_different_splits_never_share_a_row(tmp_path):
     fake_run(tmp_path, seed=0, split="s1")
     fake_run(tmp_path, seed=1, split="s2")
+    table = table_from_runs(tmp_path)                             # one row per split
+    assert "| an [split s1] |" in table and "| an [split s2] |" in table and "| an |" not in table
     with pytest.raises(ConfigError, match="sp/an seed0 and seed1 were made on different splits"):
-        table_from_runs(tmp_path)
+        experiments.check_comparable({"name": "tiny"}, [json.loads(p.read_text()) for p in sorted(tmp_path.rglob("metrics.json"))])
 
 
 def test_a_seed_twice_in_one_cell_is_refused(tmp_path):
@@ -198,7 +201,7 @@ def test_runs_recorded_before_metrics_held_the_config_are_read_from_config_toml(
         table_from_runs(tmp_path)
 
 
-def test_runs_on_different_splits_never_share_a_row():
+def test_runs_on_different_splits_get_rows_of_their_own():
     spec = {"name": "t", "title": "t", "metrics": ["test/mAP_macro"], "settings": {}, "methods": {"an": []}}
     runs = [{"setting": "s", "method": "an", "seed": k, "split_hash": h, "metrics": {"test/mAP_macro": v}}
             for k, (h, v) in enumerate([("aaaa", 0.5), ("aaaa", 0.7), ("bbbb", 0.9)])]
@@ -207,3 +210,101 @@ def test_runs_on_different_splits_never_share_a_row():
     assert "Splits (split_hash): aaaa (2 runs); bbbb (1 run)" in md
     one = experiments.write_table(spec, runs[:2], None, "cmd")
     assert "| an | 0.6000 ± 0.1414 | 2 |" in one and "Splits (split_hash): aaaa (2 runs)" in one
+
+
+# ------------------------------------------------------------------ one reproduction of a table at a time
+HOLDER = """
+import sys, time
+from pathlib import Path
+from mlml import experiments
+
+def launch(run, threads, torchrun):           # stands for a long training run
+    Path(sys.argv[3]).write_text("started")
+    while not Path(sys.argv[4]).exists():
+        time.sleep(0.05)
+    raise SystemExit(0)
+
+experiments.launch = launch
+experiments.reproduce(sys.argv[1], "quick", seeds=1, runs_dir=Path(sys.argv[2]), results_dir=Path(sys.argv[2]) / "results")
+"""
+
+
+def start_holder(table, tmp_path):
+    import subprocess
+
+    started, go = tmp_path / "started", tmp_path / "go"
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(table), str(tmp_path / "runs"), str(started), str(go)])
+    for _ in range(600):
+        if started.exists() or proc.poll() is not None:
+            break
+        import time
+        time.sleep(0.1)
+    assert started.exists(), "the first reproduction did not start"
+    return proc, go
+
+
+def test_a_second_reproduction_of_a_table_refuses_naming_the_first(table, tmp_path, capsys):
+    import signal
+
+    proc, go = start_holder(table, tmp_path)
+    lock = tmp_path / "runs" / "tiny" / "reproduce.lock"
+    try:
+        assert json.loads(lock.read_text())["pid"] == proc.pid
+        assert main(["reproduce", str(table), "--seeds", "1", "--runs-dir", str(tmp_path / "runs")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"is in use by process {proc.pid} on this host" in err
+    finally:
+        proc.send_signal(signal.SIGKILL)         # killed outright: its lock stays, naming a dead process
+        proc.wait(60)
+    assert json.loads(lock.read_text())["pid"] == proc.pid
+    with experiments.table_lock(lock, "test"):   # a dead local owner's lock is taken over
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert not lock.exists()                     # and released at the end
+
+
+def test_a_lock_held_on_another_host_is_not_taken_over(tmp_path):
+    lock = tmp_path / "reproduce.lock"
+    lock.write_text(json.dumps({"pid": 2**22 + 1, "host": "another-node", "since": "then", "what": "mlml reproduce x"}))
+    with pytest.raises(experiments.LockedError, match="in use by process 4194305 on host another-node since then"):
+        with experiments.table_lock(lock, "test"):
+            pass
+    assert json.loads(lock.read_text())["host"] == "another-node"
+
+
+def test_wait_waits_for_the_lock(tmp_path):
+    import threading
+
+    lock = tmp_path / "reproduce.lock"
+    order = []
+    with experiments.table_lock(lock, "first"):
+        def second():
+            with experiments.table_lock(lock, "second", wait=True, poll=0.05):
+                order.append("second")
+        t = threading.Thread(target=second)
+        t.start()
+        t.join(0.5)
+        order.append("first done")
+    t.join(10)
+    assert order == ["first done", "second"] and not lock.exists()
+
+
+def test_an_interrupted_run_is_not_resumed_under_an_edited_profile(table, tmp_path, monkeypatch, capsys):
+    """reproduce resumes an unfinished run with `mlml train --resume` (train_command): after the profile
+    changed, that command refuses, naming the key, instead of mixing two configs in one run."""
+    run = expand(read_table(str(table)), "quick", 1, tmp_path / "runs")[0]
+    stop_mid_run(run_config(run), run_dir(run), monkeypatch)
+    (tmp_path / "base.toml").write_text("[optim]\nweight_decay = 0.0\n")
+    command = train_command(run, threads=1)
+    assert "--allow-config-change" not in command
+    assert main(command[3:]) == 2                                       # what reproduce's subprocess runs
+    assert "optim.weight_decay = 0.0001 in the checkpoint, 0.0 now" in capsys.readouterr().err
+
+
+def test_an_unreadable_metrics_file_is_named(tmp_path):
+    d = fake_run(tmp_path, seed=0)
+    (d / "metrics.json").write_text('{"metrics": {"test/mAP')
+    with pytest.raises(ConfigError, match=r"seed0/metrics.json: cannot be read as a run's results"):
+        table_from_runs(tmp_path)
+    (d / "metrics.json").write_text('[]')
+    with pytest.raises(ConfigError, match="not the metrics.json of a run"):
+        table_from_runs(tmp_path)

@@ -128,7 +128,7 @@ def test_cli_answers_a_bad_config_file_with_one_line(tmp_path, data, capsys):
     f.write_bytes(data)
     capsys.readouterr()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(mlml.trainer, "train", lambda cfg, out, resume: {"metrics": {}})
+        mp.setattr(mlml.trainer, "train", lambda cfg, out, **kwargs: {"metrics": {}})
         code = main(["train", "--config", str(f), "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert code in (0, 2)

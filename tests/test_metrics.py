@@ -108,6 +108,22 @@ def test_large_heavily_tied_input_matches_sklearn(dtype: torch.dtype) -> None:
     assert_matches_sklearn(*make_inputs(3000, 4, "integer", dtype, seed=7, p_pos=0.1))
 
 
+@pytest.mark.parametrize("chunk_bytes", [1, 40 * 24 * 3])   # one class per chunk; three
+def test_chunked_ranking_metrics_equal_unchunked(monkeypatch: pytest.MonkeyPatch, chunk_bytes: int) -> None:
+    scores, targets = make_inputs(40, 7, "decimal", torch.float64, seed=3, p_pos=0.2)
+    targets[:, 2] = False                                        # a class without positives (NaN) in a chunk
+    scores[:5, 4] = -torch.inf                                   # positives and negatives at -inf
+    targets[:3, 4] = True
+    whole = {f: getattr(metrics, f)(scores, targets) for f in ("average_precision", "calibrate_thresholds")}
+    whole["auroc"] = metrics.auroc(scores, targets, average=None)
+    monkeypatch.setattr(metrics, "CHUNK_BYTES", chunk_bytes)
+    assert metrics._classes_per_chunk(40, 24) < 7
+    for name, ref in whole.items():
+        got = metrics.auroc(scores, targets, average=None) if name == "auroc" else getattr(metrics, name)(scores, targets)
+        assert torch.equal(got.isnan(), ref.isnan()) and torch.allclose(got.nan_to_num(), ref.nan_to_num(), atol=TOL), name
+    assert_matches_sklearn(scores.nan_to_num(neginf=-1e300), targets)          # scikit-learn takes no infinity
+
+
 @st.composite
 def score_target_pairs(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor]:
     """Small inputs from a handful of values, so that ties and degenerate columns are common."""

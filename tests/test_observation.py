@@ -89,6 +89,13 @@ def test_hash_uniform_is_deterministic_and_uniform():
     assert not np.array_equal(u, hash_uniform(6, np.arange(100000)))
 
 
+def test_hash_uniform_of_python_ints_equals_the_array_path():
+    keys = np.random.default_rng(0).integers(-(2**62), 2**62, (500, 4))
+    for row in keys:
+        ints = [int(k) for k in row]
+        assert hash_uniform(*ints) == hash_uniform(*[np.asarray(k) for k in row])   # bit for bit
+
+
 def test_registry_lists_all():
     assert set(OBSERVATIONS.names()) == {"full", "single_positive", "partial", "per_group", "unlabelled", "annotated"}
 

@@ -103,7 +103,7 @@ def train_args(run: Path, *extra: str) -> list[str]:
     return ["train", *[a for o in (*TINY, *RELIABLE, "run.threads=1", *extra) for a in ("--set", o)], "--out", str(run)]
 
 
-def test_sigterm_at_10_random_steps_then_resume_gives_the_metrics_of_an_uninterrupted_run(reference, tmp_path, monkeypatch):
+def test_sigterm_or_sigusr1_at_10_random_steps_then_resume_gives_the_metrics_of_an_uninterrupted_run(reference, tmp_path, monkeypatch):
     """Each SIGTERM arrives during a step; the step finishes, last.pt is written, Preempted is raised."""
     original = Trainer.train_step
     stops = sorted(random.Random(16).sample(range(0, 47), 10))         # 4 epochs x 12 steps; some at epoch ends
@@ -111,8 +111,8 @@ def test_sigterm_at_10_random_steps_then_resume_gives_the_metrics_of_an_uninterr
 
     def signalled(self, batch):
         if pending and self.global_step == pending[0]:
-            pending.pop(0)
-            signal.raise_signal(signal.SIGTERM)                          # handled: the step still runs to its end
+            pending.pop(0)                                               # SIGTERM, or SIGUSR1 every third time
+            signal.raise_signal(signal.SIGUSR1 if len(pending) % 3 == 0 else signal.SIGTERM)   # the step still ends
         return original(self, batch)
 
     monkeypatch.setattr(Trainer, "train_step", signalled)
@@ -122,13 +122,15 @@ def test_sigterm_at_10_random_steps_then_resume_gives_the_metrics_of_an_uninterr
             result = train(cfg, run, resume=True)
             break
         except Preempted as stop:
-            assert stop.signum == signal.SIGTERM and stop.path == run / "checkpoints" / "last.pt"
+            assert stop.signum == (signal.SIGUSR1 if len(pending) % 3 == 0 else signal.SIGTERM)
+            assert stop.path == run / "checkpoints" / "last.pt"
             ckpt = load_checkpoint(stop.path)
             assert ckpt["global_step"] == stop.step
             seen.append(stop.step)
     assert seen == [s + 1 for s in stops]
     assert result["metrics"] == reference[1]["metrics"] and result["history"] == reference[1]["history"]
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL             # the handler is removed after training
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL             # the handlers are removed after training
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
 
 
 def test_sigterm_to_a_training_process_exits_75_with_last_pt_and_resume_is_exact(reference, tmp_path):

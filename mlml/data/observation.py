@@ -42,7 +42,13 @@ _M1, _M2, _GOLDEN = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
 
 def hash_uniform(*keys: np.ndarray | int) -> np.ndarray:
-    """Uniform floats in [0, 1) from integer keys (splitmix64 mixing); broadcasts like numpy."""
+    """Uniform floats in [0, 1) from integer keys (splitmix64 mixing); broadcasts like numpy.
+
+    All-`int` keys (one value per dataset item, the augmentation seed) take a pure-Python path,
+    equal bit for bit and ~5x faster than numpy on scalars.
+    """
+    if all(type(k) is int for k in keys):
+        return np.float64(_hash_uniform_ints(keys))
     h = np.zeros(np.broadcast(*[np.asarray(k) for k in keys]).shape, dtype=np.uint64)
     with np.errstate(over="ignore"):
         for k in keys:
@@ -52,6 +58,21 @@ def hash_uniform(*keys: np.ndarray | int) -> np.ndarray:
             h = (h ^ (h >> np.uint64(27))) * _M2
             h = h ^ (h >> np.uint64(31))
     return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+_MASK = (1 << 64) - 1
+
+
+def _hash_uniform_ints(keys: tuple[int, ...]) -> float:
+    """`hash_uniform` of Python ints, in Python integer arithmetic modulo 2**64."""
+    m1, m2, golden = int(_M1), int(_M2), int(_GOLDEN)
+    h = 0
+    for k in keys:
+        h = ((h ^ (k & _MASK)) + golden) & _MASK
+        h = ((h ^ (h >> 30)) * m1) & _MASK
+        h = ((h ^ (h >> 27)) * m2) & _MASK
+        h ^= h >> 31
+    return (h >> 11) / float(1 << 53)
 
 
 @dataclass
