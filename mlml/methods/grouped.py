@@ -6,9 +6,10 @@ configured sigmoid loss (`method.loss`, e.g. `an`) on the labels of non-exclusiv
 are any. Parts logged: `ce/<group>`, `sigmoid`.
 
 With the teacher on (`method.teacher = {...}`, mlml/methods/teacher.py; formerly the method
-`grouped_teacher`, now a config error naming this spelling), the unobserved (image, group) pairs get pseudo-labels: where the teacher's group
-softmax on the weak view reaches `threshold`, its argmax class (unknown included) is the target of
-the student's cross-entropy on the strong view, weighted by the ramped-up `weight`. Logged per
+`grouped_teacher`, now a config error naming this spelling), the unobserved (image, group) pairs
+get pseudo-labels: where the teacher's group softmax on the weak view reaches `threshold`, its
+argmax class (unknown included) is the target of the student's cross-entropy on the strong view,
+weighted by the ramped-up `weight`. Logged per
 group: `pseudo_rate/<g>` (share of unobserved pairs pseudo-labelled) and `pseudo_acc/<g>` (their
 accuracy against the hidden full labels, diagnostics only).
 """
