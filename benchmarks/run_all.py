@@ -134,7 +134,7 @@ def markdown(res: dict) -> str:
             out += ["## ROLE's per-sample table", "",
                     f"{r['n']:,} x {r['c']:,} = {r['entries']:,} entries: {r['memory_mb_with_adam']:.0f} MB with AdamW, "
                     f"one step (gather, backward, update) {fmt_ratio(r['step_ms'], 0)} ms. Linear in N x C: at 12M x 11K "
-                    f"{r['memory_tb_at_12M']:.1f} TB and ~{r['step_s_at_12M_extrapolated']:.0f} s per step. {r['note']}.", ""]
+                    f"{r['memory_tb_at_12M']:.1f} TB and ~{r['step_s_at_12M_extrapolated']:.0f} s per step. {r['note'][0].upper() + r['note'][1:]}.", ""]
     if "label_store" in p:
         r = p["label_store"]
         e = r["extrapolated_12M"]

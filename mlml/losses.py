@@ -393,11 +393,12 @@ def partial_bce(
     An image with no known label contributes 0. Reduction: mean over the batch (B).
     """
     _check(logits, targets, observed)
-    per_entry = _bce(logits, assume_negative_targets(targets, observed))
     num_classes = logits.shape[1]
     frac = observed.sum(dim=1).to(logits.dtype) / num_classes  # (B,)
     scale = (a * frac**c + b) / num_classes  # (B,)
-    return (scale * (per_entry * observed).sum(dim=1)).mean()
+    weight = observed * scale[:, None]  # (B, C): the per-image scale on observed entries, 0 elsewhere
+    y = assume_negative_targets(targets, observed)
+    return _bce(logits, y, weight=weight, reduction="sum") / logits.shape[0]
 
 
 @register_loss("focal")

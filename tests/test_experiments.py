@@ -69,7 +69,7 @@ def test_seeds_option_reproduces_a_subset(table, tmp_path, monkeypatch):
     launched = []
     monkeypatch.setattr(experiments, "launch", lambda run, threads, torchrun: launched.append((run.method, run.seed, torchrun)))
     monkeypatch.setattr(experiments, "record_timing", lambda *args: None)
-    with pytest.raises(FileNotFoundError):        # nothing really trained, so no metrics.json to read
+    with pytest.raises(ConfigError, match="metrics.json"):   # nothing really trained, so no metrics.json to read
         reproduce(str(table), "quick", seeds=1, jobs=2, runs_dir=tmp_path / "runs", torchrun=2)
     assert sorted(launched) == [("an", 0, 2), ("full", 0, 2)]
 

@@ -143,9 +143,10 @@ def check_annotations(path: Path) -> None:
     except AnnotationError as err:
         assert one_line(err).startswith(f"{path}:"), str(err)
         return
-    for image, pos, neg in rows:
-        assert image and not set(pos) & set(neg) and all(0 <= i < 4 for i in pos + neg)
-    assert len({image for image, _, _ in rows}) == len(rows)
+    for entry in rows:
+        assert entry.path and not set(entry.positives) & set(entry.negatives)
+        assert all(0 <= i < 4 for i in entry.positives + entry.negatives)
+    assert len({entry.path for entry in rows}) == len(rows)
 
 
 VALID_CSV = ["path,positives,negatives", "a/1.png,cat;sofa,dog", "a/2.png,,", '"a/3,b.png", dog , cat;red', "b/4.png,red,"]
