@@ -1,4 +1,4 @@
-"""The `mlml` command line: train, eval, predict, data, reproduce, search, table."""
+"""The `mlml` command line: train, eval, predict, data, reproduce, search, table, list."""
 
 from __future__ import annotations
 
@@ -190,6 +190,60 @@ def cmd_table(args: argparse.Namespace) -> int:
     return 0
 
 
+def registries() -> dict:
+    """What `mlml list` shows: registry name -> (the registry, the config key that names an entry)."""
+    from mlml.data.observation import OBSERVATIONS
+    from mlml.data.pipeline import SOURCES
+    from mlml.data.transforms import TRANSFORMS
+    from mlml.losses import LOSSES
+    from mlml.methods import METHODS
+    from mlml.models import BACKBONES, HEADS
+
+    return {"methods": (METHODS, "method.name"), "losses": (LOSSES, "method.loss"), "sources": (SOURCES, "data.source"),
+            "observations": (OBSERVATIONS, "data.observation"), "backbones": (BACKBONES, "model.backbone"),
+            "heads": (HEADS, "model.head"), "transforms": (TRANSFORMS, "method views, data.augment")}
+
+
+def describe(name: str, component, settings_key: str, cls: type | None = None) -> list[str]:
+    """Lines for one entry: its name, the first line of its docstring, its settings (`cls`, default
+    the component's) with their types and defaults."""
+    from mlml.settings import settings_class, settings_fields
+
+    doc = (getattr(component, "__doc__", None) or "").strip().splitlines()
+    lines = [f"  {name}" + (f"  - {doc[0].strip()}" if doc else "")]
+    if not settings_key:
+        return lines
+    cls = cls or settings_class(component)
+    if cls is None:
+        return lines + [f"      {settings_key}: untyped (passed as a dict)"]
+    fields = settings_fields(cls)
+    if not fields:
+        return lines + [f"      {settings_key}: none"]
+    lines.append(f"      {settings_key}:")
+    return lines + [f"        {n}: {tp} = {'(required)' if d is ... else repr(d)}" for n, tp, d in fields]
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from mlml.methods.domain import DomainBranchSettings
+    from mlml.methods.teacher import TeacherSettings
+
+    keys = {"methods": "method.args", "losses": "method.loss_args", "observations": "data.observation_args"}
+    chosen = list(registries()) if args.what == "all" else [args.what]
+    lines: list[str] = []
+    for what in chosen:
+        registry, key = registries()[what]
+        lines.append(f"{what} ({key}):")
+        for name in registry.names():
+            lines += describe(name, registry.get(name), keys.get(what, ""))
+        if what == "methods":
+            lines.append("  parts any method switches on:")
+            lines += describe("teacher", TeacherSettings, "method.teacher", TeacherSettings)[1:]
+            lines += describe("domain_branch", DomainBranchSettings, "method.domain_branch", DomainBranchSettings)[1:]
+        lines.append("")
+    print("\n".join(lines).rstrip())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlml", description="Multi-label learning with missing labels.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -286,6 +340,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs_dir")
     p.add_argument("--results-dir", help="also write <results-dir>/<experiment>.md and .csv")
     p.set_defaults(fn=cmd_table)
+
+    p = sub.add_parser("list", help="the registered components with their settings and defaults")
+    p.add_argument("what", nargs="?", default="all", choices=["methods", "losses", "sources", "observations", "backbones",
+                                                              "heads", "transforms", "all"])
+    p.set_defaults(fn=cmd_list)
     return parser
 
 

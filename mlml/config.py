@@ -118,6 +118,8 @@ class MethodConfig:
     # adversarial domain branch for any method: {weight, hidden, schedule, lambda_max, gamma};
     # empty or weight 0 = off (see mlml/methods/domain.py)
     domain_branch: dict = field(default_factory=dict)
+    # EMA teacher for any method: {decay, weight, rampup, thresholds...}; empty = off (mlml/methods/teacher.py)
+    teacher: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -158,7 +160,8 @@ class Config:
     def method_label(self) -> str:
         if self.run.method_label:
             return self.run.method_label
-        return self.method.loss if self.method.name == "supervised" else f"{self.method.name}-{self.method.loss}"
+        label = self.method.loss if self.method.name == "supervised" else f"{self.method.name}-{self.method.loss}"
+        return label + ("+teacher" if self.method.teacher else "")
 
 
 def run_dir_for(cfg: Config) -> Path:
@@ -167,7 +170,7 @@ def run_dir_for(cfg: Config) -> Path:
 
 
 # Tables whose keys are free (their owner checks them); written inline and replaced, not merged.
-FREE_FORM = ("loss_args", "args", "observation_args", "domain_branch")
+FREE_FORM = ("loss_args", "args", "observation_args", "domain_branch", "teacher")
 
 # Keys that say how a run is executed, not what it computes: they may differ between runs of one
 # config (and are left out of `config_hash`).
@@ -345,6 +348,7 @@ def validate_config(cfg: Config) -> Config:
     for key, (ok, wanted) in CHECKS.items():
         if not ok(values[key]):
             raise ConfigError(f"config key '{key}' = {values[key]!r} must be {wanted}", key)
+    importlib.import_module("mlml.settings").check_components(cfg)   # components' settings (mlml/settings.py)
     for key, (module, attr) in REGISTRY_KEYS.items():
         registry = getattr(importlib.import_module(module), attr)
         names = values[key] if isinstance(values[key], list) else [values[key]]

@@ -56,7 +56,7 @@ def table_layout(table: str, metrics: list[str]) -> dict:
     """Custom-scalars layout of a table: one chart per metric, each with a line per run.
 
     Validation charts match the reported model (`val/<m>`) and any other evaluated model
-    (`val_student/<m>` of `mean_teacher`); the table's own metrics come first.
+    (`val_student/<m>` under `method.teacher`); the table's own metrics come first.
     """
     own = [m.split("/", 1)[1] for m in metrics if "/" in m]
     order = [m for m in own if m in VAL_METRICS] + [m for m in VAL_METRICS if m not in own]

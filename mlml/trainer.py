@@ -72,7 +72,7 @@ from mlml.evaluation import (
     split_metrics,
 )
 from mlml.inference import inference_metadata
-from mlml.methods import Method, MethodContext, build_method
+from mlml.methods import Method, MethodContext, build_method, method_views
 from mlml.models import build_model
 from mlml.provenance import environment
 from mlml.tensorboard import RunLogger
@@ -221,7 +221,7 @@ class Trainer:
             hidden_labels_for_diagnostics=lambda idx: self.data.hidden_labels("train", idx.cpu().numpy()).to(idx.device),
         )
         self.method = build_method(cfg.method, ctx).to(self.device)
-        check_selection(cfg.eval.select, cfg.data.val_labels == "full", list(self.method.eval_models(self.model)), self.data.label_space)
+        check_selection(cfg.eval.select, cfg.data.val_labels == "full", list(self.method.models_to_evaluate(self.model)), self.data.label_space)
         if info.rank > 0:                                   # own random stream per rank (dropout, ...)
             seed_everything(rank_seed(cfg.run.seed, info.rank, 0))
         self.ddp_model = self.model
@@ -252,8 +252,7 @@ class Trainer:
         self.on_validate: Callable[[int, dict], None] | None = None   # see train()
 
     def _method_views(self) -> dict[str, str]:
-        from mlml.methods import METHODS
-        return dict(METHODS.get(self.cfg.method.name).views)
+        return method_views(self.cfg.method)
 
     # ------------------------------------------------------------------ checkpoints
     def train_seconds(self) -> float:
@@ -382,7 +381,7 @@ class Trainer:
             parts = self.train_step(batch)
             self.step_in_epoch += 1
             self.global_step += 1
-            self.method.end_step(self.model, self.global_step)
+            self.method.after_optimizer_step(self.model, self.global_step)
             self.logger.scalars("train", parts, self.global_step)
             self.logger.scalars("train", {"lr": self.cfg.optim.lr * factor}, self.global_step)
             bar.set_postfix(loss=f"{parts['loss']:.4f}")
@@ -425,7 +424,7 @@ class Trainer:
                 )
             for k, v in mb_values.items():
                 parts[k] = parts.get(k, 0.0) + weight * v
-        self.method.reduce_all_gradients()               # the method's own parameters are outside DDP
+        self.method.sync_gradients()               # the method's own parameters are outside DDP
         if self.cfg.optim.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
@@ -436,7 +435,7 @@ class Trainer:
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         try:
-            return self.method.run_step(batch, self.ddp_model)
+            return self.method.training_step(batch, self.ddp_model)
         except RuntimeError as err:
             if "finished reduction in the prior iteration" not in str(err):
                 raise
@@ -460,7 +459,7 @@ class Trainer:
 
     def validate(self) -> None:
         record = {"epoch": self.epoch}
-        for i, (name, model) in enumerate(self.method.eval_models(self.model).items()):
+        for i, (name, model) in enumerate(self.method.models_to_evaluate(self.model).items()):
             metrics, *_ = self.evaluate("val", model)
             prefix = "val" if i == 0 else f"val_{name}"
             record.update({f"{prefix}/{k}": v for k, v in metrics.items()})
@@ -486,7 +485,7 @@ class Trainer:
             self.method.load_state_dict(ckpt["method"])
         names = self.data.label_space.names
         result: dict = {"metrics": {}, "per_class_ap": {}}
-        for i, (name, model) in enumerate(self.method.eval_models(self.model).items()):
+        for i, (name, model) in enumerate(self.method.models_to_evaluate(self.model).items()):
             suffix = "" if i == 0 else f"_{name}"
             val, val_scores, val_targets, val_mask = self.evaluate("val", model)
             thresholds = calibrate_thresholds(val_scores, val_targets, val_mask)

@@ -69,7 +69,7 @@ def save_rank_state(trainer, path: Path, init: dict) -> None:
         "method": method.state_dict(),
         "optimizer": trainer.optimizer.state_dict()["state"],
     }
-    if hasattr(method, "teacher"):
+    if method.teacher is not None:
         state["teacher"] = method.teacher.state_dict()
     torch.save(state, path)
 
@@ -118,8 +118,8 @@ def scenarios(rank: int, out: Path, overrides: list[str], stop_at: int, signals:
 
 # Settings beyond each method's defaults whose state must also stay identical across ranks.
 VARIANTS = {
-    "mean_teacher_adaptive": ["method.name=mean_teacher", "method.args={class_adaptive = true, k = 2.0}"],
-    "mean_teacher_semi": ["method.name=mean_teacher", "data.observation_args={labelled_fraction = 0.5}",
+    "mean_teacher_adaptive": ["method.teacher={class_adaptive = true, k = 2.0}"],
+    "mean_teacher_semi": ["method.teacher={weight = 1.0}", "data.observation_args={labelled_fraction = 0.5}",
                           "data.unlabelled_ratio=1.0"],                       # mixed labelled/unlabelled batches
     # the domain branch's head lives in the method, outside DDP: its gradients must be averaged
     "supervised_domain_branch": ["data.observation=per_group", "method.domain_branch={weight = 0.5, schedule = 'constant'}"],
@@ -193,9 +193,9 @@ def unused_parameters(rank: int, out: Path, overrides: list[str]) -> None:
     class HeadOnOddCalls(Supervised):
         calls = 0
 
-        def training_step(self, batch, model):
+        def objective(self, outputs, batch):
             self.calls += 1
-            out = model(batch["image"])
+            out = outputs["image"]
             if self.calls % 2:
                 return {"loss": self.loss(out["logits"].float(), batch["targets"], batch["observed"])}
             return {"loss": out["features"].float().pow(2).mean()}

@@ -75,3 +75,27 @@ def test_grouped_run_eval_and_predict(tmp_path, capsys):
     assert groups["colour"]["class"] != "unknown"            # no unknown class in the colour group
     assert main(["predict", "--checkpoint", str(out / "checkpoints" / "best.pt"), str(image)]) == 0
     assert "[pattern]" in capsys.readouterr().out
+
+
+def test_list_prints_every_registry_with_settings_and_defaults(capsys):
+    expected = {
+        "methods": ["methods (method.name):", "  role  - ", "        k: float = 1.5", "        delta_rel: float = 0.2",
+                    "  supervised  - ", "      method.args: none", "      method.teacher:", "        decay: float = 0.99",
+                    "        threshold: float = 0.9", "      method.domain_branch:", "        hidden: int = 256"],
+        "losses": ["losses (method.loss):", "  asl  - ", "        gamma_neg: float = 4.0", "        reduction: str = 'sum'",
+                   "        k: float = 1.5"],
+        "sources": ["sources (data.source):", "  synthetic", "  annotations"],
+        "observations": ["  partial  - ", "        p: float = 0.1", "        labelled_fraction: float = 1.0"],
+        "backbones": ["  small_cnn", "  resnet18"],
+        "heads": ["  linear  - ", "  grouped  - "],
+        "transforms": ["  strong", "  flip_crop"],
+    }
+    for what, lines in expected.items():
+        assert main(["list", what]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert all(any(o.startswith(line) for o in out) for line in lines), (what, [l for l in lines if not any(o.startswith(l) for o in out)])
+        others = [w for w in expected if w != what]
+        assert not any(o.startswith(f"{w} (") for w in others for o in out)
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"\n{w} (" in "\n" + out for w in expected)

@@ -12,7 +12,9 @@ from mlml.data.pipeline import build_data
 from mlml.data.synthetic import SyntheticSource
 from mlml.distributed import DistInfo
 from mlml.methods import METHODS
-from mlml.methods.domain import DomainBranch, dann_lambda, domain_branch_args, grad_reverse
+from mlml.config import ConfigError
+from mlml.methods.domain import DomainBranch, DomainBranchSettings, dann_lambda, grad_reverse
+from mlml.settings import resolve
 from mlml.trainer import Trainer, train
 from tests.conftest import stop_mid_run, tiny_config
 
@@ -44,24 +46,26 @@ def test_dann_schedule_values():
 
 
 def test_branch_lambda_follows_its_step_count():
-    branch = DomainBranch(domain_branch_args({"weight": 1.0, "lambda_max": 0.5}), feature_dim=3, num_domains=2, total_steps=10)
+    branch = DomainBranch(DomainBranchSettings(**({"weight": 1.0, "lambda_max": 0.5})), feature_dim=3, num_domains=2, total_steps=10)
     lams = []
     for step in range(11):
-        branch.step.fill_(step)                                    # as Method.end_step does
+        branch.step.fill_(step)                                    # as Method.after_optimizer_step does
         lams.append(branch.lam())
         assert float(branch(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))["domain_lambda"]) == pytest.approx(lams[-1])
     assert lams == pytest.approx([0.5 * dann_lambda(s / 10) for s in range(11)])
     assert int(branch.state_dict()["step"]) == 10
-    constant = DomainBranch(domain_branch_args({"weight": 1.0, "schedule": "constant", "lambda_max": 0.2}), 3, 3, 10)
+    constant = DomainBranch(DomainBranchSettings(**({"weight": 1.0, "schedule": "constant", "lambda_max": 0.2})), 3, 3, 10)
     assert constant.lam() == 0.2 and isinstance(constant.head, torch.nn.Sequential)
-    assert isinstance(DomainBranch(domain_branch_args({"weight": 1.0, "hidden": 0}), 3, 4, 10).head, torch.nn.Linear)
+    assert isinstance(DomainBranch(DomainBranchSettings(**({"weight": 1.0, "hidden": 0})), 3, 4, 10).head, torch.nn.Linear)
 
 
 def test_bad_settings_are_errors_naming_them(tmp_path):
-    with pytest.raises(ValueError, match="no key 'lamda'"):
-        domain_branch_args({"weight": 1.0, "lamda": 1.0})
-    with pytest.raises(ValueError, match="schedule"):
-        domain_branch_args({"weight": 1.0, "schedule": "linear"})
+    with pytest.raises(ConfigError, match="unknown config key 'method.domain_branch.lamda'"):
+        tiny_config("method.domain_branch={weight = 1.0, lamda = 1.0}")
+    with pytest.raises(ConfigError, match="'method.domain_branch.schedule' must be 'dann' or 'constant', got 'linear'"):
+        tiny_config("method.domain_branch={weight = 1.0, schedule = 'linear'}")
+    with pytest.raises(ConfigError, match="'method.domain_branch.hidden' must be int"):
+        resolve(DomainBranchSettings, {"hidden": 1.5}, "method.domain_branch")
     with pytest.raises(ValueError, match="two domains"):        # single_positive: every image is domain 0
         Trainer(tiny_config("method.domain_branch={weight = 0.1}"), tmp_path, DistInfo())
     with pytest.raises(ValueError, match="collections"):
@@ -89,7 +93,7 @@ def test_branch_runs_under_every_method(method, tmp_path):
     assert {"domain_loss", "domain_acc", "domain_lambda"} <= set(parts) and parts["domain_lambda"] == 1.0
     assert all(math.isfinite(v) for v in parts.values())
     assert all(not torch.equal(a, b) for a, b in zip(before, branch.parameters()))
-    trainer.method.end_step(trainer.model, 1)
+    trainer.method.after_optimizer_step(trainer.model, 1)
     assert int(branch.step) == 1
 
 
@@ -107,8 +111,8 @@ def test_backbone_gets_the_reversed_domain_gradient(tmp_path):
         fn().backward()
         return last.grad.clone()
 
-    task = grad(lambda: trainer.method.training_step(batch, trainer.model)["loss"])
-    both = grad(lambda: trainer.method.run_step(batch, trainer.model)["loss"])
+    task = grad(lambda: trainer.method.objective({"image": trainer.model(batch["image"])}, batch)["loss"])
+    both = grad(lambda: trainer.method.training_step(batch, trainer.model)["loss"])
     head = trainer.method.domain_branch.head
     domain = grad(lambda: torch.nn.functional.cross_entropy(head(trainer.model(batch["image"])["features"]), batch["domain"]))
     assert torch.allclose(both, task - 0.5 * 2.0 * domain, atol=1e-6)
@@ -233,7 +237,7 @@ def test_tensorboard_gets_the_branch_parts(tmp_path):
 def test_labelled_vs_unlabelled_domains_under_the_mean_teacher(tmp_path):
     """labelled_fraction < 1: domain 0 labelled, 1 unlabelled; the teacher's forward is not caught,
     the student's weak + strong forward (2B rows) is, each copy with the batch's domains."""
-    cfg = tiny_config("method.name=mean_teacher", "data.observation_args={labelled_fraction = 0.25}",
+    cfg = tiny_config("method.teacher={weight = 1.0}", "data.observation_args={labelled_fraction = 0.25}",
                       "data.unlabelled_ratio=3", "method.domain_branch={weight = 0.5, schedule = 'constant'}")
     trainer = Trainer(cfg, tmp_path, DistInfo())
     assert trainer.method.domain_branch.num_domains == 2

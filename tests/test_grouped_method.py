@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mlml.config import ConfigError
+
 from mlml.distributed import DistInfo
 from mlml.groups import group_cross_entropy, group_targets
 from mlml.trainer import Trainer
@@ -45,12 +47,12 @@ def test_needs_the_grouped_head(tmp_path):
 
 
 def _teacher_trainer(tmp_path, *extra):
-    cfg = tiny_config("method.name=grouped_teacher", "model.head=grouped", "data.observation=single_positive", *PATTERN_DATA, *extra)
+    cfg = tiny_config("method.name=grouped", "method.teacher={weight = 1.0}", "model.head=grouped", "data.observation=single_positive", *PATTERN_DATA, *extra)
     return Trainer(cfg, tmp_path, DistInfo())
 
 
 def test_teacher_pseudo_labels_reach_the_student_only(tmp_path):
-    trainer = _teacher_trainer(tmp_path, "method.args={threshold = 0.0, rampup = 0.0}")
+    trainer = _teacher_trainer(tmp_path, "method.teacher={threshold = 0.0, rampup = 0.0}")
     batch = next(iter(trainer.train_loader))
     assert "image_strong" in batch
     batch["observed"] = torch.zeros_like(batch["observed"])        # nothing observed: only the pseudo term
@@ -65,9 +67,9 @@ def test_teacher_pseudo_labels_reach_the_student_only(tmp_path):
 def test_teacher_is_evaluated_first_and_followed(tmp_path):
     trainer = _teacher_trainer(tmp_path)
     trainer.train_step(next(iter(trainer.train_loader)))
-    trainer.method.on_step_end(trainer.model, 1)                   # first update: a copy
-    for t, s in zip(trainer.method.teacher.state_dict().values(), trainer.model.state_dict().values()):
+    trainer.method.after_optimizer_step(trainer.model, 1)          # first update: a copy
+    for t, s in zip(trainer.method.teacher.model.state_dict().values(), trainer.model.state_dict().values()):
         assert torch.equal(t, s)
-    assert list(trainer.method.eval_models(trainer.model)) == ["teacher", "student"]
-    with pytest.raises(ValueError, match="no argument 'tau'"):
-        _teacher_trainer(tmp_path / "x", "method.args={tau = 0.5}")
+    assert list(trainer.method.models_to_evaluate(trainer.model)) == ["teacher", "student"]
+    with pytest.raises(ConfigError, match="unknown config key 'method.teacher.tau'"):
+        _teacher_trainer(tmp_path / "x", "method.teacher={tau = 0.5}")

@@ -1,7 +1,10 @@
 import numpy as np
+import re
+
 import pytest
 import torch
 
+from mlml.config import ConfigError
 from mlml.data.observation import OBSERVATIONS, build_observation, hash_uniform
 from mlml.labels import Group, LabelSpace
 
@@ -71,10 +74,12 @@ def test_labelled_fraction_makes_the_rest_unlabelled():
 def test_errors():
     with pytest.raises(KeyError, match="single_positive"):
         build_observation("nope", SPACE, 0, {})
-    with pytest.raises(ValueError, match="observation_args"):
+    with pytest.raises(ConfigError, match=re.escape("unknown config key 'data.observation_args.q'")):
         build_observation("full", SPACE, 0, {"q": 1})
-    with pytest.raises(ValueError, match="p must"):
+    with pytest.raises(ConfigError, match=re.escape("'data.observation_args.p' must be in (0, 1], got 0.0")):
         build_observation("partial", SPACE, 0, {"p": 0})
+    with pytest.raises(ConfigError, match=re.escape("'data.observation_args.labelled_fraction' must be in [0, 1]")):
+        build_observation("single_positive", SPACE, 0, {"labelled_fraction": 1.5})
 
 
 def test_hash_uniform_is_deterministic_and_uniform():

@@ -83,6 +83,19 @@ consistency = ["method.name=consistency", "method.loss=soft_an"]
     assert (tmp_path / "runs" / "plugged" / "single_positive" / "consistency" / "seed0" / "metrics.json").exists()
 
 
+def test_plugin_settings_are_checked_when_the_config_is_loaded(plugin_path, tmp_path):
+    """A plug-in method's `Settings` and a plug-in loss's keyword parameters are validated like the
+    built-ins': a one-line error naming the key, before any data are built."""
+    for override, message in (("method.args={weight = 'heavy'}", "config key 'method.args.weight' must be float"),
+                              ("method.args={weight = -1.0}", "config key 'method.args.weight' must be >= 0, got -1.0"),
+                              ("method.loss_args={r = 0.1}", "unknown config key 'method.loss_args.r'; loss 'soft_an' takes: q")):
+        done = mlml(["train", *sets(*TINY, *PLUGGED, override), "--out", str(tmp_path / "run")], plugin_path, PLUGIN, cwd=tmp_path)
+        assert done.returncode == 2 and message in done.stderr and "error: --set method." in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    done = mlml(["list", "methods"], plugin_path, PLUGIN, cwd=tmp_path)
+    assert done.returncode == 0 and "consistency" in done.stdout and "ramp_epochs: float = 1.0" in done.stdout
+
+
 def test_a_broken_plugin_fails_with_an_error_naming_it(tmp_path, monkeypatch):
     site = dist_info(tmp_path, "broken_plugin", {"mlml.methods": {"shiny": "mlml_no_such_module:Shiny"}})
     monkeypatch.syspath_prepend(str(site))

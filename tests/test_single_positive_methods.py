@@ -85,7 +85,7 @@ def bce(x: float, y: float) -> float:
 @pytest.mark.parametrize("name", STATEFUL)
 def test_unknown_args_key_is_an_error_naming_it(name):
     targets, observed = single_positive_labels(8, 3)
-    with pytest.raises(ValueError, match="'nonsense'"):
+    with pytest.raises(ValueError, match="'method.args.nonsense'"):
         make(name, targets, observed, nonsense=1)
 
 

@@ -148,7 +148,7 @@ class MemberDomains(Observation):
 
     def __init__(self, inner: Observation, member_of: Callable[[np.ndarray], np.ndarray], num_members: int,
                  unlabelled: tuple[int, ...] = ()) -> None:
-        super().__init__(inner.label_space, inner.seed, inner.labelled_fraction)
+        super().__init__(inner.label_space, inner.seed, inner.settings)
         self.inner, self.member_of, self.num_members = inner, member_of, num_members
         self.unlabelled = np.array(unlabelled, dtype=np.int64)
 

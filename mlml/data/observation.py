@@ -18,10 +18,14 @@ Models (`data.observation`, with `data.observation_args`):
                      default for image folders and annotation files (`data.observation = "auto"`).
 Any model takes `labelled_fraction` (default 1): the other images are unlabelled (observed all False,
 domain 1 for labelled-vs-unlabelled domain branches, unless per_group sets domains).
+
+Each model's `data.observation_args` are its `Settings` dataclass (mlml/settings.py), checked when
+the config is loaded.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -30,6 +34,7 @@ import torch
 from mlml.data.label_store import LabelStore
 from mlml.labels import LabelSpace
 from mlml.registry import Registry
+from mlml.settings import must, resolve, settings_class
 
 OBSERVATIONS: Registry = Registry("observation model")
 
@@ -70,15 +75,38 @@ def _hash_uniform_ints(keys: tuple[int, ...]) -> float:
     return (h >> 11) / float(1 << 53)
 
 
-class Observation:
-    """Base class. Subclasses implement `observe(rows, full) -> observed (B, C) bool`."""
+@dataclass
+class ObservationSettings:
+    """`data.observation_args` every model takes."""
 
-    def __init__(self, label_space: LabelSpace, seed: int, labelled_fraction: float = 1.0) -> None:
-        if not 0.0 <= labelled_fraction <= 1.0:
-            raise ValueError(f"labelled_fraction must be in [0, 1], got {labelled_fraction}")
+    labelled_fraction: float = 1.0   # the other images are unlabelled
+
+    def __post_init__(self) -> None:
+        must(0.0 <= self.labelled_fraction <= 1.0, "labelled_fraction", "in [0, 1]", self.labelled_fraction)
+
+
+@dataclass
+class PartialSettings(ObservationSettings):
+    """`data.observation_args` of `partial`."""
+
+    p: float = 0.1                   # probability that a label is observed
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        must(0.0 < self.p <= 1.0, "p", "in (0, 1]", self.p)
+
+
+class Observation:
+    """Base class. Subclasses implement `observe(rows, full) -> observed (B, C) bool` and declare
+    their `data.observation_args` as `Settings`."""
+
+    Settings: type = ObservationSettings
+
+    def __init__(self, label_space: LabelSpace, seed: int, settings: ObservationSettings | None = None) -> None:
         self.label_space = label_space
         self.seed = seed
-        self.labelled_fraction = labelled_fraction
+        self.settings = settings if settings is not None else self.Settings()
+        self.labelled_fraction = self.settings.labelled_fraction
 
     def observe(self, rows: np.ndarray, full: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -113,12 +141,16 @@ class Observation:
 
 @OBSERVATIONS.register("full")
 class Full(Observation):
+    """Every label observed."""
+
     def observe(self, rows: np.ndarray, full: torch.Tensor) -> torch.Tensor:
         return torch.ones_like(full)
 
 
 @OBSERVATIONS.register("unlabelled")
 class Unlabelled(Observation):
+    """Nothing observed."""
+
     def observe(self, rows: np.ndarray, full: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(full)
 
@@ -137,11 +169,13 @@ class SinglePositive(Observation):
 
 @OBSERVATIONS.register("partial")
 class Partial(Observation):
-    def __init__(self, label_space: LabelSpace, seed: int, p: float = 0.1, labelled_fraction: float = 1.0) -> None:
-        super().__init__(label_space, seed, labelled_fraction)
-        if not 0.0 < p <= 1.0:
-            raise ValueError(f"observation_args.p must be in (0, 1], got {p}")
-        self.p = p
+    """Each label observed with probability `p`, positives and negatives alike."""
+
+    Settings = PartialSettings
+
+    def __init__(self, label_space: LabelSpace, seed: int, settings: PartialSettings | None = None) -> None:
+        super().__init__(label_space, seed, settings)
+        self.p = self.settings.p
 
     def observe(self, rows: np.ndarray, full: torch.Tensor) -> torch.Tensor:
         labels = np.arange(full.shape[1])
@@ -174,8 +208,11 @@ class Annotated(Observation):
 
     needs_labels = True
 
-    def __init__(self, label_space: LabelSpace, seed: int, labels: LabelStore, labelled_fraction: float = 1.0) -> None:
-        super().__init__(label_space, seed, labelled_fraction)
+    def __init__(self, label_space: LabelSpace, seed: int, settings: ObservationSettings | None = None,
+                 labels: LabelStore | None = None) -> None:
+        super().__init__(label_space, seed, settings)
+        if labels is None:
+            raise ValueError("observation model 'annotated' needs the source's label store")
         self.labels = labels
 
     def observe(self, rows: np.ndarray, full: torch.Tensor) -> torch.Tensor:
@@ -183,13 +220,12 @@ class Annotated(Observation):
 
 
 def build_observation(name: str, label_space: LabelSpace, seed: int, args: dict, labels: LabelStore | None = None) -> Observation:
-    """The observation model `name`; `labels` (the source's store) goes to models that read it."""
+    """The observation model `name` with its settings `args` (`data.observation_args`, resolved:
+    a `ConfigError` names a bad key); `labels` (the source's store) goes to models that read it."""
     cls: Callable[..., Observation] = OBSERVATIONS.get(name)
+    settings = resolve(settings_class(cls), args, "data.observation_args", f"observation model '{name}'")
     if getattr(cls, "needs_labels", False):
         if labels is None:
             raise ValueError(f"observation model '{name}' needs the source's label store")
-        args = {**args, "labels": labels}
-    try:
-        return cls(label_space, seed, **args)
-    except TypeError as err:
-        raise ValueError(f"data.observation_args for '{name}': {err}") from None
+        return cls(label_space, seed, settings, labels=labels)
+    return cls(label_space, seed, settings)

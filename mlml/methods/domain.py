@@ -24,13 +24,15 @@ the domain is encoded inverted rather than removed), a faster one keeps the game
 `lambda_max = 0` makes the branch a monitor: the head still learns (its accuracy is logged), the
 backbone gets no gradient from it.
 
-Under torch.distributed the head is outside DDP like any method parameter: `Method.reduce_all_gradients`
+Under torch.distributed the head is outside DDP like any method parameter: `Method.sync_gradients`
 averages its gradients over ranks. The schedule's step is set once per optimiser step by
-`Method.end_step`, whatever the number of micro-batches (`optim.accumulate`).
+`Method.after_optimizer_step`, whatever the number of micro-batches (`optim.accumulate`).
 
 Configured per run as `method.domain_branch = {weight = 0.3, lr_scale = 10.0, hidden = 256, schedule = "dann"}`
-(an empty table, or weight 0, is off). The branch lives in `Method` (mlml/methods/base.py), so
-every registered method takes it without code of its own. Domains are the batch's `domain` key
+(an empty table, or weight 0, is off; settings: `DomainBranchSettings`). The branch lives in
+`Method` (mlml/methods/base.py), which hands it the `features` of the student's forward over all
+the method's views (each view's rows get the batch's domains), so every registered method takes it
+without code of its own. Domains are the batch's `domain` key
 (see mlml/data/observation.py: the collection of `per_group`, labelled vs unlabelled with
 `labelled_fraction`).
 """
@@ -38,19 +40,30 @@ every registered method takes it without code of its own. Domains are the batch'
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-DEFAULTS = {
-    "weight": 0.0,          # weight of the domain loss; 0 = no branch
-    "hidden": 256,          # hidden units of the domain head; 0 = a linear head
-    "schedule": "dann",     # dann | constant
-    "lambda_max": 1.0,      # lambda at the end of the dann schedule, or the constant value
-    "gamma": 10.0,          # steepness of the dann schedule
-    "lr_scale": 1.0,        # the head's learning rate / optim.lr (a faster head keeps up with the backbone)
-}
+from mlml.settings import must, one_of
+
+
+@dataclass
+class DomainBranchSettings:
+    """`method.domain_branch`: the adversarial domain branch's settings (module docstring)."""
+
+    weight: float = 0.0         # weight of the domain loss; 0 = no branch
+    hidden: int = 256           # hidden units of the domain head; 0 = a linear head
+    schedule: str = "dann"      # dann | constant
+    lambda_max: float = 1.0     # lambda at the end of the dann schedule, or the constant value
+    gamma: float = 10.0         # steepness of the dann schedule
+    lr_scale: float = 1.0       # the head's learning rate / optim.lr (a faster head keeps up with the backbone)
+
+    def __post_init__(self) -> None:
+        one_of(self.schedule, "schedule", ("dann", "constant"))
+        for name in ("weight", "hidden", "lambda_max", "lr_scale"):
+            must(getattr(self, name) >= 0, name, ">= 0", getattr(self, name))
 
 
 class _GradientReversal(torch.autograd.Function):
@@ -75,49 +88,36 @@ def dann_lambda(progress: float, gamma: float = 10.0) -> float:
     return 2.0 / (1.0 + math.exp(-gamma * p)) - 1.0
 
 
-def domain_branch_args(cfg: dict) -> dict:
-    """The branch's settings with defaults filled in; unknown keys and bad values are errors."""
-    unknown = sorted(set(cfg) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"method.domain_branch has no key '{unknown[0]}'; known: {', '.join(sorted(DEFAULTS))}")
-    args = {**DEFAULTS, **cfg}
-    if args["schedule"] not in ("dann", "constant"):
-        raise ValueError(f"method.domain_branch.schedule must be 'dann' or 'constant', got '{args['schedule']}'")
-    if min(args["weight"], args["lambda_max"], args["hidden"], args["lr_scale"]) < 0:
-        raise ValueError(f"method.domain_branch: weight, lambda_max, hidden and lr_scale must be >= 0, got {cfg}")
-    return args
-
-
 class DomainBranch(nn.Module):
     """Domain head on reversed features, with its lambda schedule.
 
     Args:
-        args: settings (see `DEFAULTS`).
+        settings: `method.domain_branch`, resolved.
         feature_dim: D, the backbone's feature size.
         num_domains: number of domains (>= 2).
         total_steps: optimiser steps of the run (the schedule's p = step / total_steps).
     """
 
-    def __init__(self, args: dict, feature_dim: int, num_domains: int, total_steps: int) -> None:
+    def __init__(self, settings: DomainBranchSettings, feature_dim: int, num_domains: int, total_steps: int) -> None:
         super().__init__()
         if num_domains < 2:
             raise ValueError("method.domain_branch needs at least two domains; this data has one "
                              "(use data.observation = 'per_group', or observation_args.labelled_fraction < 1)")
         if feature_dim <= 0:
             raise ValueError("method.domain_branch needs MethodContext.feature_dim (the trainer fills it)")
-        self.args, self.num_domains, self.total_steps = args, num_domains, max(1, total_steps)
-        h = int(args["hidden"])
+        self.settings, self.num_domains, self.total_steps = settings, num_domains, max(1, total_steps)
+        h = settings.hidden
         self.head = (nn.Sequential(nn.Linear(feature_dim, h), nn.ReLU(inplace=True), nn.Linear(h, num_domains))
                      if h else nn.Linear(feature_dim, num_domains))
-        # optimiser steps taken, set by Method.end_step (once per step, whatever the micro-batches);
+        # optimiser steps taken, set by Method.after_optimizer_step (once per step, whatever the micro-batches);
         # a buffer, so checkpoints carry it and resume is exact
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
     def lam(self) -> float:
-        a = self.args
-        if a["schedule"] == "constant":
-            return float(a["lambda_max"])
-        return float(a["lambda_max"]) * dann_lambda(float(self.step) / self.total_steps, float(a["gamma"]))
+        s = self.settings
+        if s.schedule == "constant":
+            return float(s.lambda_max)
+        return float(s.lambda_max) * dann_lambda(float(self.step) / self.total_steps, float(s.gamma))
 
     def forward(self, features: Tensor, domain: Tensor) -> dict[str, Tensor]:
         """features (N, D) and domain long (N,) -> {"loss": weighted domain loss, logged parts}."""
@@ -125,7 +125,7 @@ class DomainBranch(nn.Module):
         logits = self.head(grad_reverse(features, lam)).float()                # (N, num_domains)
         loss = F.cross_entropy(logits, domain)
         return {
-            "loss": float(self.args["weight"]) * loss,
+            "loss": float(self.settings.weight) * loss,
             "domain_loss": loss.detach(),
             "domain_acc": (logits.argmax(1) == domain).float().mean().detach(),
             "domain_lambda": torch.tensor(lam),

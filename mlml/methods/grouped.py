@@ -1,31 +1,36 @@
-"""Grouped methods for a grouped head (`model.head = "grouped"`).
+"""The grouped method for a grouped head (`model.head = "grouped"`).
 
 `grouped`: loss = sum over exclusive groups of `group_cross_entropy` on the batch's `group_targets`
 (observed class; unknown where the group is known not to apply; unobserved masked), plus the
 configured sigmoid loss (`method.loss`, e.g. `an`) on the labels of non-exclusive groups if there
 are any. Parts logged: `ce/<group>`, `sigmoid`.
 
-`grouped_teacher`: the same, plus pseudo-labels for the unobserved (image, group) pairs from an
-EMA teacher (the EMA and ramp-up of `mean_teacher`): where the teacher's group softmax on the weak
-view reaches `threshold`, its argmax class (unknown included) is the target of the student's
-cross-entropy on the strong view, weighted by a ramped-up `weight`.
+With the teacher on (`method.teacher = {...}`, mlml/methods/teacher.py; formerly the method
+`grouped_teacher`, now a config error naming this spelling), the unobserved (image, group) pairs
+get pseudo-labels: where the teacher's group softmax on the weak view reaches `threshold`, its
+argmax class (unknown included) is the target of the student's cross-entropy on the strong view,
+weighted by the ramped-up `weight`. Logged per
+group: `pseudo_rate/<g>` (share of unobserved pairs pseudo-labelled) and `pseudo_acc/<g>` (their
+accuracy against the hidden full labels, diagnostics only).
 """
 
 from __future__ import annotations
 
-
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from mlml.config import MethodConfig
 from mlml.groups import GroupTargets, group_cross_entropy, group_targets, pseudo_group_targets
 from mlml.losses import get_loss
 from mlml.methods.base import Method, MethodContext, register_method
-from mlml.methods.mean_teacher import EMATeacher
+from mlml.settings import NoSettings
 
 
 @register_method("grouped")
 class Grouped(Method):
+    """Cross-entropy per exclusive group (+ the sigmoid loss on non-exclusive ones); no `method.args`."""
+
+    Settings = NoSettings
     requires = ("model.head=grouped",)
 
     def __init__(self, cfg: MethodConfig, ctx: MethodContext) -> None:
@@ -37,11 +42,13 @@ class Grouped(Method):
         self.register_buffer("sigmoid_labels", torch.tensor(sigmoid, dtype=torch.long), persistent=False)
         self.loss = get_loss(cfg.loss, **cfg.loss_args) if sigmoid else None
 
-    def supervised(self, out: dict, batch: dict[str, Tensor], known: dict[str, GroupTargets]) -> dict[str, Tensor]:
-        """{"loss", "ce/<group>"..., ["sigmoid"]} of model outputs `out` on the observed labels."""
+    def objective(self, outputs: dict[str, dict], batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """{"loss", "ce/<group>"..., ["sigmoid"]} of the student's outputs on the observed labels."""
+        out = outputs["image"]
         if "group_logits" not in out:
             raise ValueError(f"method '{self.cfg.name}' needs a head with group_logits: set model.head = 'grouped'")
         targets, observed = batch["targets"], batch["observed"]
+        known = group_targets(targets, observed, self.ctx.label_space)
         ce = group_cross_entropy(out["group_logits"], known)
         parts = {f"ce/{name}": v for name, v in ce.items()}
         loss = sum(ce.values(), torch.zeros((), device=targets.device))
@@ -51,58 +58,22 @@ class Grouped(Method):
             loss = loss + parts["sigmoid"]
         return {"loss": loss, **parts}
 
-    def training_step(self, batch: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    def pseudo_labels(self, teacher_outputs: dict, batch: dict[str, Tensor]) -> tuple[dict, dict]:
+        """Per exclusive group: (the teacher's confident classes on unobserved pairs, the observed ones)."""
+        if "group_logits" not in teacher_outputs:
+            raise ValueError(f"method '{self.cfg.name}' needs a head with group_logits: set model.head = 'grouped'")
         known = group_targets(batch["targets"], batch["observed"], self.ctx.label_space)
-        return self.supervised(model(batch["image"]), batch, known)
+        pseudo = pseudo_group_targets(teacher_outputs["group_logits"], known, self.teacher.settings.threshold)
+        return {g: GroupTargets(p.cls, p.mask & ~known[g].mask) for g, p in pseudo.items()}, known
 
-
-@register_method("grouped_teacher")
-class GroupedTeacher(Grouped):
-    """`grouped` + per-group pseudo-labels from an EMA teacher (module docstring).
-
-    Args (method.args): decay 0.99 (EMA), threshold 0.9 (teacher softmax confidence), weight 1.0,
-    rampup 0.3 (fraction of training), report "teacher" | "student" (reported first).
-    Logged: `sup`, `pseudo`, `weight`, and per group `pseudo_rate/<g>` (share of unobserved pairs
-    pseudo-labelled) and `pseudo_acc/<g>` (their accuracy against the hidden full labels,
-    diagnostics only).
-    """
-
-    views = {"image": "weak", "image_strong": "strong"}
-    DEFAULTS = {"decay": 0.99, "threshold": 0.9, "weight": 1.0, "rampup": 0.3, "report": "teacher"}
-
-    def __init__(self, cfg: MethodConfig, ctx: MethodContext) -> None:
-        super().__init__(cfg, ctx)
-        unknown = sorted(set(cfg.args) - set(self.DEFAULTS))
-        if unknown:
-            raise ValueError(f"method 'grouped_teacher' has no argument '{unknown[0]}'; it takes: {', '.join(sorted(self.DEFAULTS))}")
-        self.args = {**self.DEFAULTS, **cfg.args}
-        a = self.args
-        self.ema = EMATeacher(ctx.student, a["decay"], a["weight"], round(a["rampup"] * ctx.epochs * ctx.steps_per_epoch),
-                              a["report"], "grouped_teacher")
-
-    @property
-    def teacher(self) -> nn.Module:
-        return self.ema.model
-
-    def training_step(self, batch: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
-        B, space = len(batch["image"]), self.ctx.label_space
-        out = model(torch.cat([batch["image"], batch["image_strong"]]))            # one forward, (2B, ...)
-        if "group_logits" not in out:
-            raise ValueError("method 'grouped_teacher' needs a head with group_logits: set model.head = 'grouped'")
-        weak = {"logits": out["logits"][:B], "group_logits": {g: z[:B] for g, z in out["group_logits"].items()}}
-        strong = {g: z[B:] for g, z in out["group_logits"].items()}
-        known = group_targets(batch["targets"], batch["observed"], space)
-        parts = self.supervised(weak, batch, known)
-        with torch.no_grad():
-            teacher = self.ema(batch["image"])["group_logits"]                       # weak view
-        pseudo = pseudo_group_targets(teacher, known, self.args["threshold"])
-        only_pseudo = {g: GroupTargets(p.cls, p.mask & ~known[g].mask) for g, p in pseudo.items()}
-        cons = sum(group_cross_entropy(strong, only_pseudo).values(), torch.zeros((), device=out["logits"].device))
-        weight = self.ema.weight()
-        sup = parts.pop("loss")
-        parts.update(loss=sup + weight * cons, sup=sup.detach(), pseudo=cons.detach(), weight=torch.tensor(weight))
+    def pseudo_objective(self, outputs: dict, batch: dict[str, Tensor], pseudo: tuple[dict, dict]) -> dict[str, Tensor]:
+        """Cross-entropy of the strong view on the pseudo-labelled pairs, and per-group diagnostics."""
+        only_pseudo, known = pseudo
+        cons = sum(group_cross_entropy(outputs["group_logits"], only_pseudo).values(),
+                   torch.zeros((), device=outputs["logits"].device))
+        parts = {"loss": cons}
         hidden = self.diagnostic_truth(batch["index"])
-        truth = group_targets(hidden.float(), torch.ones_like(hidden), space) if hidden is not None else None
+        truth = group_targets(hidden.float(), torch.ones_like(hidden), self.ctx.label_space) if hidden is not None else None
         for g, p in only_pseudo.items():
             unobserved = ~known[g].mask
             if unobserved.any():
@@ -110,9 +81,3 @@ class GroupedTeacher(Grouped):
             if truth is not None and p.mask.any():
                 parts[f"pseudo_acc/{g}"] = (p.cls == truth[g].cls)[p.mask].float().mean()
         return parts
-
-    def on_step_end(self, model: nn.Module, step: int) -> None:
-        self.ema.update(model)
-
-    def eval_models(self, model: nn.Module) -> dict[str, nn.Module]:
-        return self.ema.eval_models(model)

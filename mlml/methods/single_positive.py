@@ -5,9 +5,11 @@ estimates (`role`), per-sample scores and pseudo-negatives (`em_apl`), permanent
 (`ll_cp`), or an epoch schedule (`ll_r`, `ll_ct`, `splc`). All state that must survive a resume is
 a parameter, a buffer or extra state, so checkpoints carry it.
 
-These methods define their own loss: `method.loss` is not read, and their hyperparameters go in
-`method.args` (an unknown key is an error); `method.loss_args` and `method.pos_weight` must stay
-empty / "none". Per-sample state is indexed by `batch["index"]`, the position in the training split,
+These methods define their own loss (`own_loss`): `method.loss` is not read, and their
+hyperparameters go in `method.args`, typed by each method's `Settings` dataclass (an unknown key,
+a wrong type or a value out of range is an error when the config is loaded);
+`method.loss_args` and `method.pos_weight` must stay empty / "none" (unless the teacher is on:
+they configure its consistency loss). Per-sample state is indexed by `batch["index"]`, the position in the training split,
 and written only through each method's `_write_state(index, values)`, which under torch.distributed
 all-gathers (index, values) from every rank first: every rank writes the same rows, so the state
 stays identical across ranks (tests/test_distributed.py checks it for every registered method).
@@ -19,6 +21,7 @@ Formulas, defaults and schedules: docs/references.md (the papers and their refer
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -28,33 +31,14 @@ from torch import Tensor, nn
 
 from mlml.config import MethodConfig
 from mlml.distributed import all_gather_cat, average_row_gradient, gather_rows
-from mlml.losses import assume_negative_targets, entropy_from_logits, epr_regulariser, get_loss, large_loss_mask
+from mlml.losses import assume_negative_targets, entropy_from_logits, epr_regulariser, get_loss, large_loss_mask, splc
 from mlml.methods.base import Method, MethodContext, register_method
-from mlml.methods.supervised import Supervised
+from mlml.settings import must, signature_settings
 
 
 # ---------------------------------------------------------------------------------------------
 # Shared plumbing
 # ---------------------------------------------------------------------------------------------
-
-
-def method_args(cfg: MethodConfig, defaults: dict) -> dict:
-    """`cfg.args` over `defaults`, for a method that defines its own loss.
-
-    Raises:
-        ValueError: an args key not in `defaults` (named), or loss settings the method ignores.
-    """
-    unknown = sorted(set(cfg.args) - set(defaults))
-    if unknown:
-        raise ValueError(
-            f"method '{cfg.name}' has no argument '{unknown[0]}'; it takes: {', '.join(sorted(defaults))}"
-        )
-    if cfg.loss_args or cfg.pos_weight != "none":
-        raise ValueError(
-            f"method '{cfg.name}' defines its own loss: set its hyperparameters in method.args, "
-            "not method.loss_args / method.pos_weight"
-        )
-    return {**defaults, **cfg.args}
 
 
 def _train_label_chunks(ctx: MethodContext, name: str, chunk: int = 65536) -> Iterator[tuple[int, Tensor, Tensor]]:
@@ -94,6 +78,27 @@ def role_loss(logits: Tensor, table_logits: Tensor, targets: Tensor, observed: T
     return (0.5 * positive + 0.5 * cross).mean() + reg
 
 
+@dataclass
+class RoleSettings:
+    """`method.args` of `role` (defaults from the paper's reference code; see `ROLE`)."""
+
+    k: float = 1.5
+    lr_scale: float = 10.0
+    init_pos: float = 0.995
+    init_neg: float = 0.005
+    init_width: float = 0.1
+    seed: int = 0
+    max_table_entries: int = 50_000_000
+
+    def __post_init__(self) -> None:
+        must(self.k > 0, "k", "> 0", self.k)
+        must(self.lr_scale >= 0, "lr_scale", ">= 0", self.lr_scale)
+        for name in ("init_pos", "init_neg"):
+            must(0 < getattr(self, name) < 1, name, "in (0, 1)", getattr(self, name))
+        must(0 <= self.init_width < 0.5, "init_width", "in [0, 0.5)", self.init_width)
+        must(self.max_table_entries > 0, "max_table_entries", "> 0", self.max_table_entries)
+
+
 @register_method("role")
 class ROLE(Method):
     """Regularised online label estimation (Cole et al., CVPR 2021).
@@ -119,21 +124,13 @@ class ROLE(Method):
     so Adam updates it identically everywhere.
     """
 
-    DEFAULTS = {
-        "k": 1.5,
-        "lr_scale": 10.0,
-        "init_pos": 0.995,
-        "init_neg": 0.005,
-        "init_width": 0.1,
-        "seed": 0,
-        "max_table_entries": 50_000_000,
-    }
+    Settings = RoleSettings
+    own_loss = True
 
     def __init__(self, cfg: MethodConfig, ctx: MethodContext) -> None:
         super().__init__(cfg, ctx)
-        self.args = method_args(cfg, self.DEFAULTS)
         n, c = ctx.num_train, ctx.label_space.num_labels
-        limit = int(self.args["max_table_entries"])
+        limit = self.args.max_table_entries
         if n * c > limit:
             raise ValueError(
                 f"method 'role': its label table would hold {n:,} x {c:,} = {n * c:,} entries "
@@ -145,17 +142,17 @@ class ROLE(Method):
 
     def _initial_table(self, n: int, c: int) -> Tensor:
         a = self.args
-        g = torch.Generator().manual_seed(int(a["seed"]))
-        half_width = _logit(0.5 + a["init_width"])
+        g = torch.Generator().manual_seed(a.seed)
+        half_width = _logit(0.5 + a.init_width)
         table = (2 * torch.rand(n, c, generator=g) - 1) * half_width
         for start, targets, observed in _train_label_chunks(self.ctx, "role"):
             block = table[start : start + len(targets)]                                # a view
-            block.masked_fill_(observed & (targets > 0.5), _logit(a["init_pos"]))
-            block.masked_fill_(observed & (targets <= 0.5), _logit(a["init_neg"]))
+            block.masked_fill_(observed & (targets > 0.5), _logit(a.init_pos))
+            block.masked_fill_(observed & (targets <= 0.5), _logit(a.init_neg))
         return table
 
     def param_groups(self, lr: float) -> list[dict]:
-        return [{"params": [self.table], "lr_scale": float(self.args["lr_scale"]), "weight_decay": 0.0}]
+        return [{"params": [self.table], "lr_scale": float(self.args.lr_scale), "weight_decay": 0.0}]
 
     def reduce_gradients(self) -> None:
         """The table's gradient is zero outside the rows of this step's batches: average only those."""
@@ -163,11 +160,11 @@ class ROLE(Method):
         if self.table.grad is not None and touched:
             average_row_gradient(self.table.grad, torch.cat(touched))
 
-    def training_step(self, batch: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
-        logits = model(batch["image"])["logits"].float()                                # (B, C)
+    def objective(self, outputs: dict[str, dict[str, Tensor]], batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        logits = outputs["image"]["logits"].float()                                      # (B, C)
         table_logits = self.table[batch["index"]].float()                                 # (B, C)
         self._touched.append(batch["index"])
-        loss = role_loss(logits, table_logits, batch["targets"], batch["observed"], self.args["k"])
+        loss = role_loss(logits, table_logits, batch["targets"], batch["observed"], self.args.k)
         return {"loss": loss}
 
 
@@ -198,6 +195,20 @@ def apl_counts(unobserved: Tensor, epochs: int, warmup: int, proportion: float) 
     return [int(proportion * int(u) / (epochs - warmup)) for u in unobserved]
 
 
+@dataclass
+class EMAPLSettings:
+    """`method.args` of `em_apl` (defaults for COCO; see `EMAPL`)."""
+
+    alpha: float = 0.1
+    beta: float = 0.9
+    warmup: int = 5
+    proportion: float = 0.9
+
+    def __post_init__(self) -> None:
+        must(self.warmup >= 1, "warmup", ">= 1", self.warmup)
+        must(0 <= self.proportion <= 1, "proportion", "in [0, 1]", self.proportion)
+
+
 @register_method("em_apl")
 class EMAPL(Method):
     """Entropy maximisation with asymmetric pseudo-labelling (Zhou et al., ECCV 2022).
@@ -225,14 +236,12 @@ class EMAPL(Method):
     from all ranks (`_write_state`), so every rank picks the same pseudo-negatives.
     """
 
-    DEFAULTS = {"alpha": 0.1, "beta": 0.9, "warmup": 5, "proportion": 0.9}
+    Settings = EMAPLSettings
+    own_loss = True
 
     def __init__(self, cfg: MethodConfig, ctx: MethodContext) -> None:
         super().__init__(cfg, ctx)
-        self.args = method_args(cfg, self.DEFAULTS)
-        if int(self.args["warmup"]) < 1:
-            raise ValueError(f"method 'em_apl': args.warmup must be >= 1, got {self.args['warmup']}")
-        self.warmup = min(int(self.args["warmup"]), ctx.epochs - 1)
+        self.warmup = min(self.args.warmup, ctx.epochs - 1)
         n, c = ctx.num_train, ctx.label_space.num_labels
         unobserved = torch.zeros(c, dtype=torch.long)
         for _, _, observed in _train_label_chunks(ctx, "em_apl"):
@@ -247,13 +256,13 @@ class EMAPL(Method):
         """Whether a pseudo-labelling round runs at the end of `epoch` (0-based)."""
         return self.warmup <= epoch + 1 < self.ctx.epochs
 
-    def training_step(self, batch: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
-        logits = model(batch["image"])["logits"].float()                                # (B, C)
+    def objective(self, outputs: dict[str, dict[str, Tensor]], batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        logits = outputs["image"]["logits"].float()                                      # (B, C)
         index, observed = batch["index"], batch["observed"]
         pseudo = self.pseudo[index] & ~observed
         soft = self.soft[index].float()
         a = self.args
-        loss = em_apl_loss(logits, batch["targets"], observed, pseudo, soft, a["alpha"], a["beta"])
+        loss = em_apl_loss(logits, batch["targets"], observed, pseudo, soft, a.alpha, a.beta)
         self._write_state(index, torch.sigmoid(logits.detach()).masked_fill(observed, math.inf))
         return {"loss": loss, "pseudo_negatives": pseudo.float().mean()}
 
@@ -268,7 +277,7 @@ class EMAPL(Method):
         if not self.selects_after(epoch):
             return
         # Reads only the scores buffer, identical on every rank once `_write_state` gathers.
-        counts = apl_counts(self.unobserved, self.ctx.epochs, self.warmup, self.args["proportion"])
+        counts = apl_counts(self.unobserved, self.ctx.epochs, self.warmup, self.args.proportion)
         for c, count in enumerate(counts):
             column = self.scores[:, c].float()                                          # (N,)
             candidates = ~self.pseudo[:, c] & torch.isfinite(column)
@@ -309,15 +318,25 @@ def large_loss_modified(
     return torch.where(mask, replaced, per_entry).mean(), mask
 
 
+@dataclass
+class LargeLossSettings:
+    """`method.args` of ll_r / ll_ct / ll_cp: delta_rel, the share d in percent (per epoch for ll_r, ll_ct)."""
+
+    delta_rel: float = 0.2
+
+    def __post_init__(self) -> None:
+        must(0 <= self.delta_rel <= 100, "delta_rel", "in [0, 100] (percent)", self.delta_rel)
+
+
 class _LargeLoss(Method):
     """Shared schedule of ll_r / ll_ct / ll_cp; subclasses set `correct`."""
 
     correct = False
-    DEFAULTS = {"delta_rel": 0.2}
+    Settings = LargeLossSettings
+    own_loss = True
 
     def __init__(self, cfg: MethodConfig, ctx: MethodContext) -> None:
         super().__init__(cfg, ctx)
-        self.args = method_args(cfg, self.DEFAULTS)
         self.epoch = 0                         # set by on_epoch_start, which the trainer calls on resume too
 
     def on_epoch_start(self, epoch: int) -> None:
@@ -325,10 +344,10 @@ class _LargeLoss(Method):
 
     def count(self, batch_size: int, num_classes: int) -> int:
         """Entries modified in a batch this epoch."""
-        return large_loss_count(self.epoch, batch_size, num_classes, self.args["delta_rel"])
+        return large_loss_count(self.epoch, batch_size, num_classes, self.args.delta_rel)
 
-    def training_step(self, batch: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
-        logits = model(batch["image"])["logits"].float()                                # (B, C)
+    def objective(self, outputs: dict[str, dict[str, Tensor]], batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        logits = outputs["image"]["logits"].float()                                      # (B, C)
         targets, observed = self.labels(batch)
         loss, mask = large_loss_modified(logits, targets, observed, self.count(*logits.shape), self.correct)
         self.after_step(batch["index"], mask)
@@ -383,7 +402,7 @@ class LargeLossCorrectionPermanent(_LargeLoss):
         self._corrected = torch.zeros(0, dtype=torch.long)                        # sorted flat indices
 
     def count(self, batch_size: int, num_classes: int) -> int:
-        return _ceil(batch_size * num_classes * self.args["delta_rel"] / 100) if self.epoch >= 1 else 0
+        return _ceil(batch_size * num_classes * self.args.delta_rel / 100) if self.epoch >= 1 else 0
 
     def corrected_entries(self) -> Tensor:
         """(M, 2) long: (training position, class) of every permanent correction, sorted."""
@@ -430,18 +449,24 @@ class LargeLossCorrectionPermanent(_LargeLoss):
 
 
 @register_method("splc")
-class SPLC(Supervised):
+class SPLC(Method):
     """The `splc` loss with its pseudo-positives off in epoch 0 and on from epoch 1, as in the paper.
 
-    Args (method.args), the loss's defaults: tau 0.6, margin 1, gamma 2, reduction "sum".
+    Args (method.args): the loss's keyword parameters but `pseudo_label`, with its defaults
+    (tau 0.6, margin 1, gamma 2, reduction "sum"); the settings are derived from its signature.
     """
 
-    DEFAULTS = {"tau": 0.6, "margin": 1.0, "gamma": 2.0, "reduction": "sum"}
+    Settings = signature_settings(splc, exclude=("pseudo_label",))
+    own_loss = True
 
     def __init__(self, cfg: MethodConfig, ctx: MethodContext) -> None:
-        Method.__init__(self, cfg, ctx)        # not Supervised's: the loss is fixed, bound per epoch
-        self.args = method_args(cfg, self.DEFAULTS)
+        super().__init__(cfg, ctx)
         self.on_epoch_start(0)
 
     def on_epoch_start(self, epoch: int) -> None:
-        self.loss = get_loss("splc", pseudo_label=epoch >= 1, **self.args)
+        args = {k: getattr(self.args, k) for k in self.cfg.args}      # the loss keeps its own defaults
+        self.loss = get_loss("splc", pseudo_label=epoch >= 1, **args)
+
+    def objective(self, outputs: dict[str, dict[str, Tensor]], batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        logits = outputs["image"]["logits"].float()                                      # (B, C)
+        return {"loss": self.loss(logits, batch["targets"], batch["observed"])}

@@ -1,6 +1,8 @@
-"""The EMA teacher: update arithmetic, pseudo-labels, gradients, views, mixed batches, resume."""
+"""The EMA teacher (method.teacher, any method): update arithmetic, pseudo-labels, gradients, views,
+mixed batches, resume, settings, composition with other methods."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -9,7 +11,8 @@ from torch import nn
 
 from mlml.data.dataset import MixedBatchSampler
 from mlml.distributed import DistInfo
-from mlml.methods.mean_teacher import (
+from mlml.config import ConfigError
+from mlml.methods.teacher import (
     adaptive_thresholds,
     ema_decay,
     ema_update,
@@ -69,12 +72,12 @@ def test_adaptive_thresholds_keep_the_prior_share():
 
 
 def test_class_prior_from_observed_positives():
-    from mlml.methods.mean_teacher import class_prior
+    from mlml.methods.teacher import class_prior
 
     assert class_prior(torch.tensor([30, 10, 0]), k=2.0).tolist() == pytest.approx([1.0, 0.5, 0.0])
     assert class_prior(torch.tensor([60, 20, 20]), k=1.5).tolist() == pytest.approx([0.9, 0.3, 0.3])
-    with pytest.raises(ValueError, match="method.args.k"):
-        class_prior(torch.tensor([1, 1]), None)
+    with pytest.raises(ConfigError, match="method.teacher.k"):
+        tiny_config("method.teacher={class_adaptive = true}")
 
 
 def test_supervised_term_sees_labelled_images_only(tmp_path):
@@ -87,7 +90,7 @@ def test_supervised_term_sees_labelled_images_only(tmp_path):
     with torch.no_grad():
         logits = trainer.model(batch["image"][:1])["logits"]
     assert float(only_first["sup"]) != float(out["sup"])
-    assert float(only_first["sup"]) == pytest.approx(float(trainer.method.supervised(logits, batch["targets"][:1], batch["observed"][:1])), rel=1e-4)
+    assert float(only_first["sup"]) == pytest.approx(float(trainer.method.loss(logits, batch["targets"][:1], batch["observed"][:1])), rel=1e-4)
 
 
 def test_pseudo_label_quality_counts_against_full_labels():
@@ -100,14 +103,14 @@ def test_pseudo_label_quality_counts_against_full_labels():
 
 
 def _trainer(tmp_path, *extra):
-    return Trainer(tiny_config("method.name=mean_teacher", *extra), tmp_path, DistInfo())
+    return Trainer(tiny_config("method.teacher={weight = 1.0}", *extra), tmp_path, DistInfo())
 
 
 def test_teacher_gets_no_gradient_and_the_pseudo_term_reaches_the_student(tmp_path):
     trainer = _trainer(tmp_path, "method.loss=masked_bce",
-                       "method.args={pos_threshold = 0.0, neg_threshold = 0.0, rampup = 0.0}")
+                       "method.teacher={pos_threshold = 0.0, neg_threshold = 0.0, rampup = 0.0}")
     batch = next(iter(trainer.train_loader))
-    assert set(trainer.method.views) == {"image", "image_strong"} and "image_strong" in batch
+    assert trainer.method.view_names == ["image", "image_strong"] and "image_strong" in batch
     batch["observed"] = torch.zeros_like(batch["observed"])        # no supervised signal: only the pseudo term
     out = trainer.method.training_step(batch, trainer.model)
     assert float(out["sup"]) == 0.0 and float(out["pseudo"]) > 0
@@ -123,17 +126,17 @@ def test_teacher_gets_no_gradient_and_the_pseudo_term_reaches_the_student(tmp_pa
 def test_teacher_follows_the_student_and_is_evaluated_first(tmp_path):
     trainer = _trainer(tmp_path)
     trainer.train_step(next(iter(trainer.train_loader)))
-    trainer.method.on_step_end(trainer.model, 1)                   # first update: decay 0, a copy
-    for t, s in zip(trainer.method.teacher.state_dict().values(), trainer.model.state_dict().values()):
+    trainer.method.after_optimizer_step(trainer.model, 1)          # first update: decay 0, a copy
+    for t, s in zip(trainer.method.teacher.model.state_dict().values(), trainer.model.state_dict().values()):
         assert torch.equal(t, s)
-    assert list(trainer.method.eval_models(trainer.model)) == ["teacher", "student"]
-    assert not trainer.method.teacher.training
+    assert list(trainer.method.models_to_evaluate(trainer.model)) == ["teacher", "student"]
+    assert not trainer.method.teacher.model.training
     trainer.method.train()
-    assert not trainer.method.teacher.training
+    assert not trainer.method.teacher.model.training
 
 
 def test_run_reports_teacher_and_student_and_resumes_exactly(tmp_path, monkeypatch):
-    cfg = tiny_config("method.name=mean_teacher", "optim.epochs=3", "run.checkpoint_every=1")
+    cfg = tiny_config("method.teacher={weight = 1.0}", "optim.epochs=3", "run.checkpoint_every=1")
     reference = train(cfg, tmp_path / "a")
     assert "test/mAP_macro" in reference["metrics"] and "test_student/mAP_macro" in reference["metrics"]
     assert {"val/mAP_macro", "val_student/mAP_macro"} <= set(reference["history"][-1])
@@ -142,11 +145,32 @@ def test_run_reports_teacher_and_student_and_resumes_exactly(tmp_path, monkeypat
     assert resumed["metrics"] == reference["metrics"]
 
 
-def test_bad_args_are_errors_naming_them(tmp_path):
-    with pytest.raises(ValueError, match="no argument 'tau'"):
-        _trainer(tmp_path, "method.args={tau = 0.5}")
-    with pytest.raises(ValueError, match="targets"):
-        _trainer(tmp_path, "method.args={targets = 'fuzzy'}")
+@pytest.mark.parametrize("override, message", [
+    ("method.teacher={tau = 0.5}", "unknown config key 'method.teacher.tau'"),
+    ("method.teacher={targets = 'fuzzy'}", "config key 'method.teacher.targets' must be 'hard' or 'soft', got 'fuzzy'"),
+    ("method.teacher={decay = 1.5}", "config key 'method.teacher.decay' must be in [0, 1], got 1.5"),
+    ("method.teacher={weight = 'high'}", "method.teacher.weight"),
+    ("method.name=mean_teacher", "method.teacher = {"),
+    ("method.name=grouped_teacher", "method.name = 'grouped' with method.teacher"),
+])
+def test_bad_settings_are_errors_naming_them(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        tiny_config(override)
+
+
+@pytest.mark.parametrize("method", ["role", "em_apl", "ll_r", "splc"])
+def test_the_teacher_composes_with_any_method(method, tmp_path):
+    """role + teacher etc.: the method's own objective on the labelled images, the teacher's
+    sigmoid pseudo-labels through the configured loss on the strong view."""
+    trainer = _trainer(tmp_path, f"method.name={method}", "method.teacher={rampup = 0.0, pos_threshold = 0.0}")
+    batch = next(iter(trainer.train_loader))
+    assert "image_strong" in batch and trainer.method.teacher is not None
+    parts = trainer.train_step(batch)
+    assert {"sup", "pseudo", "weight", "pseudo_pos_count"} <= set(parts) and parts["pseudo"] > 0
+    assert parts["loss"] == pytest.approx(parts["sup"] + parts["weight"] * parts["pseudo"], rel=1e-5, abs=1e-6)
+    trainer.method.after_optimizer_step(trainer.model, 1)
+    assert int(trainer.method.teacher.updates) == 1
+    assert list(trainer.method.models_to_evaluate(trainer.model)) == ["teacher", "student"]
 
 
 def test_mixed_batches_hold_the_ratio_and_resume_anywhere():
@@ -176,13 +200,13 @@ def test_mixed_batches_hold_the_ratio_and_resume_anywhere():
 def test_labelled_fraction_with_and_without_unlabelled_images(tmp_path):
     frac = 'data.observation_args={labelled_fraction = 0.25}'
     only = Trainer(tiny_config(frac, "data.unlabelled_ratio=0"), tmp_path / "a", DistInfo())
-    mixed = Trainer(tiny_config(frac, "data.unlabelled_ratio=3", "method.name=mean_teacher"), tmp_path / "b", DistInfo())
+    mixed = Trainer(tiny_config(frac, "data.unlabelled_ratio=3", "method.teacher={weight = 1.0}"), tmp_path / "b", DistInfo())
     assert len(only.train_loader) == len(mixed.train_loader) == 384 // 32    # same steps per epoch
     b = next(iter(only.train_loader))
     assert bool(b["observed"].any(1).all()) and len(b["index"]) == 32       # labelled images only
     b = next(iter(mixed.train_loader))
     assert int(b["observed"].any(1).sum()) == 8 and int(b["domain"].sum()) == 24
-    train(tiny_config(frac, "data.unlabelled_ratio=3", "method.name=mean_teacher", "optim.epochs=1"), tmp_path / "c")
+    train(tiny_config(frac, "data.unlabelled_ratio=3", "method.teacher={weight = 1.0}", "optim.epochs=1"), tmp_path / "c")
 
 
 def test_strong_view_keeps_colours():
