@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import pickle
 import random
 import re
@@ -35,7 +34,7 @@ import numpy as np
 import torch
 
 from mlml.config import EXECUTION_KEYS, config_diff, config_hash, to_toml
-from mlml.files import _write_all, discard, fsync_dir, write_error
+from mlml.files import atomic_write_bytes
 
 MAGIC = b"MLML-CHECKPOINT\n"
 FORMAT = 1
@@ -135,23 +134,7 @@ def save_checkpoint(obj: dict, path: Path, keep_previous: bool = False) -> None:
     file and raise `mlml.files.WriteError` naming `path`.
     """
     path = Path(path)
-    data = encode(obj)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if keep_previous and path.exists():
-            os.replace(path, previous_path(path))
-        os.replace(tmp, path)
-    except OSError as err:
-        discard(tmp)
-        raise write_error(path, err) from err
-    fsync_dir(path.parent)
+    atomic_write_bytes(path, encode(obj), keep_previous=previous_path(path) if keep_previous else None)
 
 
 # ------------------------------------------------------------------ reading

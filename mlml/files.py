@@ -64,8 +64,12 @@ def discard(path: Path) -> None:
         pass
 
 
-def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
-    """`path` gets `data` completely or not at all (temporary file, fsync, rename, fsync of the directory)."""
+def atomic_write_bytes(path: Path, data: bytes | memoryview, keep_previous: Path | None = None) -> None:
+    """`path` gets `data` completely or not at all (temporary file, fsync, rename, fsync of the directory).
+
+    With `keep_previous`, the file `path` held (if any) is renamed there once the new content is
+    complete on disk, so a crash at any moment leaves at least one complete file.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -76,6 +80,8 @@ def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+        if keep_previous is not None and path.exists():
+            os.replace(path, keep_previous)
         os.replace(tmp, path)
     except OSError as err:
         discard(tmp)

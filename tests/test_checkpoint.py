@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from mlml import checkpoint
+from mlml import checkpoint, files
 from mlml.checkpoint import MAGIC, CheckpointError, encode, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from mlml.cli import main
 from mlml.config import config_hash
@@ -193,7 +193,7 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint_and_names_the_pa
         os.write(fd, bytes(data[: len(data) // 2]))
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint, "_write_all", half_then_full)
+    monkeypatch.setattr(files, "_write_all", half_then_full)            # the one writer under save_checkpoint
     with pytest.raises(WriteError, match=f"cannot write {path}: No space left on device"):
         save_checkpoint(ckpt, path, keep_previous=True)
     assert {p.name: p.read_bytes() for p in path.parent.iterdir()} == before   # no partial file, nothing rotated

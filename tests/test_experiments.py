@@ -288,18 +288,6 @@ def test_wait_waits_for_the_lock(tmp_path):
     assert order == ["first done", "second"] and not lock.exists()
 
 
-def test_an_interrupted_run_is_not_resumed_under_an_edited_profile(table, tmp_path, monkeypatch, capsys):
-    """reproduce resumes an unfinished run with `mlml train --resume` (train_command): after the profile
-    changed, that command refuses, naming the key, instead of mixing two configs in one run."""
-    run = expand(read_table(str(table)), "quick", 1, tmp_path / "runs")[0]
-    stop_mid_run(run_config(run), run_dir(run), monkeypatch)
-    (tmp_path / "base.toml").write_text("[optim]\nweight_decay = 0.0\n")
-    command = train_command(run, threads=1)
-    assert "--allow-config-change" not in command
-    assert main(command[3:]) == 2                                       # what reproduce's subprocess runs
-    assert "optim.weight_decay = 0.0001 in the checkpoint, 0.0 now" in capsys.readouterr().err
-
-
 def test_an_unreadable_metrics_file_is_named(tmp_path):
     d = fake_run(tmp_path, seed=0)
     (d / "metrics.json").write_text('{"metrics": {"test/mAP')

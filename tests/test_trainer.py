@@ -157,7 +157,7 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_and_resume_is
     k = random.Random(7).randrange(5, 45)
     child = (
         "import os, sys, time\n"
-        "import mlml.checkpoint as c\n"
+        "import mlml.files as c\n"
         "count, original = [0], c._write_all\n"
         "def stall(fd, data):\n"
         "    count[0] += 1\n"
