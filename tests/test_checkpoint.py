@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from mlml import checkpoint, files
+from mlml import files
 from mlml.checkpoint import MAGIC, CheckpointError, encode, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from mlml.cli import main
 from mlml.config import config_hash
