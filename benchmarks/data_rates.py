@@ -109,9 +109,9 @@ def run(args: argparse.Namespace) -> dict:
         train = consumption(args.size, args.batch, args.steps, str(base / "run"))
         sources = {
             "folder": ["data.source=folder", f"data.root={root}", f"data.store={base / 'store'}", f"data.image_size={args.size}",
-                       f"data.n_train={args.photos}", "data.n_val=0", "data.n_test=0"],
+                       f"data.n_train={args.photos - 2}", "data.n_val=1", "data.n_test=1"],
             "synthetic": ["data.source=synthetic", f"data.synthetic.image_size={args.size}", f"data.n_train={args.synthetic}",
-                          "data.n_val=0", "data.n_test=0"],
+                          "data.n_val=1", "data.n_test=1"],
         }
         for name, over in sources.items():
             out[name] = {}

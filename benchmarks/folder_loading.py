@@ -47,7 +47,7 @@ def epoch_rate(root: Path, store: Path, workers: int, args: argparse.Namespace) 
 
     cfg = load_config(None, [
         "data.source=folder", f"data.root={root}", f"data.store={store}", f"data.image_size={args.size}",
-        f"data.n_train={args.n}", "data.n_val=0", "data.n_test=0", f"data.batch_size={args.batch}",
+        f"data.n_train={args.n - 2}", "data.n_val=1", "data.n_test=1", f"data.batch_size={args.batch}",
         f"data.num_workers={workers}",
     ])
     data = build_data(cfg.data)
