@@ -210,6 +210,15 @@ def min_over_ranks(x: int) -> int:
     return int(t)
 
 
+def max_over_ranks(values: list[int]) -> list[int]:
+    """Elementwise the largest of every rank's integers `values` (e.g. flags: any rank's 1 wins), on every rank."""
+    if not is_distributed():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.long, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
 def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     """Per key, the mean over the ranks that report it (logging; keys may differ between ranks)."""
     if not is_distributed():

@@ -58,7 +58,7 @@ from mlml.distributed import (
     broadcast_buffers,
     broadcast_object,
     init_distributed,
-    is_distributed,
+    max_over_ranks,
     mean_over_ranks,
     min_over_ranks,
     rank,
@@ -330,12 +330,7 @@ class Trainer:
         then stop if a signal arrived. Every rank takes the same decision (one all-reduce under DDP)."""
         minutes = self.cfg.run.checkpoint_minutes
         timed = minutes > 0 and time.monotonic() - self.last_saved >= 60 * minutes
-        flags = [self.stop_signal, int(timed), int(due)]
-        if is_distributed():
-            t = torch.tensor(flags, dtype=torch.long, device=self.device if self.device.type == "cuda" else "cpu")
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-            flags = t.tolist()
-        stop, timed, due = flags
+        stop, timed, due = max_over_ranks([self.stop_signal, int(timed), int(due)])
         if stop or timed or due:
             self.save("last.pt")
         if stop:
