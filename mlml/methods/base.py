@@ -49,7 +49,7 @@ from mlml.distributed import average_gradients
 from mlml.labels import LabelSpace
 from mlml.losses import LOSSES, get_loss
 from mlml.methods.domain import DomainBranch, DomainBranchSettings
-from mlml.methods.teacher import Teacher, TeacherSettings, pseudo_label_quality
+from mlml.methods.teacher import Teacher, TeacherSettings, pseudo_label_quality, teacher_views
 from mlml.registry import Registry
 from mlml.settings import SettingsError, lookup, resolve, settings_class
 
@@ -116,7 +116,8 @@ def method_views(cfg: MethodConfig, cls: type | None = None) -> dict[str, str]:
     "weak" stands for `data.augment`."""
     views = dict((cls or METHODS.get(cfg.name)).views)
     if cfg.teacher:
-        views.update({k: v for k, v in Teacher.views.items() if k not in views})
+        teacher = teacher_views(resolve(TeacherSettings, cfg.teacher, "method.teacher"))
+        views.update({k: v for k, v in teacher.items() if k not in views})
     return views
 
 
@@ -202,8 +203,7 @@ class Method(nn.Module):
         branch = resolve(DomainBranchSettings, cfg.domain_branch, "method.domain_branch")
         self.domain_branch = (DomainBranch(branch, ctx.feature_dim, ctx.num_domains, total_steps)
                               if branch.weight > 0 else None)
-        self.teacher = (Teacher(resolve(TeacherSettings, cfg.teacher, "method.teacher"), ctx.student, total_steps,
-                                ctx.positives, build_supervised_loss(cfg, ctx))
+        self.teacher = (Teacher(resolve(TeacherSettings, cfg.teacher, "method.teacher"), ctx, build_supervised_loss(cfg, ctx))
                         if cfg.teacher else None)
         self.view_names = list(method_views(cfg, type(self)))
 
@@ -234,8 +234,8 @@ class Method(nn.Module):
             own = {"loss": outputs[self.view_names[0]]["logits"].float().sum() * 0}
         sup = own.pop("loss")
         teacher_outputs = self.teacher(batch[self.view_names[0]])               # weak view, no gradient
-        strong = next(iter(Teacher.views))
-        consistency = self.pseudo_objective(outputs[strong], batch, self.pseudo_labels(teacher_outputs, batch))
+        student_view = self.teacher.view or self.view_names[0]                  # strong unless view = "weak"
+        consistency = self.pseudo_objective(outputs[student_view], batch, self.pseudo_labels(teacher_outputs, batch))
         cons = consistency.pop("loss")
         weight = self.teacher.weight()
         return {**own, "loss": sup + weight * cons, "sup": sup.detach(), "pseudo": cons.detach(),

@@ -52,30 +52,47 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
+from mlml.distributed import all_gather_cat
+
 from mlml.settings import must, one_of
+
+if TYPE_CHECKING:
+    from mlml.methods.base import MethodContext
 
 
 @dataclass
 class TeacherSettings:
-    """`method.teacher`: the EMA teacher's settings (module docstring)."""
+    """`method.teacher`: the EMA teacher's settings (module docstring). Every option added after the
+    first tables defaults to off, so configurations written before it train bit-identically."""
 
     decay: float = 0.99              # EMA decay after warm-up
     weight: float = 1.0              # consistency weight after ramp-up
     rampup: float = 0.3              # fraction of training over which the weight ramps up
     report: str = "teacher"          # which model tables report first: teacher | student
+    warmup: float = 0.0              # fraction of training before pseudo-labels count (weight 0, teacher = student)
+    rampup_decay: float | None = None  # EMA decay while the weight ramps up (Mean Teacher: 0.99, then decay 0.999)
+    view: str = "strong"             # the student's view in the consistency term: strong | weak
     # sigmoid pseudo-labels (linear heads)
     pos_threshold: float = 0.7       # teacher p at or above: pseudo-positive
     neg_threshold: float = 0.05      # teacher p at or below: pseudo-negative
     targets: str = "hard"            # hard | soft
+    labelled_images: bool = True     # pseudo-label the unobserved entries of labelled images too (False: unlabelled only)
+    prior: str = "k"                 # class prior of class_adaptive / cap / align: k | observed
     class_adaptive: bool = False     # per-class batch-quantile thresholds from the class prior
-    k: float | None = None           # class-adaptive: expected positives per image (as for EPR)
+    k: float | None = None           # prior "k": expected positives per image (as for EPR)
     pos_threshold_min: float = 0.0   # class-adaptive: lowest positive threshold
     neg_margin: float = 0.1          # class-adaptive: share of scores between positives and negatives left out
+    cap: bool = False                # CAP: per-class quantiles of the teacher's recent scores at the class prior
+    pos_share: float = 1.0           # cap: share of the prior's positives that become pseudo-positives
+    neg_share: float = 1.0           # cap: share of the prior's negatives that become pseudo-negatives
+    pool: int = 4096                 # cap / align: the teacher's score rows kept (most recent first out)
+    align: bool = False              # distribution alignment of the teacher's p to the class prior (ReMixMatch)
     # per-group softmax pseudo-labels (grouped heads)
     threshold: float = 0.9           # teacher softmax confidence at or above: the argmax class is the target
 
@@ -84,11 +101,28 @@ class TeacherSettings:
         must(self.weight >= 0.0, "weight", ">= 0", self.weight)
         must(0.0 <= self.rampup <= 1.0, "rampup", "in [0, 1]", self.rampup)
         one_of(self.report, "report", ("teacher", "student"))
+        must(0.0 <= self.warmup < 1.0, "warmup", "in [0, 1)", self.warmup)
+        must(self.rampup_decay is None or 0.0 <= self.rampup_decay <= 1.0, "rampup_decay", "in [0, 1]", self.rampup_decay)
+        one_of(self.view, "view", ("strong", "weak"))
         one_of(self.targets, "targets", ("hard", "soft"))
-        for name in ("pos_threshold", "neg_threshold", "pos_threshold_min", "neg_margin", "threshold"):
+        one_of(self.prior, "prior", ("k", "observed"))
+        for name in ("pos_threshold", "neg_threshold", "pos_threshold_min", "neg_margin", "threshold",
+                     "pos_share", "neg_share"):
             must(0.0 <= getattr(self, name) <= 1.0, name, "in [0, 1]", getattr(self, name))
-        must(not self.class_adaptive or (self.k is not None and self.k > 0), "k",
-             "set (> 0, the expected number of positives per image) with class_adaptive = true", self.k)
+        must(self.pool >= 1, "pool", ">= 1", self.pool)
+        must(not (self.cap and self.class_adaptive), "cap", "false with class_adaptive = true (two threshold rules)",
+             self.cap)
+        must(not self.uses_prior or self.prior != "k" or (self.k is not None and self.k > 0), "k",
+             "set (> 0, the expected number of positives per image) with prior = 'k' and cap, align or "
+             "class_adaptive on (or prior = 'observed' where labelled images have observed negatives)", self.k)
+
+    @property
+    def uses_prior(self) -> bool:
+        return self.class_adaptive or self.cap or self.align
+
+    @property
+    def uses_pool(self) -> bool:
+        return self.cap or self.align
 
 
 def ema_decay(step: int, decay: float) -> float:
@@ -151,12 +185,68 @@ def class_prior(observed_positives: Tensor, k: float) -> Tensor:
     Under single-positive labels the observed positive of an image is one of its positives chosen
     uniformly, so observed counts n_c are proportional to the true class frequencies up to a
     per-image factor; scaling by the expected number of positives per image k (as EPR assumes
-    known) gives the prior.
+    known) gives the prior. This is mlml's fallback for CAP's estimate where labelled images carry
+    one positive only (`prior = "k"`).
     """
     n = observed_positives.double()
     if n.sum() <= 0:
-        raise ValueError("method.teacher.class_adaptive needs observed positives in the training split")
+        raise ValueError("method.teacher: the class prior needs observed positives in the training split")
     return (k * n / n.sum()).clamp(0.0, 1.0).float()
+
+
+def observed_prior(train_labels: Callable[[np.ndarray], tuple[Tensor, Tensor]], num_train: int,
+                   chunk: int = 65536) -> Tensor:
+    """(C,) share of positives among each class's observed entries over the training split.
+
+    With fully labelled images (and the rest unlabelled) this is CAP's estimate of the class
+    distribution, the positive frequency of each class on the labelled images (Xie et al., 2023,
+    `pos_label_freq` in the reference code). It needs observed negatives: under single-positive
+    labels every observed entry is positive and the estimate would be 1 (use `prior = "k"`).
+    """
+    pos = obs = None
+    for start in range(0, num_train, chunk):
+        targets, observed = train_labels(np.arange(start, min(start + chunk, num_train)))
+        observed = observed.bool()
+        p, o = ((targets > 0.5) & observed).sum(0).double(), observed.sum(0).double()
+        pos, obs = (p, o) if pos is None else (pos + p, obs + o)
+    if pos is None or bool((obs == 0).any()) or bool((obs == pos).all()):
+        raise ValueError("method.teacher.prior = 'observed' needs every class observed and some observed negatives "
+                         "(fully or partially labelled images); with single-positive labels use prior = 'k' and "
+                         "method.teacher.k, the expected number of positives per image")
+    return (pos / obs).float()
+
+
+def cap_thresholds(scores: Tensor, prior: Tensor, pos_share: float, neg_share: float) -> tuple[Tensor, Tensor]:
+    """CAP's class-distribution-aware thresholds (Xie et al., NeurIPS 2023) over scores (n, C).
+
+    Per class c, the `floor(pos_share * prior_c * n)` highest scores become positives and the
+    `floor(neg_share * (1 - prior_c) * n)` lowest negatives, so that with shares 1 the pseudo-labels
+    keep the class distribution `prior` and cover every entry. Returns (C,) positive and negative
+    thresholds for `pseudo_labels` (p >= pos: positive, p <= neg: negative); a class whose count
+    is 0 gets +inf / -inf (none), where the reference code's index -1 would take every score.
+    """
+    n = scores.shape[0]
+    counts = lambda share: torch.floor(share * n * prior.double() + 1e-9).long().clamp(0, n)   # (C,)
+    n_pos, n_neg = counts(pos_share), counts(neg_share * (1.0 - prior.double()))
+    desc = scores.sort(dim=0, descending=True).values                                          # (n, C)
+    pick = lambda ordered, m: ordered.gather(0, (m - 1).clamp(min=0)[None, :])[0]              # (C,)
+    inf = torch.full_like(desc[0], math.inf)
+    pos = torch.where(n_pos > 0, pick(desc, n_pos), inf)
+    neg = torch.where(n_neg > 0, pick(desc.flip(0), n_neg), -inf)
+    return pos, neg
+
+
+def align_distribution(probs: Tensor, prior: Tensor, marginal: Tensor, eps: float = 1e-4) -> Tensor:
+    """Distribution alignment (Berthelot et al., ReMixMatch, ICLR 2020) of sigmoid outputs (B, C).
+
+    ReMixMatch scales a softmax prediction by (labelled class marginal) / (running mean of the
+    predictions) and renormalises. Each sigmoid output is a two-class distribution (p, 1 - p), so
+    per class c the same rule reads p' = p r / (p r + (1 - p) s) with r = prior_c / marginal_c and
+    s = (1 - prior_c) / (1 - marginal_c): a shift of the logit by logit(prior_c) - logit(marginal_c),
+    which moves the mean prediction of each class towards its prior (both clamped to [eps, 1 - eps]).
+    """
+    shift = torch.logit(prior.clamp(eps, 1 - eps)) - torch.logit(marginal.clamp(eps, 1 - eps))     # (C,)
+    return torch.sigmoid(torch.logit(probs.clamp(eps, 1 - eps)) + shift)
 
 
 def pseudo_label_quality(pseudo: Tensor, mask: Tensor, full: Tensor, observed: Tensor) -> dict[str, Tensor]:
@@ -173,6 +263,12 @@ def pseudo_label_quality(pseudo: Tensor, mask: Tensor, full: Tensor, observed: T
     return out
 
 
+def teacher_views(settings: TeacherSettings) -> dict[str, str]:
+    """The views the teacher adds to a method's (name -> augmentation): the student's strong view,
+    or none with `view = "weak"` (the consistency term then reads the method's first view)."""
+    return {"image_strong": "strong"} if settings.view == "strong" else {}
+
+
 class Teacher(nn.Module):
     """A frozen EMA copy of the student, its consistency weight, and the sigmoid pseudo-labels.
 
@@ -182,26 +278,38 @@ class Teacher(nn.Module):
 
     Args:
         settings: `method.teacher`, resolved.
-        student: the unwrapped student (`MethodContext.student`), copied once.
-        total_steps: optimiser steps of the run (the ramp-up lasts `rampup` of them).
-        positives: (C,) observed positives per label (the class prior of `class_adaptive`).
+        ctx: the run's `MethodContext` (the student to copy, steps, observed label counts and the
+            training labels as observed, for the class prior).
         loss: the consistency loss `fn(logits, targets, observed)` (the configured `method.loss`).
     """
 
-    #: the view the student's consistency term sees, added to the method's views
-    views = {"image_strong": "strong"}
-
-    def __init__(self, settings: TeacherSettings, student: nn.Module | None, total_steps: int, positives: Tensor,
-                 loss: Callable[[Tensor, Tensor, Tensor], Tensor]) -> None:
+    def __init__(self, settings: TeacherSettings, ctx: MethodContext, loss: Callable[[Tensor, Tensor, Tensor], Tensor]) -> None:
         super().__init__()
-        if student is None:
+        if ctx.student is None:
             raise ValueError("method.teacher needs MethodContext.student (the trainer fills it)")
         self.settings, self.loss = settings, loss
-        self.model = copy.deepcopy(student).eval()
+        self.model = copy.deepcopy(ctx.student).eval()
         self.model.requires_grad_(False)
+        total_steps = ctx.epochs * ctx.steps_per_epoch
+        self.warmup_steps = round(settings.warmup * total_steps)
         self.rampup_steps = round(settings.rampup * total_steps)
+        #: the student's view in the consistency term (None: the method's first view)
+        self.view = next(iter(teacher_views(settings)), None)
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
-        self.register_buffer("prior", class_prior(positives, settings.k) if settings.class_adaptive else torch.zeros(0))
+        self.register_buffer("prior", self._prior(ctx) if settings.uses_prior else torch.zeros(0))
+        if settings.uses_pool:                      # registered only when used: default checkpoints keep their keys
+            c = ctx.label_space.num_labels
+            self.register_buffer("pool", torch.zeros(settings.pool, c))        # (P, C) recent teacher p, a ring
+            self.register_buffer("pool_filled", torch.zeros((), dtype=torch.long))
+            self.register_buffer("pool_next", torch.zeros((), dtype=torch.long))
+
+    def _prior(self, ctx: MethodContext) -> Tensor:
+        """(C,) the class prior: from k and the observed positives, or CAP's observed-label estimate."""
+        if self.settings.prior == "k":
+            return class_prior(ctx.positives, self.settings.k)
+        if ctx.train_labels is None:
+            raise ValueError("method.teacher.prior = 'observed' needs MethodContext.train_labels (the trainer fills it)")
+        return observed_prior(ctx.train_labels, ctx.num_train)
 
     def train(self, mode: bool = True) -> "Teacher":
         super().train(mode)
@@ -212,16 +320,29 @@ class Teacher(nn.Module):
     def forward(self, image: Tensor) -> dict[str, Tensor]:
         return self.model(image)
 
+    def decay(self) -> float:
+        """The EMA decay of the next update: 0 (a copy) during the warm-up, then the warm-up of
+        `ema_decay` counted from its end, with `rampup_decay` while the weight ramps up."""
+        t = int(self.updates) - self.warmup_steps
+        if t < 0:
+            return 0.0
+        s = self.settings
+        target = s.rampup_decay if s.rampup_decay is not None and t < self.rampup_steps else s.decay
+        return ema_decay(t, target)
+
     def update(self, student: nn.Module) -> None:
         """One EMA step towards the student (after each optimiser step)."""
-        ema_update(self.model, student, ema_decay(int(self.updates), self.settings.decay))
+        ema_update(self.model, student, self.decay())
         self.updates += 1
 
     def weight(self) -> float:
-        """The consistency weight at the current step."""
+        """The consistency weight at the current step: 0 during the warm-up, then ramped up."""
+        t = int(self.updates) - self.warmup_steps
+        if t < 0:
+            return 0.0
         if self.rampup_steps == 0:
             return self.settings.weight
-        return self.settings.weight * sigmoid_rampup(float(self.updates) / self.rampup_steps)
+        return self.settings.weight * sigmoid_rampup(float(t) / self.rampup_steps)
 
     def eval_models(self, models: dict[str, nn.Module]) -> dict[str, nn.Module]:
         """The method's models with the teacher first (`report = "teacher"`) or last."""
@@ -229,14 +350,45 @@ class Teacher(nn.Module):
             return {"teacher": self.model, **models}
         return {**models, "teacher": self.model}
 
-    def thresholds(self, probs: Tensor) -> tuple[Tensor | float, Tensor | float]:
-        """Positive and negative thresholds, scalars or (C,) class-adaptive ones for `probs` (B, C)."""
+    @torch.no_grad()
+    def remember(self, probs: Tensor) -> Tensor:
+        """Add the rows `probs` (n, C) of every rank to the pool; return the pool's filled rows."""
+        rows = all_gather_cat(probs.float())[-self.settings.pool:]            # identical on every rank
+        size = self.pool.shape[0]
+        where = (int(self.pool_next) + torch.arange(len(rows), device=rows.device)) % size
+        self.pool[where] = rows.to(self.pool)
+        self.pool_next.fill_((int(self.pool_next) + len(rows)) % size)
+        self.pool_filled.fill_(min(size, int(self.pool_filled) + len(rows)))
+        return self.pool[: int(self.pool_filled)]
+
+    def thresholds(self, probs: Tensor, pool: Tensor | None = None) -> tuple[Tensor | float, Tensor | float]:
+        """Positive and negative thresholds, scalars or (C,) class-wise ones: CAP's over the `pool`
+        of recent scores, class-adaptive ones over the batch's `probs` (B, C)."""
         s = self.settings
+        if s.cap:
+            return cap_thresholds(pool, self.prior, s.pos_share, s.neg_share)
         if not s.class_adaptive:
             return s.pos_threshold, s.neg_threshold
         return adaptive_thresholds(probs, self.prior, s.pos_threshold_min, s.neg_margin)
 
     def sigmoid_pseudo_labels(self, probs: Tensor, observed: Tensor) -> tuple[Tensor, Tensor]:
-        """(targets float (B, C), mask bool (B, C)) from teacher probabilities `probs` (B, C)."""
-        pos_t, neg_t = self.thresholds(probs)
-        return pseudo_labels(probs, observed, pos_t, neg_t, soft=self.settings.targets == "soft")
+        """(targets float (B, C), mask bool (B, C)) from teacher probabilities `probs` (B, C).
+
+        With the pool on, the teacher's scores of the batch's unlabelled images (all images when
+        it has none) enter it first; `align` then shifts `probs` and the pool towards the prior
+        (the pool's mean is the running marginal), and `cap` thresholds at the pool's quantiles.
+        """
+        s, pool = self.settings, None
+        if s.uses_pool:
+            labelled = observed.any(1)                                         # (B,)
+            pool = self.remember(probs[~labelled] if bool((~labelled).any()) else probs)
+            if s.align:
+                marginal = pool.mean(0)                                        # (C,)
+                probs, pool = (align_distribution(x, self.prior, marginal) for x in (probs, pool))
+        pos_t, neg_t = self.thresholds(probs, pool)
+        targets, mask = pseudo_labels(probs, observed, pos_t, neg_t, soft=s.targets == "soft")
+        if not s.labelled_images:
+            unlabelled = ~observed.any(1, keepdim=True)                        # (B, 1)
+            mask = mask & unlabelled
+            targets = targets * unlabelled
+        return targets, mask
