@@ -37,10 +37,18 @@ def test_pos_weight_observed(tmp_path):
 
 
 WITH_TEACHER = ["method.teacher={rampup = 0.0, pos_threshold = 0.3, threshold = 0.3}"]
+# every pseudo-label rule of the teacher (mlml/methods/teacher.py), on labelled + unlabelled batches
+TEACHER_RULES = [
+    ["data.observation_args={labelled_fraction = 0.5}", "data.unlabelled_ratio=1",
+     "method.teacher={rampup = 0.0, cap = true, align = true, k = 1.5, targets = 'soft', pos_share = 0.5}"],
+    ["data.observation_args={labelled_fraction = 0.5}", "data.unlabelled_ratio=1",
+     "method.teacher={class_adaptive = true, k = 1.5, labelled_images = false, view = 'weak', rampup_decay = 0.9}"],
+]
 
 
 @pytest.mark.parametrize("method, extra", [(m, []) for m in METHODS.names()]
-                         + [(m, WITH_TEACHER) for m in ("supervised", "grouped", "role")])
+                         + [(m, WITH_TEACHER) for m in ("supervised", "grouped", "role")]
+                         + [("supervised", rules) for rules in TEACHER_RULES])
 def test_scrambled_answer_key_changes_no_loss_or_gradient(method, extra, tmp_path):
     """The hidden ground truth reaches a method only through its diagnostics channel, never its loss."""
     from mlml.distributed import DistInfo

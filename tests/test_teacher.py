@@ -14,9 +14,12 @@ from mlml.distributed import DistInfo
 from mlml.config import ConfigError
 from mlml.methods.teacher import (
     adaptive_thresholds,
+    align_distribution,
+    cap_thresholds,
     ema_decay,
     ema_update,
     pseudo_label_quality,
+    observed_prior,
     pseudo_labels,
     sigmoid_rampup,
 )
@@ -152,6 +155,13 @@ def test_run_reports_teacher_and_student_and_resumes_exactly(tmp_path, monkeypat
     ("method.teacher={weight = 'high'}", "method.teacher.weight"),
     ("method.name=mean_teacher", "method.teacher = {"),
     ("method.name=grouped_teacher", "method.name = 'grouped' with method.teacher"),
+    ("method.teacher={cap = true}", "config key 'method.teacher.k' must be set (> 0"),
+    ("method.teacher={align = true, prior = 'k'}", "config key 'method.teacher.k' must be set (> 0"),
+    ("method.teacher={cap = true, class_adaptive = true, k = 1.5}", "config key 'method.teacher.cap' must be false"),
+    ("method.teacher={prior = 'guess'}", "config key 'method.teacher.prior' must be 'k' or 'observed'"),
+    ("method.teacher={view = 'both'}", "config key 'method.teacher.view' must be 'strong' or 'weak'"),
+    ("method.teacher={warmup = 1.0}", "config key 'method.teacher.warmup' must be in [0, 1)"),
+    ("method.teacher={pool = 0}", "config key 'method.teacher.pool' must be >= 1"),
 ])
 def test_bad_settings_are_errors_naming_them(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -220,3 +230,124 @@ def test_strong_view_keeps_colours():
             out = tf(image, seed).float()
             assert torch.equal(out.to(torch.uint8), tf(image, seed).to(torch.uint8))
             assert int(out.mean((1, 2)).argmax()) == channel
+
+
+# ------------------------------------------------------------------ options added for issue 19 (all off by default)
+SEMI = ['data.observation_args={labelled_fraction = 0.25}', "data.unlabelled_ratio=3"]
+
+
+def test_cap_thresholds_keep_the_class_distribution():
+    """Xie et al. (2023): per class, the top floor(prior * n) scores positive, the lowest
+    floor((1 - prior) * n) negative (shares scale both), disjoint, every entry labelled at shares 1."""
+    torch.manual_seed(0)
+    scores = torch.rand(40, 4)                                     # distinct scores
+    prior = torch.tensor([0.25, 0.5, 0.0, 1.0])
+    pos, neg = cap_thresholds(scores, prior, 1.0, 1.0)
+    targets, mask = pseudo_labels(scores, torch.zeros_like(scores, dtype=torch.bool), pos, neg, soft=False)
+    assert targets.sum(0).tolist() == [10, 20, 0, 40]              # floor(prior * n) positives
+    assert (mask & (targets == 0)).sum(0).tolist() == [30, 20, 40, 0]
+    assert bool(mask.all())
+    top = scores.topk(10, dim=0).indices[:, 0]
+    assert bool(targets[top, 0].all())                             # the positives are the highest scores
+    pos, neg = cap_thresholds(scores, prior, 0.5, 0.25)            # the reference code's pos_per / neg_per
+    targets, mask = pseudo_labels(scores, torch.zeros_like(mask), pos, neg, soft=False)
+    assert targets.sum(0).tolist() == [5, 10, 0, 20]
+    assert (mask & (targets == 0)).sum(0).tolist() == [7, 5, 10, 0]
+
+
+def test_observed_prior_is_the_positive_share_of_fully_labelled_images():
+    full = torch.tensor([[1, 0, 1], [0, 0, 1], [1, 0, 0], [1, 1, 1]], dtype=torch.float)
+    observed = torch.ones(4, 3, dtype=torch.bool)
+    observed[3] = False                                             # an unlabelled image counts for nothing
+    labels = lambda rows: (full[rows], observed[rows])
+    assert observed_prior(labels, 4).tolist() == pytest.approx([2 / 3, 0.0, 2 / 3])
+    assert observed_prior(labels, 4, chunk=3).tolist() == pytest.approx([2 / 3, 0.0, 2 / 3])
+    single = lambda rows: (full[rows], full[rows].bool())          # only positives observed
+    with pytest.raises(ValueError, match="prior = 'k'"):
+        observed_prior(single, 4)
+
+
+def test_alignment_is_remixmatch_per_class_and_moves_the_marginal_to_the_prior():
+    probs = torch.tensor([[0.9, 0.2], [0.6, 0.1], [0.3, 0.05]])
+    prior, marginal = torch.tensor([0.5, 0.3]), probs.mean(0)
+    aligned = align_distribution(probs, prior, marginal)
+    r, s = prior / marginal, (1 - prior) / (1 - marginal)
+    assert torch.allclose(aligned, probs * r / (probs * r + (1 - probs) * s), atol=1e-5)   # normalised 2-class DA
+    assert torch.allclose(align_distribution(probs, marginal, marginal), probs, atol=1e-5)
+    assert (aligned.mean(0) - prior).abs().lt((marginal - prior).abs()).all()
+    assert torch.equal(aligned.argsort(0), probs.argsort(0))       # the ranking within a class is kept
+
+
+def test_warmup_and_rampup_decay_schedule(tmp_path):
+    trainer = _trainer(tmp_path, "method.teacher={warmup = 0.5, rampup = 0.25, decay = 0.99, rampup_decay = 0.5}")
+    teacher = trainer.method.teacher                               # 2 epochs x 12 steps: warm-up 12, ramp-up 6
+    assert (teacher.warmup_steps, teacher.rampup_steps) == (12, 6)
+    seen = []
+    for t in range(24):
+        teacher.updates.fill_(t)
+        seen.append((teacher.weight(), teacher.decay()))
+    assert all(w == 0.0 and d == 0.0 for w, d in seen[:12])         # no pseudo term; the teacher copies the student
+    assert seen[12] == (pytest.approx(math.exp(-5)), 0.0)           # the EMA warm-up restarts at the end of it
+    assert seen[13][1] == pytest.approx(0.5) and seen[17][1] == pytest.approx(0.5)   # rampup_decay during ramp-up
+    assert seen[18] == (1.0, pytest.approx(ema_decay(6, 0.99)))
+    default = _trainer(tmp_path / "d").method.teacher              # defaults: the first version's schedule
+    default.updates.fill_(5)
+    assert default.decay() == ema_decay(5, 0.99) and default.weight() == sigmoid_rampup(5 / round(0.3 * 24))
+
+
+def test_pool_is_a_ring_of_the_latest_rows(tmp_path):
+    teacher = _trainer(tmp_path, "method.teacher={align = true, k = 1.5, pool = 5}").method.teacher
+    rows = torch.arange(7 * 14, dtype=torch.float).reshape(7, 14)      # the tiny data have 14 labels
+    assert torch.equal(teacher.remember(rows[:3]), rows[:3])
+    kept = teacher.remember(rows[3:])
+    assert len(kept) == 5 and sorted(kept[:, 0].tolist()) == rows[2:, 0].tolist()
+    assert "pool" in teacher.state_dict() and "pool" not in _trainer(tmp_path / "d").method.teacher.state_dict()
+
+
+def test_cap_labels_the_unlabelled_images_at_the_prior_share(tmp_path):
+    trainer = _trainer(tmp_path, *SEMI, "method.teacher={cap = true, k = 1.5, rampup = 0.0}")
+    teacher = trainer.method.teacher
+    batch = next(iter(trainer.train_loader))
+    unlabelled = ~batch["observed"].any(1)
+    probs = torch.sigmoid(teacher(batch["image"])["logits"].float())
+    targets, mask = trainer.method.pseudo_labels(teacher(batch["image"]), batch)
+    n = int(unlabelled.sum())                                       # the pool holds this batch's unlabelled rows
+    expected = torch.floor(teacher.prior.double() * n + 1e-9)
+    assert targets[unlabelled].sum(0).tolist() == expected.tolist()
+    assert bool((mask[unlabelled].sum(0) >= n - 1).all())         # floor + floor: at most one entry left out
+    assert int(teacher.pool_filled) == n and torch.allclose(teacher.pool[:n], probs[unlabelled])
+    parts = trainer.train_step(batch)
+    assert {"pseudo_pos_precision", "pseudo_neg_recall"} <= set(parts)
+
+
+def test_pseudo_labels_on_unlabelled_images_only_and_weak_student_view(tmp_path):
+    trainer = _trainer(tmp_path, *SEMI, "method.teacher={labelled_images = false, view = 'weak', pos_threshold = 0.0}")
+    assert trainer.method.view_names == ["image"]
+    batch = next(iter(trainer.train_loader))
+    assert "image_strong" not in batch
+    labelled = batch["observed"].any(1)
+    targets, mask = trainer.method.pseudo_labels(trainer.method.teacher(batch["image"]), batch)
+    assert not mask[labelled].any() and bool(mask[~labelled].all()) and float(targets[labelled].sum()) == 0
+    trainer.train_step(batch)
+
+
+def test_observed_prior_needs_labelled_negatives(tmp_path):
+    with pytest.raises(ValueError, match="prior = 'k'"):
+        _trainer(tmp_path, "method.teacher={cap = true, prior = 'observed'}")     # single-positive labels
+    trainer = _trainer(tmp_path / "full", "data.observation=full", 'data.observation_args={labelled_fraction = 0.25}',
+                       "data.unlabelled_ratio=3", "method.loss=bce", "method.teacher={cap = true, prior = 'observed'}")
+    prior = trainer.method.teacher.prior
+    positions = np.arange(trainer.method.ctx.num_train)
+    labelled = trainer.method.ctx.train_labels(positions)[1].any(1).numpy()
+    truth = trainer.data.hidden_labels("train", positions[labelled]).float()
+    assert 0 < float(prior.min()) and float(prior.max()) < 1 and 0.2 < labelled.mean() < 0.3
+    assert torch.allclose(prior, truth.mean(0))                     # the labelled images' positive frequency
+    trainer.train_step(next(iter(trainer.train_loader)))
+
+
+def test_new_options_resume_exactly(tmp_path, monkeypatch):
+    cfg = tiny_config(*SEMI, "method.teacher={cap = true, align = true, k = 1.5, warmup = 0.2, pool = 50}",
+                      "optim.epochs=2", "run.checkpoint_every=1")
+    reference = train(cfg, tmp_path / "a")
+    stop_mid_run(cfg, tmp_path / "b", monkeypatch, at_step=17)
+    assert train(cfg, tmp_path / "b", resume=True)["metrics"] == reference["metrics"]

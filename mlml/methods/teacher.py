@@ -226,8 +226,8 @@ def cap_thresholds(scores: Tensor, prior: Tensor, pos_share: float, neg_share: f
     is 0 gets +inf / -inf (none), where the reference code's index -1 would take every score.
     """
     n = scores.shape[0]
-    counts = lambda share: torch.floor(share * n * prior.double() + 1e-9).long().clamp(0, n)   # (C,)
-    n_pos, n_neg = counts(pos_share), counts(neg_share * (1.0 - prior.double()))
+    counts = lambda share: torch.floor(share * n + 1e-9).long().clamp(0, n)                    # (C,)
+    n_pos, n_neg = counts(pos_share * prior.double()), counts(neg_share * (1.0 - prior.double()))
     desc = scores.sort(dim=0, descending=True).values                                          # (n, C)
     pick = lambda ordered, m: ordered.gather(0, (m - 1).clamp(min=0)[None, :])[0]              # (C,)
     inf = torch.full_like(desc[0], math.inf)
