@@ -35,11 +35,33 @@ expected share of positives: the top `prior_c` of the batch's scores (at least
 `k` (see `class_prior`; class-distribution-aware pseudo-labelling in the spirit of CAP, Xie et
 al., 2023). This uses only the teacher's ranking within a class, which single-positive training
 keeps far better than its calibration. `targets = "hard"` uses 1/0, `"soft"` the teacher's p
-itself. Observed labels are never overridden: pseudo-labels apply to unobserved entries only. The
-consistency term is the configured loss (`method.loss`, `method.loss_args`, `method.pos_weight`) on
-the strong view with the labels completed by the pseudo-labels, so both terms share its reduction.
-The consistency weight ramps up as w(t) = weight * exp(-5 (1 - t / T_r)^2) over the first `rampup`
-fraction of training (Laine & Aila, 2017).
+itself. Observed labels are never overridden: pseudo-labels apply to unobserved entries only, of
+every image in the batch: the unlabelled images and the unobserved labels of the labelled ones
+(`labelled_images = false`: unlabelled images only). The consistency term is the configured loss
+(`method.loss`, `method.loss_args`, `method.pos_weight`) on the strong view (`view = "weak"`: the
+method's own weak view, no strong one) with the labels completed by the pseudo-labels, so both
+terms share its reduction. The consistency weight ramps up as w(t) = weight * exp(-5 (1 - t / T_r)^2)
+over the first `rampup` fraction of training (Laine & Aila, 2017).
+
+Options added against pseudo-labels that degrade during training (every one off by default, so
+earlier configurations train bit-identically; docs/references.md has the papers):
+- `cap = true`: CAP (Xie et al., NeurIPS 2023) as published, with the pool standing in for the
+  paper's pass over the unlabelled set: per class, the `pos_share * prior_c` highest of the
+  teacher's most recent `pool` scores (the batch's unlabelled images; all its images when it has
+  none) set the positive threshold, the `neg_share * (1 - prior_c)` lowest the negative one
+  (`cap_thresholds`). The paper relabels the whole unlabelled set once per epoch with the EMA
+  model; the pool (a ring buffer, in checkpoints) uses the teacher of the last few hundred steps.
+- `prior`: the class distribution of `class_adaptive`, `cap` and `align`. `"observed"` is CAP's
+  estimator, the share of positives among each class's observed labels (`observed_prior`; for
+  fully labelled images, their positive frequency); it needs observed negatives, so under
+  single-positive labels, where no labelled image shows a negative, it is an error and `"k"`
+  is the fallback: k * (observed positives of c) / (all observed positives) (`class_prior`).
+- `align = true`: distribution alignment (ReMixMatch) per class: the teacher's logit of class c
+  shifts by logit(prior_c) - logit(mean of the pool's p_c) before thresholds and soft targets
+  (`align_distribution`).
+- `warmup`: the first `warmup` fraction of training has no pseudo term (weight 0) and the teacher
+  copies the student; the ramp-up and the EMA's own warm-up start when it ends. `rampup_decay`:
+  the EMA decay while the weight ramps up (Mean Teacher used 0.99 then 0.999).
 
 Logged parts: `sup`, `pseudo`, `weight`, and pseudo-label diagnostics against the hidden full
 labels (`pseudo_pos_count`, `pseudo_neg_count` per image; `pseudo_pos_precision`,
