@@ -351,3 +351,8 @@ def test_new_options_resume_exactly(tmp_path, monkeypatch):
     reference = train(cfg, tmp_path / "a")
     stop_mid_run(cfg, tmp_path / "b", monkeypatch, at_step=17)
     assert train(cfg, tmp_path / "b", resume=True)["metrics"] == reference["metrics"]
+
+
+def test_sigmoid_rules_are_refused_by_a_method_with_its_own_pseudo_labels():
+    with pytest.raises(ConfigError, match="method.teacher.cap applies to sigmoid pseudo-labels"):
+        tiny_config("model.head=grouped", "method.name=grouped", "method.teacher={cap = true, k = 1.5}")

@@ -131,8 +131,19 @@ def check_method_config(cfg: MethodConfig) -> None:
     check_own_loss(cls, cfg)
     resolve(settings_class(LOSSES.get(cfg.loss)), cfg.loss_args, "method.loss_args", f"loss '{cfg.loss}'")
     if cfg.teacher:
-        resolve(TeacherSettings, cfg.teacher, "method.teacher", "the teacher")
+        teacher = resolve(TeacherSettings, cfg.teacher, "method.teacher", "the teacher")
+        if cls.pseudo_labels is not Method.pseudo_labels:
+            check_sigmoid_only(teacher, cfg.name)
     resolve(DomainBranchSettings, cfg.domain_branch, "method.domain_branch", "the domain branch")
+
+
+def check_sigmoid_only(settings: TeacherSettings, name: str) -> None:
+    """A method with its own `pseudo_labels` (grouped softmax) does not read the sigmoid rules
+    added later (cap, align, labelled_images): setting one is an error, not a silent no-op."""
+    for key, off in (("cap", False), ("align", False), ("labelled_images", True)):
+        if getattr(settings, key) != off:
+            raise SettingsError(f"method.teacher.{key}", f"method.teacher.{key} applies to sigmoid pseudo-labels; "
+                                f"method '{name}' makes its own (pseudo_labels): leave it at {off!r}")
 
 
 def check_own_loss(cls: type, cfg: MethodConfig) -> None:
@@ -205,6 +216,8 @@ class Method(nn.Module):
                               if branch.weight > 0 else None)
         self.teacher = (Teacher(resolve(TeacherSettings, cfg.teacher, "method.teacher"), ctx, build_supervised_loss(cfg, ctx))
                         if cfg.teacher else None)
+        if self.teacher is not None and type(self).pseudo_labels is not Method.pseudo_labels:
+            check_sigmoid_only(self.teacher.settings, cfg.name)
         self.view_names = list(method_views(cfg, type(self)))
 
     # ------------------------------------------------------------------ templates (the trainer calls them)
