@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from mlml.data.mnist import Mnist5kConfig
 from mlml.data.synthetic import SyntheticConfig
 
 
@@ -66,7 +67,7 @@ class DataConfig:
                                   # | partial | per_group | unlabelled | annotated
     observation_args: dict = field(default_factory=dict)
     val_labels: str = "full"      # full | observed: what validation metrics (and model selection) see
-    augment: str = "flip_crop"    # none | flip_crop (the weak view; methods may ask for "strong" too)
+    augment: str = "flip_crop"    # none | flip_crop | crop (the weak view; methods may ask for "strong" too)
     batch_size: int = 128         # global batch per optimiser step: split over ranks, then micro-batches
     # With unlabelled training images (observation_args.labelled_fraction < 1): unlabelled images per
     # labelled one in each batch; 0 trains on the labelled images only. See MixedBatchSampler.
@@ -74,6 +75,7 @@ class DataConfig:
     num_workers: int = 0
     groups: dict = field(default_factory=dict)   # group name -> overrides of the source's groups (mlml.labels.configure_groups)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    mnist5k: Mnist5kConfig = field(default_factory=Mnist5kConfig)   # source = "mnist5k": real scans (mlml.data.mnist)
     root: str = ""                # folder, recolour: the folder of class folders; annotations: what
                                   # image paths are relative to ("" = the annotation file's folder)
     annotations: str | dict = ""  # annotations (and recolour over annotations): .csv or .jsonl file, or one

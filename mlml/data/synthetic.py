@@ -226,6 +226,11 @@ class SyntheticSource:
             if p["present"][i, k]
         ]
 
+    @property
+    def styled_by_collection(self) -> bool:
+        """Whether `build_data` gives the images their collection's style (`nuisance = "collection"`)."""
+        return self.cfg.nuisance == "collection"
+
     def set_styles(self, styles: np.ndarray, num_styles: int) -> None:
         """Give image i the background style `styles[i]` (int (n,) in [0, num_styles)).
 
