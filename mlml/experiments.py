@@ -14,7 +14,18 @@ A table is a TOML file in `experiments/tables/`:
     [methods]                           # method name -> config overrides
     an = ["method.loss=an"]
 
-`reproduce` writes `results/<table>.md` and `.csv`, and `results/<table>.timing.json` with the
+A profile on another data track (the real-image track, `experiments/configs/real.toml`) names it:
+
+    [profiles.real]
+    config = "../configs/real.toml"
+    track = "real"                      # results/<table>.real.md, runs under <runs_dir>/real/
+    title = "..."                       # the table's title on this track (default: the table's)
+    [profiles.real.settings]            # entries replace the table's of the same name on this track;
+    shortcut = ["data.mnist5k.nuisance=collection"]   # false leaves one out (`profile_spec`)
+    [profiles.real.methods]
+    role = ["method.name=role", "method.args={k = 2.0}"]
+
+`reproduce` writes `results/<table>.md` and `.csv` (`<table>.<track>.*` for a track's profile), and `results/<table>.timing.json` with the
 measured cost of each profile (summed `train_seconds` of the runs, wall time of the last complete
 reproduction, hardware) that `mlml reproduce --list` shows. It also writes a TensorBoard
 custom-scalars layout at `runs/<table>/` (one chart per metric comparing every run).
@@ -77,9 +88,42 @@ def read_table(name: str) -> dict:
     return spec
 
 
-def expand(spec: dict, profile: str, seeds: int | None, runs_dir: Path) -> list[Run]:
+def profile_spec(spec: dict, profile: str) -> dict:
+    """The table as `profile` runs it: its track's title, settings and methods, and results name.
+
+    A profile's `settings` / `methods` tables replace the table's entries of the same name (an
+    entry `false` leaves it out); a name the table does not have is an error (a typo would
+    otherwise add a row). `results` is `<table>` or, for a profile with a `track`, `<table>.<track>`.
+    """
     if profile not in spec["profiles"]:
         raise ConfigError(f"table '{spec['name']}' has no profile '{profile}'; known: {', '.join(spec['profiles'])}")
+    prof = spec["profiles"][profile]
+    out = {**spec, "title": prof.get("title", spec["title"])}
+    for group in ("settings", "methods"):
+        own = prof.get(group, {})
+        unknown = sorted(set(own) - set(spec[group]))
+        if unknown:
+            raise ConfigError(f"{spec['path']}: profiles.{profile}.{group}.{unknown[0]}: the table has no such entry; "
+                              f"known: {', '.join(spec[group])}")
+        merged = {name: own.get(name, entry) for name, entry in spec[group].items()}
+        out[group] = {name: entry for name, entry in merged.items() if entry is not False}
+    track = prof.get("track", "")
+    if not isinstance(track, str) or track in (".", "..") or any(c in track for c in "/\\"):
+        raise ConfigError(f"{spec['path']}: profiles.{profile}.track = {track!r} must be a name without '/'")
+    out["results"] = f"{spec['name']}.{track}" if track else spec["name"]
+    out["track"] = track
+    return out
+
+
+def track_runs_dir(spec: dict, runs_dir: Path) -> Path:
+    """Where a profile's runs live: `runs_dir`, or `runs_dir/<track>` for a track's profile (`profile_spec`)."""
+    return runs_dir / spec["track"] if spec.get("track") else runs_dir
+
+
+def expand(spec: dict, profile: str, seeds: int | None, runs_dir: Path) -> list[Run]:
+    """Every run of `profile` (settings x methods x seeds), with the profile's own entries (`profile_spec`)."""
+    spec = profile_spec(spec, profile)
+    runs_dir = track_runs_dir(spec, runs_dir)
     prof = spec["profiles"][profile]
     config = (spec["path"].parent / prof["config"]).resolve()
     n = seeds or prof.get("seeds", 3)
@@ -175,7 +219,8 @@ def reproduce(
     and host, or with `wait_lock` waits for it to finish.
     """
     spec = read_table(name)
-    with table_lock(runs_dir / spec["name"] / "reproduce.lock", f"table {spec['name']} in {runs_dir}", wait_lock):
+    lock_dir = track_runs_dir(profile_spec(spec, profile), runs_dir)
+    with table_lock(lock_dir / spec["name"] / "reproduce.lock", f"table {spec['name']} in {lock_dir}", wait_lock):
         return _reproduce(spec, name, profile, seeds, jobs, runs_dir, results_dir, torchrun, launcher)
 
 
@@ -188,7 +233,8 @@ def _reproduce(spec: dict, name: str, profile: str, seeds: int | None, jobs: int
         if r not in todo:
             check_done_run(r, dirs[r])
     print(f"{name} ({profile}): {len(runs)} runs, {len(runs) - len(todo)} already done, {len(todo)} to run", file=sys.stderr)
-    write_table_layout(runs_dir / spec["name"], spec["name"], spec["metrics"])
+    spec = profile_spec(spec, profile)
+    write_table_layout(track_runs_dir(spec, runs_dir) / spec["name"], spec["name"], spec["metrics"])
     threads = max(1, (os.cpu_count() or 1) // (max(1, jobs) * max(1, torchrun)))
     start = time.perf_counter()
     if launcher is not None:
@@ -442,8 +488,8 @@ def write_table(spec: dict, results: list[dict], results_dir: Path | None, comma
     md, table_csv = markdown(spec, aggregate(results, spec["metrics"]), command, results)
     if results_dir is not None:
         results_dir.mkdir(parents=True, exist_ok=True)
-        (results_dir / f"{spec['name']}.md").write_text(md)
-        (results_dir / f"{spec['name']}.csv").write_text(table_csv)
+        (results_dir / f"{spec.get('results', spec['name'])}.md").write_text(md)
+        (results_dir / f"{spec.get('results', spec['name'])}.csv").write_text(table_csv)
     return md
 
 
@@ -458,6 +504,10 @@ def table_from_runs(root: Path, results_dir: Path | None = None) -> str:
         spec = read_table(name)
     except ConfigError:
         spec = {"name": name, "title": name, "metrics": ["test/mAP_macro"], "settings": {}, "methods": {}}
+    else:       # runs under <runs_dir>/<track>/<table>: the table as that track's profile runs it
+        tracks = [p for p, prof in spec["profiles"].items() if prof.get("track") and prof["track"] == Path(root).resolve().parent.name]
+        if tracks:
+            spec = profile_spec(spec, tracks[0])
     write_table_layout(root, spec["name"], spec["metrics"])
     return write_table(spec, results, results_dir, f"mlml table {root}")
 
@@ -477,5 +527,6 @@ def list_tables(results_dir: Path = Path("results")) -> str:
         lines.append(f"{path.stem}: {spec['title']} ({plural(settings, 'setting')} x {plural(methods, 'method')} = {plural(settings * methods, 'run')} a seed)")
         for prof, p in spec["profiles"].items():
             cost = measured_cost(timing[prof]) if prof in timing else p.get("cost", "cost not measured")
-            lines.append(f"  --profile {prof}: {p.get('seeds', 3)} seeds, {cost}")
+            track = f" [track {p['track']}: results/{profile_spec(spec, prof)['results']}.md]" if p.get("track") else ""
+            lines.append(f"  --profile {prof}{track}: {p.get('seeds', 3)} seeds, {cost}")
     return "\n".join(lines)

@@ -92,6 +92,7 @@ def test_list_shows_measured_cost_when_there_is_one(tmp_path):
     listed = list_tables(tmp_path)
     assert "--profile quick: 3 seeds, measured: 9 runs (3 seeds), 10.0 min of training on x86_64, 2 CPU cores, no GPU; 5.5 min wall with --jobs 2" in listed
     assert "--profile full: 3 seeds, not yet measured (GPU)" in listed
+    assert "--profile real [track real: results/baselines.real.md]: 3 seeds, " in listed
 
 
 def test_table_provenance_comes_from_the_runs_not_the_machine_that_builds_it():
@@ -296,3 +297,52 @@ def test_an_unreadable_metrics_file_is_named(tmp_path):
     (d / "metrics.json").write_text('[]')
     with pytest.raises(ConfigError, match="not the metrics.json of a run"):
         table_from_runs(tmp_path)
+
+
+# ------------------------------------------------------------------ tracks (a profile on other data)
+def test_a_track_profile_has_its_own_entries_runs_and_results(table, tmp_path, monkeypatch):
+    """A profile with a `track`: its settings/methods replace the table's (false leaves one out), its
+    runs live under runs/<track>/ and its table is results/<table>.<track>.md, beside the other one."""
+    with open(table, "a") as f:
+        f.write('\n[profiles.other]\nconfig = "base.toml"\ntrack = "other"\nseeds = 1\ntitle = "tiny, other data"\n'
+                '[profiles.other.settings]\nsp = ["data.observation=single_positive", "optim.lr=0.01"]\n'
+                '[profiles.other.methods]\nfull = false\n')
+    from mlml.config import config_hash
+
+    def fake_launch(run, threads, torchrun):              # writes what a run writes, without training
+        cfg, d = run_config(run), run_dir(run)
+        d.mkdir(parents=True)
+        (d / "metrics.json").write_text(json.dumps({"metrics": {"test/mAP_macro": 0.5}, "setting": run.setting, "method": run.method,
+                                                    "seed": run.seed, "experiment": "tiny", "config": cfg.to_dict(),
+                                                    "config_hash": config_hash(cfg), "split_hash": "s"}))
+
+    monkeypatch.setattr(experiments, "launch", fake_launch)
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    (other,) = expand(read_table(str(table)), "other", None, runs)
+    assert other.method == "an" and "optim.lr=0.01" in other.overrides and f"run.out_dir={runs / 'other'}" in other.overrides
+    md = reproduce(str(table), "other", runs_dir=runs, results_dir=results)
+    assert md.startswith("# tiny, other data") and "| an |" in md and "| full |" not in md
+    assert (results / "tiny.other.md").read_text() == md and not (results / "tiny.md").exists()
+    assert (runs / "other" / "tiny" / "sp" / "an" / "seed0" / "metrics.json").exists()
+    assert json.loads((results / "tiny.timing.json").read_text())["other"]["runs"] == 1
+    assert table_from_runs(runs / "other" / "tiny").split("| method |")[1] == md.split("| method |")[1]
+    with open(table, "a") as f:
+        f.write('typo = ["method.loss=an"]\n')
+    with pytest.raises(ConfigError, match="profiles.other.methods.typo: the table has no such entry"):
+        expand(read_table(str(table)), "other", None, runs)
+
+
+@pytest.mark.parametrize("name", ["baselines", "single_positive", "semi_supervised", "grouped_heads", "domain_adversarial"])
+def test_every_table_runs_on_the_real_track_through_its_own_keys(name, tmp_path):
+    """Every table has a `real` profile on the mnist5k source; its runs are valid configs that set no
+    synthetic-data key (which would do nothing there), and k of EPR/ROLE is that data's 2 positives."""
+    spec = read_table(name)
+    runs = expand(spec, "real", 1, tmp_path)
+    assert runs and spec["profiles"]["real"]["track"] == "real"
+    for run in runs:
+        cfg = run_config(run)
+        assert cfg.data.source == "mnist5k" and not any(o.startswith("data.synthetic.") for o in run.overrides), run
+        if run.method in ("epr", "role", "sigmoid_role"):
+            assert (cfg.method.loss_args or cfg.method.args)["k"] == 2.0
+    shortcut = [run_config(r).data.mnist5k.nuisance for r in runs if r.setting == "shortcut"]
+    assert all(n == "collection" for n in shortcut) and (name != "domain_adversarial" or shortcut)

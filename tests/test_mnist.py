@@ -145,3 +145,16 @@ def test_shortcut_training_images_carry_their_collections_grating(scan_file):
         assert np.abs(spread).max() < 25
     with pytest.raises(ConfigError, match="data.mnist5k.nuisance = 'collection' needs"):
         build_data(tiny_config(*config[:-1], "data.observation=single_positive", "data.mnist5k.nuisance=collection").data)
+
+
+def test_a_tiny_run_on_the_scans_learns_and_reports_both_groups(scan_file, tmp_path):
+    import json
+
+    from mlml.trainer import train
+
+    cfg = tiny_config(f"data.mnist5k.path={scan_file[0]}", "data.source=mnist5k", "data.n_train=-1", "data.n_val=-1", "data.n_test=-1",
+                      "data.augment=crop", "data.batch_size=16", "data.mnist5k.image_size=28", f"run.out_dir={tmp_path}")
+    train(cfg, tmp_path / "run")
+    result = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert {"test/group_acc/colour", "test/group_acc/object", "test/mAP_macro"} <= set(result["metrics"])
+    assert result["split_hash"] == split_hash(digit_splits(scan_file[1]))
