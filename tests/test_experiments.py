@@ -335,14 +335,15 @@ def test_a_track_profile_has_its_own_entries_runs_and_results(table, tmp_path, m
 @pytest.mark.parametrize("name", ["baselines", "single_positive", "semi_supervised", "grouped_heads", "domain_adversarial"])
 def test_every_table_runs_on_the_real_track_through_its_own_keys(name, tmp_path):
     """Every table has a `real` profile on the mnist5k source; its runs are valid configs that set no
-    synthetic-data key (which would do nothing there), and k of EPR/ROLE is that data's 2 positives."""
+    synthetic-data key (which would do nothing there), and k of EPR/ROLE is that data's mean positives."""
     spec = read_table(name)
     runs = expand(spec, "real", 1, tmp_path)
     assert runs and spec["profiles"]["real"]["track"] == "real"
     for run in runs:
         cfg = run_config(run)
         assert cfg.data.source == "mnist5k" and not any(o.startswith("data.synthetic.") for o in run.overrides), run
-        if run.method in ("epr", "role", "sigmoid_role"):
-            assert (cfg.method.loss_args or cfg.method.args)["k"] == 2.0
+        if run.method in ("epr", "role", "sigmoid_role"):      # the data's mean positives: 2 with one digit an image
+            assert (cfg.method.loss_args or cfg.method.args)["k"] == (2.0 if cfg.data.mnist5k.max_digits == 1 else 3.64)
+        assert (cfg.data.mnist5k.max_digits == 1) == (name == "grouped_heads")     # its groups are exclusive
     shortcut = [run_config(r).data.mnist5k.nuisance for r in runs if r.setting == "shortcut"]
     assert all(n == "collection" for n in shortcut) and (name != "domain_adversarial" or shortcut)

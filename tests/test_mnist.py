@@ -66,9 +66,9 @@ def test_splits_are_fixed_and_stratified_by_digit(scan_file):
         assert np.array_equal(np.intersect1d(splits["test"], rows), rows[8:])
 
 
-def test_source_labels_images_and_colours(scan_file):
+def test_one_digit_per_image_fills_it_with_a_colour_and_a_digit(scan_file):
     path, digits = scan_file
-    source = Mnist5kSource(Mnist5kConfig(path=str(path), image_size=32, colours=6), seed=3)
+    source = Mnist5kSource(Mnist5kConfig(path=str(path), image_size=32, max_digits=1, colours=6), seed=3)
     space = source.label_space
     assert [g.name for g in space.groups] == ["colour", "object"] and all(g.exclusive for g in space.groups)
     assert space.names[6:] == tuple(str(d) for d in range(10))
@@ -83,10 +83,35 @@ def test_source_labels_images_and_colours(scan_file):
     assert border.flatten(2).std(-1).max() < 1.0 and border.amax(1).mean() < 0.2 * 255     # the pad: dark, uniform per image
     for i in range(0, 100, 9):
         assert nearest_colour(dominant_hue(images[i]), 6) == int(colours[i])
-    again = Mnist5kSource(Mnist5kConfig(path=str(path)), seed=3)
-    other = Mnist5kSource(Mnist5kConfig(path=str(path)), seed=4)
+    again = Mnist5kSource(Mnist5kConfig(path=str(path), max_digits=1), seed=3)
+    other = Mnist5kSource(Mnist5kConfig(path=str(path), max_digits=1), seed=4)
     assert torch.equal(again.images(np.arange(100)), images)
     assert not torch.equal(other.labels.dense(np.arange(100)), dense)                       # colours follow the seed
+
+
+def test_several_digits_per_image_each_in_its_cell_and_colour_from_its_own_split(scan_file):
+    path, digits = scan_file
+    source = Mnist5kSource(Mnist5kConfig(path=str(path), image_size=32, min_digits=1, max_digits=3), seed=0)
+    assert not any(g.exclusive for g in source.label_space.groups)
+    shown = source.slots >= 0
+    assert np.array_equal(source.slots[:, 0], np.arange(100)) and set(shown.sum(1)) == {1, 2, 3}
+    split_of = {int(r): name for name, rows in source.fixed_splits.items() for r in rows}
+    images, dense = source.images(np.arange(100)), source.labels.dense(np.arange(100))
+    for i in range(100):
+        slots = source.slots[i][shown[i]]
+        assert {split_of[int(j)] for j in slots} == {split_of[i]}                          # no scan leaks across splits
+        assert len(set(source.cells[i][shown[i]].tolist())) == len(slots)                   # one digit per cell
+        expected = {*source.colour[i][shown[i]].tolist(), *(6 + digits[slots]).tolist()}
+        assert set(torch.nonzero(dense[i])[:, 0].tolist()) == expected
+        for k in np.flatnonzero(shown[i]):
+            r, c = divmod(int(source.cells[i, k]), 2)
+            cell = images[i, :, 16 * r : 16 * r + 16, 16 * c : 16 * c + 16]
+            assert nearest_colour(dominant_hue(cell), 6) == int(source.colour[i, k])
+        empty = [c for c in range(4) if c not in source.cells[i][shown[i]]]
+        for c in empty:                                                                      # empty cells: plain dark grey
+            r, col = divmod(c, 2)
+            assert bool((images[i, :, 16 * r : 16 * r + 16, 16 * col : 16 * col + 16] == 38).all())
+    assert torch.equal(images[[3, 50]], torch.stack([source.image(3), source.image(50)]))
 
 
 def test_build_data_takes_the_fixed_splits_whatever_the_seed(scan_file):
@@ -122,38 +147,40 @@ def test_shortcut_training_images_carry_their_collections_grating(scan_file):
     plain = build_data(tiny_config(*config).data)
     styled = build_data(tiny_config(*config, "data.mnist5k.nuisance=collection").data)
     rows = np.arange(100)
-    a, b = plain.source.images(rows), styled.source.images(rows)
-    grey_a, grey_b = plain.source.scans.images(rows), styled.source.scans.images(rows)
-    assert bool((grey_b >= grey_a).all()) and bool((grey_b > grey_a).any()) and not torch.equal(a, b)
-    strokes = grey_a > 0
-    assert torch.equal(grey_b[strokes], grey_a[strokes])                                  # strokes stay on top
+    value_a, value_b = plain.source.images(rows).amax(1), styled.source.images(rows).amax(1)      # HSV value (B, S, S)
+    assert bool((value_b >= value_a).all()) and bool((value_b > value_a).any())
+    strokes = value_a > 200
+    assert strokes.any() and torch.equal(value_b[strokes], value_a[strokes])                # strokes stay on top
+    assert torch.equal(plain.source.labels.dense(rows), styled.source.labels.dense(rows))
     train = styled.splits["train"]
     collection = styled.observation.domain(train)
 
-    def orientation(grey: torch.Tensor) -> float:
-        """The grating's angle (degrees, mod 180) from the background's strongest frequency."""
-        spectrum = torch.fft.fft2(grey[0].float() * (grey[0] < 160)).abs()
-        spectrum[0, 0] = 0
+    def orientation(grating: torch.Tensor) -> float:
+        """The grating's angle (degrees, mod 180) from its strongest frequency."""
+        spectrum = torch.fft.fft2(grating.float() - grating.float().mean()).abs()
         fy, fx = np.unravel_index(int(spectrum.argmax()), spectrum.shape)
-        n = grey.shape[-1]
+        n = grating.shape[-1]
         fy, fx = (fy + n // 2) % n - n // 2, (fx + n // 2) % n - n // 2
         return float(np.degrees(np.arctan2(fy, fx)) % 180)
 
-    angles = np.array([orientation(grey_b[r]) for r in train])
+    angles = np.array([orientation(styled.source.stripes[r]) for r in train])
     for c in np.unique(collection):                           # one orientation (±10° jitter, ±bins) per collection
         spread = (angles[collection == c] - angles[collection == c][0] + 90) % 180 - 90
         assert np.abs(spread).max() < 25
+    other = angles[collection != collection[0]]
+    assert np.abs((other - angles[0] + 90) % 180 - 90).min() > 45                            # collections differ
     with pytest.raises(ConfigError, match="data.mnist5k.nuisance = 'collection' needs"):
         build_data(tiny_config(*config[:-1], "data.observation=single_positive", "data.mnist5k.nuisance=collection").data)
 
 
-def test_a_tiny_run_on_the_scans_learns_and_reports_both_groups(scan_file, tmp_path):
+def test_a_tiny_run_on_one_digit_per_image_reports_both_exclusive_groups(scan_file, tmp_path):
     import json
 
     from mlml.trainer import train
 
     cfg = tiny_config(f"data.mnist5k.path={scan_file[0]}", "data.source=mnist5k", "data.n_train=-1", "data.n_val=-1", "data.n_test=-1",
-                      "data.augment=crop", "data.batch_size=16", "data.mnist5k.image_size=28", f"run.out_dir={tmp_path}")
+                      "data.augment=crop", "data.batch_size=16", "data.mnist5k.image_size=28", "data.mnist5k.max_digits=1",
+                      f"run.out_dir={tmp_path}")
     train(cfg, tmp_path / "run")
     result = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert {"test/group_acc/colour", "test/group_acc/object", "test/mAP_macro"} <= set(result["metrics"])
