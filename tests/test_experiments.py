@@ -119,9 +119,10 @@ def test_grouped_heads_table_builds_every_run(tmp_path):
         assert len(runs) == len(spec["settings"]) * len(spec["methods"])
         for run in runs:
             cfg = load_config(run.config, list(run.overrides))
-            assert cfg.data.synthetic.max_objects == 1 and cfg.data.synthetic.num_patterns == 3
+            synthetic = cfg.data.settings("synthetic")
+            assert synthetic.max_objects == 1 and synthetic.num_patterns == 3
             assert (cfg.model.head == "grouped") == cfg.method.name.startswith("grouped"), run.method
-            assert synthetic_label_space(cfg.data.synthetic).group("pattern").has_unknown
+            assert synthetic_label_space(synthetic).group("pattern").has_unknown
             assert cfg.data.groups == ({"pattern": {"has_unknown": False}} if run.method == "grouped_no_unknown" else {})
 
 
@@ -343,7 +344,7 @@ def test_every_table_runs_on_the_real_track_through_its_own_keys(name, tmp_path)
         cfg = run_config(run)
         assert cfg.data.source == "mnist5k" and not any(o.startswith("data.synthetic.") for o in run.overrides), run
         if run.method in ("epr", "role", "sigmoid_role"):      # the data's mean positives: 2 with one digit an image
-            assert (cfg.method.loss_args or cfg.method.args)["k"] == (2.0 if cfg.data.mnist5k.max_digits == 1 else 3.64)
-        assert (cfg.data.mnist5k.max_digits == 1) == (name == "grouped_heads")     # its groups are exclusive
-    shortcut = [run_config(r).data.mnist5k.nuisance for r in runs if r.setting == "shortcut"]
+            assert (cfg.method.loss_args or cfg.method.args)["k"] == (2.0 if cfg.data.settings("mnist5k").max_digits == 1 else 3.64)
+        assert (cfg.data.settings("mnist5k").max_digits == 1) == (name == "grouped_heads")     # its groups are exclusive
+    shortcut = [run_config(r).data.settings("mnist5k").nuisance for r in runs if r.setting == "shortcut"]
     assert all(n == "collection" for n in shortcut) and (name != "domain_adversarial" or shortcut)

@@ -41,6 +41,8 @@ import torch
 
 from mlml.data.image_files import SPLITS
 from mlml.data.label_store import LabelStore
+from mlml.data.observation import hash_uniform
+from mlml.data.recolour import HUES, recolour
 from mlml.labels import Group, LabelSpace
 
 NATIVE = 28                            # side of an MNIST scan, in pixels
@@ -73,8 +75,6 @@ class Mnist5kConfig:
     nuisance_strength: float = 0.35
 
     def __post_init__(self) -> None:
-        from mlml.data.recolour import HUES      # here: mlml.config imports this module, recolour imports mlml.config
-
         checks = {
             "image_size": NATIVE <= self.image_size <= 256,
             "min_digits": 1 <= self.min_digits <= self.max_digits,
@@ -181,9 +181,6 @@ class Mnist5kSource:
 
     def _draw(self, n: int) -> tuple[np.ndarray, ...]:
         """slots, cells, colour, hue (each (n, K)): image i's from hashes of (seed, i), independent of n."""
-        from mlml.data.observation import hash_uniform
-        from mlml.data.recolour import HUES
-
         cfg, K = self.cfg, self.cfg.max_digits
         i = np.arange(n, dtype=np.int64)[:, None]                            # (n, 1)
         slot = i * len(CELLS) + np.arange(K)                                 # (n, K): one key per slot
@@ -217,8 +214,6 @@ class Mnist5kSource:
 
     def images(self, rows: np.ndarray | list[int]) -> torch.Tensor:
         """uint8 (B, 3, S, S): the images of `rows`, rendered together (lets `build_data` cache them)."""
-        from mlml.data.recolour import recolour
-
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         S, K, B = self.cfg.image_size, self.cfg.max_digits, len(rows)
         if K == 1:
@@ -269,8 +264,6 @@ class Mnist5kSource:
 def mnist_label_space(cfg: Mnist5kConfig) -> LabelSpace:
     """Colours (the first `cfg.colours` of `HUES`) then the digits "0"-"9", in groups colour and object,
     exclusive when an image shows one digit."""
-    from mlml.data.recolour import HUES
-
     names = tuple(list(HUES)[: cfg.colours]) + tuple(str(d) for d in range(10))
     one = cfg.max_digits == 1
     return LabelSpace(names, (Group("colour", tuple(range(cfg.colours)), one), Group("object", tuple(range(cfg.colours, len(names))), one)))
