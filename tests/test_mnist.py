@@ -47,7 +47,7 @@ def test_read_scans_and_its_errors(scan_file, tmp_path):
     assert pixels.shape == (100, 28, 28) and pixels.dtype == np.uint8 and np.array_equal(read, digits)
     assert np.array_equal(pixels, scans(100))
     bad = tmp_path / "bad.csv.gz"
-    for line, why in ((",".join(["0"] * 784), "784 values"), (",".join(["0"] * 784 + ["12"]), "digit in 0-9"),
+    for line, why in ((",".join(["0"] * 784) + "\n" + ",".join(["0"] * 786), "784 values"),      # the right count in all (",".join(["0"] * 784 + ["12"]), "digit in 0-9"),
                       (",".join(["0"] * 783 + ["300", "1"]), "0-255"), ("a,b", "integers")):
         with gzip.open(bad, "wt") as f:
             f.write(",".join(["0"] * 785) + "\n" + line + "\n")

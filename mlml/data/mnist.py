@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,8 +107,13 @@ def read_scans(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with opener(path, "rb") as f:
             text = f.read()
-        values = np.array(text.replace(b"\n", b",").rstrip(b",").split(b","), dtype=np.int64).reshape(-1, NATIVE * NATIVE + 1)
-        if values[:, :-1].min() >= 0 and values[:, :-1].max() <= 255 and values[:, -1].min() >= 0 and values[:, -1].max() <= 9:
+        lines = [line for line in text.split(b"\n") if line.strip()]
+        with warnings.catch_warnings():              # text that is not all integers: parsed short, then line by line
+            warnings.simplefilter("ignore", DeprecationWarning)
+            values = np.fromstring(b",".join(lines), dtype=np.int64, sep=",")
+        if lines and values.size == len(lines) * (NATIVE * NATIVE + 1) and all(line.count(b",") == NATIVE * NATIVE for line in lines):
+            values = values.reshape(len(lines), -1)                                   # every line 784 pixels and a digit
+        if values.ndim == 2 and 0 <= values[:, :-1].min() and values[:, :-1].max() <= 255 and 0 <= values[:, -1].min() and values[:, -1].max() <= 9:
             return values[:, :-1].astype(np.uint8).reshape(-1, NATIVE, NATIVE), values[:, -1].copy()
     except (ValueError, OSError, EOFError):
         pass                                        # read it line by line: the error names the line
