@@ -499,18 +499,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), store
 
 
 def _origin(key: str | None, files: list[tuple[Path, dict]], overrides: list[tuple[str, list[str], Any]]) -> str:
-    """Where the value of dotted `key` came from: the last override that set it, else the first file."""
-    if key:
-        parts = key.split("[")[0].split(".")
-        for text, path, _ in reversed(overrides):
-            if path[: len(parts)] == parts or parts[: len(path)] == path:
-                return f"--set {text}"
-        for file, raw in files:                  # the file itself first, then its bases
-            node: Any = raw
-            for part in parts:
-                node = node.get(part) if isinstance(node, dict) else None
-            if node is not None:
-                return str(file)
+    """Where the value of dotted `key` came from: the last override that set it, else the file that
+    did; a key of a source's table that nothing set (a required one) comes from `data.source`."""
+    if not key:
+        return str(files[0][0]) if files else "config"
+    parts = key.split("[")[0].split(".")
+    for text, path, _ in reversed(overrides):
+        if path[: len(parts)] == parts or parts[: len(path)] == path:
+            return f"--set {text}"
+    for file, raw in files:                      # the file itself first, then its bases
+        node: Any = raw
+        for part in parts:
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            return str(file)
+    if parts[0] == "data" and len(parts) > 2:
+        return _origin("data.source", files, overrides)
     return str(files[0][0]) if files else "config"
 
 
