@@ -370,6 +370,9 @@ class LargeLossRejection(_LargeLoss):
     Args (method.args):
         delta_rel: d in percent per epoch as in the reference code, 0.2 (= 0.002 per epoch; the
             authors' grid is 0.1 ... 0.5).
+
+    BoostLU (Kim et al., CVPR 2023) runs on top of it as a model setting, `model.boostlu = 5` (with
+    delta_rel = 0.5 as released; docs/references.md).
     """
 
 
