@@ -136,6 +136,7 @@ class ModelConfig:
     weights: str = ""             # path of a local state_dict for the backbone; "" = random init
     head: str = "linear"
     dropout: float = 0.0
+    boostlu: float = 1.0          # BoostLU (Kim et al., CVPR 2023): positive class-activation-map entries x this before pooling; 1 = off
     sync_bn: bool = False         # torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)
     find_unused_parameters: bool = False   # DDP: allow parameters without gradient in a step (or the method says so)
     compile: bool = False         # torch.compile the training forward (GPU; the first steps compile, minutes)
@@ -361,6 +362,7 @@ CHECKS: dict[str, Check] = {
     "model.width": _at_least(1),
     "model.stem": _one_of("small", "imagenet"),
     "model.dropout": _within(0, 1, hi_open=True),
+    "model.boostlu": _above(0),
     "method.pos_weight": _one_of("none", "observed"),
     "optim.name": _one_of(*OPTIMIZERS),
     "optim.lr": _above(0),
