@@ -5,6 +5,7 @@ A table is a TOML file in `experiments/tables/`:
 
     title = "..."
     metrics = ["test/mAP_macro", "test/f1_macro_calibrated"]
+    addons = ["method.teacher"]         # optional (before any [section]): add-ons compared with the best row without them
     [profiles.quick]                    # and [profiles.full]
     config = "../configs/quick.toml"    # relative to the table file
     seeds = 3
@@ -18,6 +19,11 @@ A table is a TOML file in `experiments/tables/`:
 measured cost of each profile (summed `train_seconds` of the runs, wall time of the last complete
 reproduction, hardware) that `mlml reproduce --list` shows. It also writes a TensorBoard
 custom-scalars layout at `runs/<table>/` (one chart per metric comparing every run).
+
+Beside the metrics, a table shows each row's convergence (best epoch, the slope of validation
+`eval.select` over the last epochs, a flag on rows still improving; per run in `<table>.runs.csv`)
+and, for add-ons (`method.teacher`, `method.domain_branch`), the best row with the add-on against
+the best row without it, both chosen on validation (docs/design.md, "Tables").
 
 Tables only aggregate comparable runs (`check_comparable`): the seeds of one cell must share
 their config (but the seed) and their splits (`split_hash` in metrics.json), and the runs of a
@@ -75,6 +81,7 @@ def read_table(name: str) -> dict:
     for key in ("title", "metrics", "profiles", "settings", "methods"):
         if key not in spec:
             raise ConfigError(f"{path}: missing key '{key}'")
+    check_addons(spec)
     return spec
 
 
@@ -661,6 +668,19 @@ def runs_csv(results: list[dict], metrics: list[str]) -> str:
 
 # ------------------------------------------------------------------ add-on vs the best configuration without it
 ADDONS = ("method.teacher", "method.domain_branch")    # a table's `addons` key replaces these
+
+
+def check_addons(spec: dict) -> None:
+    """A table's `addons`, if it has one, must be a list of config keys."""
+    if "addons" not in spec:
+        return
+    known = flat(Config().to_dict())
+    addons = spec["addons"]
+    if not isinstance(addons, list) or not all(isinstance(a, str) for a in addons):
+        raise ConfigError(f"{spec['path']}: 'addons' must be a list of config keys, e.g. [\"method.teacher\"]; got {addons!r}")
+    for key in addons:
+        if key not in known:
+            raise ConfigError(f"{spec['path']}: addons: {key!r} is not a config key (e.g. {', '.join(ADDONS)})")
 
 
 def has_addon(result: dict, key: str, spec: dict) -> bool:

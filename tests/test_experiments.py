@@ -436,3 +436,15 @@ def test_the_header_records_the_wall_time_of_the_reproduction_that_trained_the_r
     assert experiments.wall_time(timing, None, runs[:3]).startswith("not recorded")
     assert experiments.wall_time(timing, "full", runs) == "1.0 min with --jobs 1 --torchrun 4 (profile full, the last reproduction that trained every run)"
     assert experiments.provenance("c", runs, "x")[-1] == "Wall time: x"
+
+
+def test_a_table_declares_its_add_ons_as_config_keys(table):
+    text = table.read_text()
+    table.write_text('addons = ["method.teacher"]\n' + text)
+    assert read_table(str(table))["addons"] == ["method.teacher"]
+    table.write_text('addons = ["method.teachr"]\n' + text)
+    with pytest.raises(ConfigError, match="addons: 'method.teachr' is not a config key"):
+        read_table(str(table))
+    table.write_text('addons = "method.teacher"\n' + text)
+    with pytest.raises(ConfigError, match="'addons' must be a list of config keys"):
+        read_table(str(table))
