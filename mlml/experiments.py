@@ -6,6 +6,8 @@ A table is a TOML file in `experiments/tables/`:
     title = "..."
     metrics = ["test/mAP_macro", "test/f1_macro_calibrated"]
     addons = ["method.teacher"]         # optional (before any [section]): add-ons compared with the best row without them
+    [baselines]                         # optional: rows of other tables (their results/<table>.runs.csv) that join
+    single_positive = ["single_positive"]   # the "without" pool of this setting ("<table>" or "<table>/<setting>")
     [profiles.quick]                    # and [profiles.full]
     config = "../configs/quick.toml"    # relative to the table file
     seeds = 3
@@ -471,14 +473,15 @@ def write_table(spec: dict, results: list[dict], results_dir: Path | None, comma
     check_comparable(spec, results)
     md, table_csv = markdown(spec, aggregate(results, spec["metrics"]), command, results, wall)
     metric = spec["metrics"][0]
-    section = addon_section(addon_comparisons(spec, results, metric), selection_key(results[0]), metric) if results else []
+    comparisons = addon_comparisons(spec, results, metric, results_dir or Path("results"))
+    section = addon_section(comparisons, selection_key(results[0]), metric) if results else []
     if section:
         md += "\n".join(section) + "\n"
     if results_dir is not None:
         results_dir.mkdir(parents=True, exist_ok=True)
         (results_dir / f"{spec['name']}.md").write_text(md)
         (results_dir / f"{spec['name']}.csv").write_text(table_csv)
-        (results_dir / f"{spec['name']}.runs.csv").write_text(runs_csv(results, spec["metrics"]))
+        (results_dir / f"{spec['name']}.runs.csv").write_text(runs_csv(spec, results, spec["metrics"]))
     return md
 
 
@@ -648,12 +651,14 @@ def convergence_note(conv: dict[tuple[str, str], RowConvergence], order: list[tu
     return lines
 
 
-def runs_csv(results: list[dict], metrics: list[str]) -> str:
-    """One line per run: its seed, selection metric, convergence (best epoch, slope, gain, flag) and the table's metrics."""
+def runs_csv(spec: dict, results: list[dict], metrics: list[str]) -> str:
+    """One line per run: its seed, split, the add-ons it switched on, selection metric, convergence (best
+    epoch, slope, gain, flag) and the table's metrics; other tables read it for their add-on section."""
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["setting", "method", "seed", "select", "select_value", "epochs", "best_epoch", "window_epochs",
-                     "slope_per_epoch", "gain_over_window", "improving", *metrics])
+    writer.writerow(["setting", "method", "seed", "split_hash", "addons", "select", "select_value", "epochs", "best_epoch",
+                     "window_epochs", "slope_per_epoch", "gain_over_window", "improving", *metrics])
+    keys = list(dict.fromkeys([*ADDONS, *spec.get("addons", [])]))
     for r in sorted(results, key=lambda r: (r["setting"], r["method"], r["seed"])):
         c = convergence(r)
         select = selection_key(r)
@@ -661,7 +666,8 @@ def runs_csv(results: list[dict], metrics: list[str]) -> str:
             c.epochs, c.best_epoch, c.window, "" if c.slope is None else f"{c.slope:.6f}",
             "" if c.gain is None else f"{c.gain:.6f}", c.improving]
         value = r["metrics"].get(select)
-        writer.writerow([r["setting"], r["method"], r["seed"], select, "" if value is None else f"{value:.6f}", *conv,
+        addons = ";".join(k for k in keys if has_addon(r, k, spec))
+        writer.writerow([r["setting"], r["method"], r["seed"], split_of(r), addons, select, "" if value is None else f"{value:.6f}", *conv,
                          *("" if r["metrics"].get(m) is None else f"{r['metrics'][m]:.6f}" for m in metrics)])
     return buf.getvalue()
 
@@ -671,21 +677,28 @@ ADDONS = ("method.teacher", "method.domain_branch")    # a table's `addons` key 
 
 
 def check_addons(spec: dict) -> None:
-    """A table's `addons`, if it has one, must be a list of config keys."""
-    if "addons" not in spec:
-        return
+    """A table's `addons`, if it has one, must be a list of config keys; its `[baselines]`, setting ->
+    list of "<table>" or "<table>/<setting>" whose runs join the add-on section's "without" pool."""
     known = flat(Config().to_dict())
-    addons = spec["addons"]
+    addons = spec.get("addons", [])
     if not isinstance(addons, list) or not all(isinstance(a, str) for a in addons):
         raise ConfigError(f"{spec['path']}: 'addons' must be a list of config keys, e.g. [\"method.teacher\"]; got {addons!r}")
     for key in addons:
         if key not in known:
             raise ConfigError(f"{spec['path']}: addons: {key!r} is not a config key (e.g. {', '.join(ADDONS)})")
+    for setting, refs in spec.get("baselines", {}).items():
+        if setting not in spec["settings"]:
+            raise ConfigError(f"{spec['path']}: baselines: {setting!r} is not a setting of the table; known: {', '.join(spec['settings'])}")
+        if not isinstance(refs, list) or not all(isinstance(r, str) and r for r in refs):
+            raise ConfigError(f"{spec['path']}: baselines.{setting} must be a list of \"<table>\" or \"<table>/<setting>\"; got {refs!r}")
 
 
 def has_addon(result: dict, key: str, spec: dict) -> bool:
     """Whether the run switched on add-on `key` (a config key that is off when empty, e.g. `method.teacher`):
-    from its recorded config, or for runs that recorded none from the table's overrides of its row."""
+    from its recorded config, or for runs that recorded none from the table's overrides of its row (rows read
+    from another table's `.runs.csv` carry the add-ons that table recorded)."""
+    if "addons_on" in result:
+        return key in result["addons_on"]
     if "config" in result:
         return bool(flat(result["config"]).get(key))
     overrides = [*spec.get("settings", {}).get(result["setting"], []), *spec.get("methods", {}).get(result["method"], [])]
@@ -748,13 +761,15 @@ class AddonComparison:
     pairing: str
 
 
-def addon_comparisons(spec: dict, results: list[dict], metric: str) -> list[AddonComparison]:
-    """For each add-on (`spec["addons"]`, else `ADDONS`) and setting where some rows of the table have it and
-    some do not: the best row with it and the best row without it, both chosen on validation."""
+def addon_comparisons(spec: dict, results: list[dict], metric: str, results_dir: Path = Path("results")) -> list[AddonComparison]:
+    """For each add-on (`spec["addons"]`, else `ADDONS`) and setting where some rows have it and some do
+    not: the best row with it and the best row without it, both chosen on validation. The rows are the
+    table's, and those of other tables that `spec["baselines"]` names (their `<table>.runs.csv` in `results_dir`)."""
     if not results:
         return []
     select = selection_key(results[0])
     settings = list(dict.fromkeys(r["setting"] for r in results))
+    extra = [b for setting in settings for b in baseline_runs(spec, setting, results, select, metric, results_dir)]
     out = []
     for key in spec.get("addons", ADDONS):
         for setting in settings:
@@ -762,10 +777,44 @@ def addon_comparisons(spec: dict, results: list[dict], metric: str) -> list[Addo
             for r in results:
                 if r["setting"] == setting:
                     pools[has_addon(r, key, spec)].setdefault(r["method"], []).append(r)
+            for r in extra:                    # other tables' rows are baselines: they join the pool without the add-on only
+                if r["setting"] == setting and not has_addon(r, key, spec):
+                    pools[False].setdefault(r["method"], []).append(r)
             with_it, without = (best_on_validation(pools[on], select, metric) for on in (True, False))
             if with_it and without:
                 out.append(AddonComparison(key, setting, with_it, without, *difference(with_it, without)))
     return out
+
+
+def baseline_runs(spec: dict, setting: str, results: list[dict], select: str, metric: str, results_dir: Path) -> list[dict]:
+    """The runs of other tables that `spec["baselines"][setting]` names ("<table>" for its rows of the same
+    setting, "<table>/<setting>" for another), read from `<results_dir>/<table>.runs.csv`, as rows of
+    `setting` named "<method> (<table>)". Each must share its seed's split with this table's runs of
+    `setting` and have recorded `select` and `metric`; otherwise the error names the file and row."""
+    runs = []
+    splits = {r["seed"]: split_of(r) for r in results if r["setting"] == setting}
+    for ref in spec.get("baselines", {}).get(setting, []):
+        table, _, other = ref.partition("/")
+        path = results_dir / f"{table}.runs.csv"
+        if not path.is_file():
+            raise ConfigError(f"table {spec['name']!r}: baselines of {setting!r} name {ref!r} but {path} does not exist "
+                              f"(`mlml reproduce {table}` or `mlml table runs/{table} --results-dir {results_dir}` writes it)")
+        with open(path, newline="") as f:
+            rows = [row for row in csv.DictReader(f) if row["setting"] == (other or setting)]
+        if not rows:
+            raise ConfigError(f"{path}: no run of setting {other or setting!r} (named by table {spec['name']!r}'s baselines)")
+        for row in rows:
+            where = f"{path}: {row['setting']}/{row['method']} seed{row['seed']}"
+            if row["select"] != select or not row["select_value"] or not row.get(metric):
+                raise ConfigError(f"{where}: it recorded no {select} (validation) and {metric} to be compared")
+            seed = int(row["seed"])
+            if splits.get(seed) != row["split_hash"]:
+                raise ConfigError(f"{where} was made on split {row['split_hash']}, this table's {setting} seed{seed} on "
+                                  f"{splits.get(seed, 'no run')}: they cannot be compared")
+            runs.append({"setting": setting, "method": f"{row['method']} ({table})", "seed": seed, "split_hash": row["split_hash"],
+                         "addons_on": set(filter(None, row["addons"].split(";"))),
+                         "metrics": {select: float(row["select_value"]), metric: float(row[metric])}})
+    return runs
 
 
 def addon_section(comparisons: list[AddonComparison], select: str, metric: str) -> list[str]:
@@ -777,8 +826,8 @@ def addon_section(comparisons: list[AddonComparison], select: str, metric: str) 
              f"validation `{select}` (mean over seeds, shown in brackets; the test metric never chooses), their "
              f"`{metric}` (mean ± sample std over seeds) and the difference with - without ± its standard deviation "
              "over seeds: of the per-seed differences when both rows have the same seeds (paired), else "
-             "sqrt(s_with^2 + s_without^2). \"Without\" is every row of this table in that setting without the add-on; "
-             "a stronger configuration from another table is not in it.", "",
+             "sqrt(s_with^2 + s_without^2). \"Without\" is every row of this table in that setting without the add-on, "
+             "and the rows of other tables it names as baselines (\"method (table)\"), on the same splits.", "",
              "| add-on | setting | best with it (val) | test | best without it (val) | test | with - without | diff / std | pairing |",
              "|---|---|---|---|---|---|---|---|---|"]
     for c in comparisons:

@@ -361,9 +361,9 @@ def test_the_table_shows_convergence_per_row_and_lists_the_rows_still_improving(
     assert "sp,rising,convergence/slope_per_epoch,0.005000,0.007071,2" in table_csv
     assert "sp,flat,convergence/best_epoch,7.000000,0.000000,2" in table_csv
     runs = (tmp_path / "results" / "tiny.runs.csv").read_text().splitlines()
-    assert runs[0].startswith("setting,method,seed,select,select_value,epochs,best_epoch,window_epochs,slope_per_epoch,gain_over_window,improving")
-    assert "sp,rising,0,val/mAP_macro,0.610000,12,12,3,0.010000,0.030000,True,0.600000" in runs
-    assert "sp,rising,1,val/mAP_macro,0.500000,12,1,3,0.000000,0.000000,False,0.600000" in runs
+    assert runs[0].startswith("setting,method,seed,split_hash,addons,select,select_value,epochs,best_epoch,window_epochs,slope_per_epoch,gain_over_window,improving")
+    assert "sp,rising,0,s,,val/mAP_macro,0.610000,12,12,3,0.010000,0.030000,True,0.600000" in runs
+    assert "sp,rising,1,s,,val/mAP_macro,0.500000,12,1,3,0.000000,0.000000,False,0.600000" in runs
     flat_md = experiments.write_table(spec, [r for r in results if r["method"] == "flat"], None, "cmd")
     assert "No row is still improving (1 rows)." in flat_md and "Still improving" not in flat_md
 
@@ -448,3 +448,34 @@ def test_a_table_declares_its_add_ons_as_config_keys(table):
     table.write_text('addons = "method.teacher"\n' + text)
     with pytest.raises(ConfigError, match="'addons' must be a list of config keys"):
         read_table(str(table))
+    table.write_text(text + '[baselines]\nsp = ["single_positive"]\n')
+    assert read_table(str(table))["baselines"] == {"sp": ["single_positive"]}
+    table.write_text(text + '[baselines]\nten_percent = ["single_positive"]\n')
+    with pytest.raises(ConfigError, match="baselines: 'ten_percent' is not a setting of the table; known: sp"):
+        read_table(str(table))
+
+
+def test_a_table_may_add_rows_of_another_table_to_the_pool_without_the_add_on(tmp_path):
+    """`[baselines]` names another table whose `.runs.csv` rows (on the same splits) join the "without" pool;
+    rows that recorded the add-on stay out of it."""
+    other_spec = {"name": "other", "title": "o", "metrics": ["test/mAP_macro"], "settings": {}, "methods": {}}
+    other = [curve_run(tmp_path / "other", "sp", "role", s, [0.9, 0.9, 0.9], 0.65 + 0.01 * s) for s in range(3)]
+    other += [curve_run(tmp_path / "other", "sp", "role_teacher", s, [0.99] * 3, 0.5, [TEACHER]) for s in range(3)]
+    experiments.write_table(other_spec, other, tmp_path / "results", "cmd")
+    results = addon_table(tmp_path / "tiny")
+    spec = {"name": "tiny", "settings": {"sp": []}, "baselines": {"sp": ["other"]}}
+    comparisons = {c.addon: c for c in experiments.addon_comparisons(spec, results, "test/mAP_macro", tmp_path / "results")}
+    teacher, branch = comparisons["method.teacher"], comparisons["method.domain_branch"]
+    assert teacher.without.method == "role (other)" and teacher.diff == pytest.approx(0.06) and teacher.pairing == "paired by seed (3)"
+    assert branch.without.method == "role_teacher (other)"          # has the teacher, not the branch
+    spec["baselines"] = {"sp": ["other/elsewhere"]}
+    with pytest.raises(ConfigError, match="other.runs.csv: no run of setting 'elsewhere'"):
+        experiments.addon_comparisons(spec, results, "test/mAP_macro", tmp_path / "results")
+    spec["baselines"] = {"sp": ["missing"]}
+    with pytest.raises(ConfigError, match="baselines of 'sp' name 'missing' but .*missing.runs.csv does not exist"):
+        experiments.addon_comparisons(spec, results, "test/mAP_macro", tmp_path / "results")
+    moved = [{**r, "split_hash": "elsewhere"} if r["method"] == "role" and r["seed"] == 1 else r for r in other]
+    experiments.write_table(other_spec, moved, tmp_path / "results", "cmd")
+    spec["baselines"] = {"sp": ["other"]}
+    with pytest.raises(ConfigError, match=r"sp/role \[split elsewhere\] seed1 was made on split elsewhere, this table's sp seed1 on s: they cannot be compared"):
+        experiments.addon_comparisons(spec, results, "test/mAP_macro", tmp_path / "results")
