@@ -473,8 +473,8 @@ def write_table(spec: dict, results: list[dict], results_dir: Path | None, comma
     check_comparable(spec, results)
     md, table_csv = markdown(spec, aggregate(results, spec["metrics"]), command, results, wall)
     metric = spec["metrics"][0]
-    comparisons = addon_comparisons(spec, results, metric, results_dir or Path("results"))
-    section = addon_section(comparisons, selection_key(results[0]), metric) if results else []
+    comparisons = addon_comparisons(spec, results, metric, results_dir or Path("results"))     # other tables' runs.csv: results/
+    section = addon_section(comparisons, selection_key(results[0]), metric) if comparisons else []
     if section:
         md += "\n".join(section) + "\n"
     if results_dir is not None:
