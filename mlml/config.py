@@ -100,6 +100,7 @@ class ModelConfig:
     backbone: str = "small_cnn"   # see mlml.models.BACKBONES
     width: int = 32               # small_cnn channel width
     stem: str = "small"           # resnets: small (3x3 conv, no max-pool) | imagenet
+    backbone_args: dict = field(default_factory=dict)   # the backbone's own settings (its `Settings`, `mlml list backbones`)
     weights: str = ""             # path of a local state_dict for the backbone; "" = random init
     head: str = "linear"
     dropout: float = 0.0
@@ -170,7 +171,7 @@ def run_dir_for(cfg: Config) -> Path:
 
 
 # Tables whose keys are free (their owner checks them); written inline and replaced, not merged.
-FREE_FORM = ("loss_args", "args", "observation_args", "domain_branch", "teacher")
+FREE_FORM = ("loss_args", "args", "observation_args", "domain_branch", "teacher", "backbone_args")
 
 # Keys that say how a run is executed, not what it computes: they may differ between runs of one
 # config (and are left out of `config_hash`).

@@ -152,6 +152,15 @@ def check_components(cfg: Config) -> None:
 
     check_method_config(cfg.method)
     _check_observation(cfg)
+    _check_backbone(cfg)
+
+
+def _check_backbone(cfg: Config) -> None:
+    from mlml.models.backbones import BACKBONES
+
+    factory = lookup(BACKBONES, cfg.model.backbone, "model.backbone")
+    resolve(getattr(factory, "Settings", None), cfg.model.backbone_args, "model.backbone_args",
+            f"backbone '{cfg.model.backbone}'")
 
 
 def _check_observation(cfg: Config) -> None:

@@ -93,6 +93,6 @@ class MultiLabelModel(nn.Module):
 def build_model(cfg: ModelConfig, label_space: LabelSpace) -> MultiLabelModel:
     backbone = BACKBONES.get(cfg.backbone)(cfg)
     if cfg.weights:
-        load_backbone_weights(backbone, cfg.weights)
+        load_backbone_weights(backbone, cfg.weights, cfg.backbone)
     head = HEADS.get(cfg.head)(backbone.out_dim, label_space, cfg)
     return MultiLabelModel(backbone, head).to(memory_format=torch.channels_last)
