@@ -123,7 +123,7 @@ def check_state(state: dict[str, torch.Tensor], backbone: nn.Module, where: str)
         if tuple(state[key].shape) != tuple(tensor.shape):
             raise CheckpointError(f"{where}: '{key}' has shape {tuple(state[key].shape)}, the backbone's is "
                                   f"{tuple(tensor.shape)} (a file of another architecture?)")
-    extra = sorted(set(state) - set(own))
+    extra = [k for k in state if k not in own]                          # in the file's order
     if extra:
         raise CheckpointError(f"{where} has '{extra[0]}', which the backbone does not have (a file of another architecture?)")
 
