@@ -2,7 +2,8 @@
 
 Every configurable component declares its settings beside itself as a dataclass named `Settings`
 (a class attribute): a method (`method.args`), the teacher (`method.teacher`), the domain branch
-(`method.domain_branch`), an observation model (`data.observation_args`). A loss declares them as
+(`method.domain_branch`), an observation model (`data.observation_args`), a backbone
+(`model.backbone_args`, on its factory). A loss declares them as
 its keyword parameters: `fn(logits, targets, observed, q: float = 0.05)` has the settings
 `{q: float = 0.05}` (`signature_settings`), so there is no second list to keep in step.
 

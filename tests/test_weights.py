@@ -171,3 +171,25 @@ def test_the_packaged_lite0_weights_convert_and_load(tmp_path):
     assert written["source"]["sha256"].startswith("57934424")          # the file the package names
     model = build_model(ModelConfig(backbone=NAME, weights=str(out)), LabelSpace(tuple("abc")))
     assert torch.equal(model.backbone.state_dict()["head.bn.running_var"], written["state_dict"]["head.bn.running_var"])
+
+
+def test_the_pretrained_profile_trains_from_a_weight_file_and_its_checkpoint_stands_alone(tmp_path):
+    """The profile's config loads; a run starts from the weight file, and `predict` needs only best.pt."""
+    from mlml.config import load_config
+    from mlml.inference import load_predictor
+    from mlml.trainer import train
+    from tests.conftest import TINY as TINY_RUN
+
+    profile = load_config("experiments/configs/pretrained.toml")
+    assert (profile.model.backbone, profile.model.weights) == (NAME, "weights/efficientnet_lite0.pt")
+    torch.manual_seed(1)
+    start = EfficientNetLite().state_dict()
+    weights = tmp_path / "lite0.pt"
+    save_checkpoint({"kind": KIND, "backbone": NAME, "state_dict": start}, weights)
+    cfg = load_config("experiments/configs/pretrained.toml",
+                      [*TINY_RUN, "data.n_train=64", "data.n_val=32", "data.n_test=32", "optim.epochs=1", f"model.weights={weights}",
+                       "model.backbone_args={freeze = true}"])
+    train(cfg, tmp_path / "run")
+    weights.unlink()
+    predictor = load_predictor(tmp_path / "run" / "checkpoints" / "best.pt")
+    assert torch.equal(predictor.model.backbone.state_dict()["blocks.7.depthwise.conv.weight"], start["blocks.7.depthwise.conv.weight"])

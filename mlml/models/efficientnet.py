@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from mlml.config import ModelConfig
 from mlml.models.backbones import BACKBONES
@@ -151,7 +152,7 @@ class EfficientNetLite(nn.Module):
         super().train(mode and not self.freeze)
         if mode and self.freeze_bn:
             for m in self.modules():
-                if isinstance(m, nn.BatchNorm2d):
+                if isinstance(m, _BatchNorm):          # SyncBatchNorm too (model.sync_bn)
                     m.eval()
         return self
 
