@@ -101,7 +101,7 @@ class ModelConfig:
     width: int = 32               # small_cnn channel width
     stem: str = "small"           # resnets: small (3x3 conv, no max-pool) | imagenet
     backbone_args: dict = field(default_factory=dict)   # the backbone's own settings (its `Settings`, `mlml list backbones`)
-    weights: str = ""             # path of a local state_dict for the backbone; "" = random init
+    weights: str = ""             # backbone weights: a file of `mlml weights convert` or a plain state_dict; "" = random init
     head: str = "linear"
     dropout: float = 0.0
     sync_bn: bool = False         # torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)
