@@ -137,6 +137,7 @@ class ModelConfig:
     weights: str = ""             # backbone weights: a file of `mlml weights convert` or a plain state_dict; "" = random init
     head: str = "linear"
     dropout: float = 0.0
+    boostlu: float = 1.0          # BoostLU (Kim et al., CVPR 2023): positive class-activation-map entries x this before pooling; 1 = off
     sync_bn: bool = False         # torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)
     find_unused_parameters: bool = False   # DDP: allow parameters without gradient in a step (or the method says so)
     compile: bool = False         # torch.compile the training forward (GPU; the first steps compile, minutes)
@@ -362,6 +363,7 @@ CHECKS: dict[str, Check] = {
     "model.width": _at_least(1),
     "model.stem": _one_of("small", "imagenet"),
     "model.dropout": _within(0, 1, hi_open=True),
+    "model.boostlu": _above(0),
     "method.pos_weight": _one_of("none", "observed"),
     "optim.name": _one_of(*OPTIMIZERS),
     "optim.lr": _above(0),
@@ -500,18 +502,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), store
 
 
 def _origin(key: str | None, files: list[tuple[Path, dict]], overrides: list[tuple[str, list[str], Any]]) -> str:
-    """Where the value of dotted `key` came from: the last override that set it, else the first file."""
-    if key:
-        parts = key.split("[")[0].split(".")
-        for text, path, _ in reversed(overrides):
-            if path[: len(parts)] == parts or parts[: len(path)] == path:
-                return f"--set {text}"
-        for file, raw in files:                  # the file itself first, then its bases
-            node: Any = raw
-            for part in parts:
-                node = node.get(part) if isinstance(node, dict) else None
-            if node is not None:
-                return str(file)
+    """Where the value of dotted `key` came from: the last override that set it, else the file that
+    did; a key of a source's table that nothing set (a required one) comes from `data.source`."""
+    if not key:
+        return str(files[0][0]) if files else "config"
+    parts = key.split("[")[0].split(".")
+    for text, path, _ in reversed(overrides):
+        if path[: len(parts)] == parts or parts[: len(path)] == path:
+            return f"--set {text}"
+    for file, raw in files:                      # the file itself first, then its bases
+        node: Any = raw
+        for part in parts:
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            return str(file)
+    if parts[0] == "data" and len(parts) > 2:
+        return _origin("data.source", files, overrides)
     return str(files[0][0]) if files else "config"
 
 

@@ -47,6 +47,10 @@ class SmallCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
 
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The last conv layer's output (B, 4w, H/4, W/4), before the global average pool."""
+        return self.features[:-2](x)
+
 
 @BACKBONES.register("small_cnn")
 def small_cnn(cfg: ModelConfig) -> nn.Module:
@@ -79,6 +83,22 @@ def resnet50(cfg: ModelConfig) -> nn.Module:
 
 
 resnet18.Settings = resnet50.Settings = NoSettings
+
+
+def feature_map(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The backbone's spatial features (B, D, h, w), whose mean over (h, w) is `backbone(x)` (B, D).
+
+    For heads that score every location (a class activation map, `model.boostlu`): a backbone
+    provides it as a `feature_map(x)` method; torchvision's ResNets are read up to `layer4`.
+    """
+    if hasattr(backbone, "feature_map"):
+        return backbone.feature_map(x)
+    if isinstance(backbone, torchvision.models.ResNet):
+        b = backbone
+        x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
+        return b.layer4(b.layer3(b.layer2(b.layer1(x))))
+    raise ValueError(f"backbone {type(backbone).__name__} has no feature_map(x) -> (B, D, h, w), which "
+                     "model.boostlu needs; give it one or set model.boostlu = 1")
 
 
 def load_backbone_weights(backbone: nn.Module, path: str, name: str) -> None:
