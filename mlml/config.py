@@ -133,7 +133,8 @@ class ModelConfig:
     backbone: str = "small_cnn"   # see mlml.models.BACKBONES
     width: int = 32               # small_cnn channel width
     stem: str = "small"           # resnets: small (3x3 conv, no max-pool) | imagenet
-    weights: str = ""             # path of a local state_dict for the backbone; "" = random init
+    backbone_args: dict = field(default_factory=dict)   # the backbone's own settings (its `Settings`, `mlml list backbones`)
+    weights: str = ""             # backbone weights: a file of `mlml weights convert` or a plain state_dict; "" = random init
     head: str = "linear"
     dropout: float = 0.0
     boostlu: float = 1.0          # BoostLU (Kim et al., CVPR 2023): positive class-activation-map entries x this before pooling; 1 = off
@@ -207,7 +208,7 @@ def run_dir_for(cfg: Config) -> Path:
 
 
 # Tables whose keys are free (their owner checks them); written inline and replaced, not merged.
-FREE_FORM = ("loss_args", "args", "observation_args", "domain_branch", "teacher")
+FREE_FORM = ("loss_args", "args", "observation_args", "domain_branch", "teacher", "backbone_args")
 
 # Keys that say how a run is executed, not what it computes: they may differ between runs of one
 # config (and are left out of `config_hash`).

@@ -2,7 +2,8 @@
 
 Every configurable component declares its settings beside itself as a dataclass named `Settings`
 (a class attribute): a method (`method.args`), the teacher (`method.teacher`), the domain branch
-(`method.domain_branch`), an observation model (`data.observation_args`). A loss declares them as
+(`method.domain_branch`), an observation model (`data.observation_args`), a backbone
+(`model.backbone_args`, on its factory). A loss declares them as
 its keyword parameters: `fn(logits, targets, observed, q: float = 0.05)` has the settings
 `{q: float = 0.05}` (`signature_settings`), so there is no second list to keep in step. A data
 source factory `fn(data: DataConfig, settings: S) -> source` declares them as the dataclass `S`
@@ -163,6 +164,15 @@ def check_components(cfg: Config) -> None:
     check_method_config(cfg.method)
     resolve_sources(cfg.data)
     _check_observation(cfg)
+    _check_backbone(cfg)
+
+
+def _check_backbone(cfg: Config) -> None:
+    from mlml.models.backbones import BACKBONES
+
+    factory = lookup(BACKBONES, cfg.model.backbone, "model.backbone")
+    resolve(getattr(factory, "Settings", None), cfg.model.backbone_args, "model.backbone_args",
+            f"backbone '{cfg.model.backbone}'")
 
 
 # ------------------------------------------------------------------ data sources: [data.<name>]

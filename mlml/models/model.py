@@ -119,7 +119,7 @@ class MultiLabelModel(nn.Module):
 def build_model(cfg: ModelConfig, label_space: LabelSpace) -> MultiLabelModel:
     backbone = BACKBONES.get(cfg.backbone)(cfg)
     if cfg.weights:
-        load_backbone_weights(backbone, cfg.weights)
+        load_backbone_weights(backbone, cfg.weights, cfg.backbone)
     head = HEADS.get(cfg.head)(backbone.out_dim, label_space, cfg)
     if cfg.boostlu != 1.0 and not hasattr(head, "forward_map"):
         raise ValueError(f"model.boostlu = {cfg.boostlu} needs a head that scores every location (forward_map), "
