@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> dict:
         out["synthetic_render_images_per_s"] = render_rate(args.size)
         train = consumption(args.size, args.batch, args.steps, str(base / "run"))
         sources = {
-            "folder": ["data.source=folder", f"data.root={root}", f"data.store={base / 'store'}", f"data.image_size={args.size}",
+            "folder": ["data.source=folder", f"data.folder.root={root}", f"data.store={base / 'store'}", f"data.folder.image_size={args.size}",
                        f"data.n_train={args.photos - 2}", "data.n_val=1", "data.n_test=1"],
             "synthetic": ["data.source=synthetic", f"data.synthetic.image_size={args.size}", f"data.n_train={args.synthetic}",
                           "data.n_val=1", "data.n_test=1"],

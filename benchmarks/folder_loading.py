@@ -46,7 +46,7 @@ def epoch_rate(root: Path, store: Path, workers: int, args: argparse.Namespace) 
     from mlml.data.pipeline import build_data
 
     cfg = load_config(None, [
-        "data.source=folder", f"data.root={root}", f"data.store={store}", f"data.image_size={args.size}",
+        "data.source=folder", f"data.folder.root={root}", f"data.store={store}", f"data.folder.image_size={args.size}",
         f"data.n_train={args.n - 2}", "data.n_val=1", "data.n_test=1", f"data.batch_size={args.batch}",
         f"data.num_workers={workers}",
     ])
@@ -83,7 +83,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--classes", type=int, default=20)
-    p.add_argument("--size", type=int, default=112, help="data.image_size")
+    p.add_argument("--size", type=int, default=112, help="data.folder.image_size")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2, 4])
     p.add_argument("--repeats", type=int, default=3, help="timed epochs per worker count (the best is reported)")

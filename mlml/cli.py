@@ -91,21 +91,21 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     files = export_synthetic(cfg.data, Path(args.out), args.n, args.format)
-    size = cfg.data.synthetic.image_size
+    size = cfg.data.settings("synthetic").image_size
     print(f"wrote {args.n} images to {files['folder']}; annotations {files['annotations']}; labels {files['label_names']}")
     print("train on them with, e.g.:")
-    print(f"  mlml train --set data.source=annotations --set data.annotations={files['annotations']} "
-          f"--set data.label_names={files['label_names']} --set data.image_size={size}")
-    print(f"  mlml train --set data.source=folder --set data.root={files['folder']} --set data.image_size={size}")
+    print(f"  mlml train --set data.source=annotations --set data.annotations.file={files['annotations']} "
+          f"--set data.annotations.label_names={files['label_names']} --set data.annotations.image_size={size}")
+    print(f"  mlml train --set data.source=folder --set data.folder.root={files['folder']} --set data.folder.image_size={size}")
     return 0
 
 
 def cmd_data_index(args: argparse.Namespace) -> int:
     from mlml.config import load_config
-    from mlml.data.pipeline import SOURCES
+    from mlml.data.pipeline import build_source
 
     cfg = load_config(args.config, args.overrides)
-    source = SOURCES.get(cfg.data.source)(cfg.data)
+    source = build_source(cfg.data)
     labels = source.labels
     summary = {
         "source": cfg.data.source,
@@ -226,6 +226,7 @@ def describe(name: str, component, settings_key: str, cls: type | None = None) -
 def cmd_list(args: argparse.Namespace) -> int:
     from mlml.methods.domain import DomainBranchSettings
     from mlml.methods.teacher import TeacherSettings
+    from mlml.settings import source_settings_class
 
     keys = {"methods": "method.args", "losses": "method.loss_args", "observations": "data.observation_args"}
     chosen = list(registries()) if args.what == "all" else [args.what]
@@ -234,6 +235,11 @@ def cmd_list(args: argparse.Namespace) -> int:
         registry, key = registries()[what]
         lines.append(f"{what} ({key}):")
         for name in registry.names():
+            if what == "sources":          # a source's settings: the dataclass of its factory, table [data.<name>]
+                cls = source_settings_class(registry.get(name))
+                lines += describe(name, registry.get(name), f"data.{name}", cls) if cls else (
+                    describe(name, registry.get(name), "") + [f"      data.{name}: untyped (passed as a dict)"])
+                continue
             lines += describe(name, registry.get(name), keys.get(what, ""))
         if what == "methods":
             lines.append("  parts any method switches on:")
@@ -287,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--split", default="test", choices=["val", "test"])
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="change a key of the run's config, e.g. where its data is here: --set data.root=/data/coco")
+                   help="change a key of the run's config, e.g. where its data is here: --set data.coco.root=/data/coco")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:1 | auto")
     p.add_argument("--predictions", help="also write each image's predictions (.jsonl or .csv), as mlml predict does")
     p.set_defaults(fn=cmd_eval)

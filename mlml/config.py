@@ -21,9 +21,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
-
-from mlml.data.synthetic import SyntheticConfig
+from typing import Any, Callable, ClassVar
 
 
 class ConfigError(ValueError):
@@ -56,7 +54,14 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"
+    """`[data]`: what every source shares. A source's own settings live in the table named after it
+    (`[data.synthetic]`, `[data.annotations]`, a plug-in's `[data.<name>]`), typed by the settings
+    dataclass beside the source (`mlml.settings.source_settings_class`) and held in `sources`."""
+
+    # Tables of `[data]` that are not keys of its own: each is the settings table of the source of its name.
+    NESTED: ClassVar[str] = "sources"
+
+    source: str = "synthetic"     # see `mlml list sources`; its settings: [data.<source>]
     n_train: int = 6000           # split sizes; a source with its own splits is capped at them (a random
     n_val: int = 1500             # subset of data_seed), -1 = the whole split
     n_test: int = 3000
@@ -68,31 +73,59 @@ class DataConfig:
     val_labels: str = "full"      # full | observed: what validation metrics (and model selection) see
     augment: str = "flip_crop"    # none | flip_crop (the weak view; methods may ask for "strong" too)
     batch_size: int = 128         # global batch per optimiser step: split over ranks, then micro-batches
-    # With unlabelled training images (observation_args.labelled_fraction < 1): unlabelled images per
-    # labelled one in each batch; 0 trains on the labelled images only. See MixedBatchSampler.
+    # With unlabelled training images (observation_args.labelled_fraction < 1, or a mixed source's
+    # unlabelled members): unlabelled images per labelled one in each batch; 0 trains on the labelled
+    # images only. See MixedBatchSampler.
     unlabelled_ratio: float = 0.0
     num_workers: int = 0
     groups: dict = field(default_factory=dict)   # group name -> overrides of the source's groups (mlml.labels.configure_groups)
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    root: str = ""                # folder, recolour: the folder of class folders; annotations: what
-                                  # image paths are relative to ("" = the annotation file's folder)
-    annotations: str | dict = ""  # annotations (and recolour over annotations): .csv or .jsonl file, or one
-                                  # per split {train = "...", val = "...", test = "..."}; the formats' files
-    confidence_threshold: float = 0.5   # tencent: a listed label with at least this confidence is positive
     split_file: str = ""          # file sources: .csv (path,split) or .json ({split: [paths]}) fixing the splits
     eval_labels: str = "auto"     # complete | annotated (metrics on listed positives and negatives only) |
                                   # auto (annotated when the source lists negatives, else complete)
-    allow_outside_root: bool = False   # file sources: accept image paths that lead outside data.root (../x.png, /abs)
-    label_names: str = ""         # annotations: .txt or .json label names file
-    image_size: int = 64          # file sources: images decoded to (3, S, S), centre square
     store: str = ""               # file sources: index cache directory ("" = under $MLML_CACHE)
-    colours: int = 6              # recolour: number of colour classes (see mlml.data.recolour)
     strict: bool = False          # an unreadable image stops the run (default: skipped and counted)
-    # source = "mixed" (mlml.data.mixed): these sources concatenated, each image's domain its source's index
-    mixed: list[str] = field(default_factory=list)         # e.g. ["synthetic", "annotations"]
-    mixed_eval: int = -1          # validation and test images come from this member (-1: the last)
-    mixed_train: list[int] = field(default_factory=list)   # training images per member ([] = at random from all)
-    mixed_unlabelled: list[int] = field(default_factory=list)  # members whose training images carry no labels
+    # source name -> its settings ([data.<name>]): the tables the config gives and those of the sources
+    # it uses, resolved into their dataclasses when the config is loaded (`mlml.settings.resolve_sources`).
+    sources: dict[str, Any] = field(default_factory=dict)
+
+    def settings(self, source: str | None = None) -> Any:
+        """The resolved settings of `source` (default: `data.source`), its defaults when the config sets none."""
+        return importlib.import_module("mlml.settings").source_settings(self, source or self.source)
+
+
+# Keys of `[data]` before source settings moved into `[data.<source>]`: old key -> its new spelling
+# ("<source>" = the configured source, or the member source that reads it). Stored configs of older
+# runs are upgraded (`mlml.settings.upgrade_stored_config`); a config file that uses them is an error.
+MOVED_DATA_KEYS = {
+    "root": "data.<source>.root",
+    "annotations": "data.<source>.file",
+    "label_names": "data.<source>.label_names",
+    "image_size": "data.<source>.image_size",
+    "allow_outside_root": "data.<source>.allow_outside_root",
+    "confidence_threshold": "data.tencent.confidence_threshold",
+    "colours": "data.recolour.colours",
+    "mixed": "data.mixed.sources",
+    "mixed_eval": "data.mixed.eval",
+    "mixed_train": "data.mixed.train",
+    "mixed_unlabelled": "data.mixed.unlabelled",
+}
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def moved_data_key(key: str, value: Any, source: str) -> str | None:
+    """The new spelling of `data.<key>` when it is an old flat key of a source's settings, else None.
+
+    `annotations` and `mixed` are also source names: their tables are new spellings, a string,
+    a list or a table of split files the old ones.
+    """
+    if key not in MOVED_DATA_KEYS:
+        return None
+    if key in ("annotations", "mixed") and isinstance(value, dict) and not (key == "annotations" and value and set(value) <= set(SPLIT_NAMES)):
+        return None
+    if source == "voc" and key == "annotations":
+        return "data.voc.image_sets"
+    reader = source if source not in ("synthetic", "mixed", "recolour") else "annotations"   # a file source reads it
+    return MOVED_DATA_KEYS[key].replace("<source>", reader)
 
 
 @dataclass
@@ -155,7 +188,10 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The config as nested dicts, spelled as in TOML: each source's settings under `data.<source>`."""
+        out = dataclasses.asdict(self)
+        out["data"] = nest_tables(DataConfig, out["data"])
+        return out
 
     def method_label(self) -> str:
         if self.run.method_label:
@@ -178,22 +214,58 @@ EXECUTION_KEYS = ("run.threads", "run.progress", "run.out_dir", "run.checkpoint_
                   "run.dist_timeout", "data.store")
 
 
+def nest_tables(cls: type, data: dict) -> dict:
+    """`data` (a dict of dataclass `cls`) with its `NESTED` dict's entries as tables of their own names."""
+    nested = getattr(cls, "NESTED", None)
+    if not nested:
+        return data
+    return {**{k: v for k, v in data.items() if k != nested}, **data.get(nested, {})}
+
+
 def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
-    """Build dataclass `cls` from a nested dict, checking every key and type."""
+    """Build dataclass `cls` from a nested dict, checking every key and type.
+
+    A class with `NESTED` (the name of a dict field) takes every table that is not one of its keys
+    into that field, by name (`[data.synthetic]` -> `DataConfig.sources["synthetic"]`); their owners
+    check them (`mlml.settings.resolve_sources`).
+    """
     if not isinstance(data, dict):
         key = prefix.rstrip(".") or "<root>"
         raise ConfigError(f"'{key}' must be a table, got {type(data).__name__}", key)
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names, key=str)
+    nested = getattr(cls, "NESTED", None)
+    names = {f.name for f in dataclasses.fields(cls)} - {nested}
+    if nested:
+        data = _collect_tables(cls, data, names, prefix)
+    unknown = sorted(set(data) - names - {nested}, key=str)
     if unknown:
-        raise ConfigError(f"unknown config key {prefix + str(unknown[0])!r}; known: {', '.join(sorted(names))}", prefix + str(unknown[0]))
+        tables = f"; or the table of a source: [{prefix}<source>]" if nested else ""
+        raise ConfigError(f"unknown config key {prefix + str(unknown[0])!r}; known: {', '.join(sorted(names))}{tables}",
+                          prefix + str(unknown[0]))
     kwargs = {k: _convert(hints[k], v, prefix + k) for k, v in data.items()}
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as err:      # a dataclass's own checks (__post_init__)
         key = prefix.rstrip(".") or "<root>"
         raise ConfigError(f"config table '{key}': {err}", key) from None
+
+
+def _collect_tables(cls: type, data: dict, names: set[str], prefix: str) -> dict:
+    """`data` with the tables that are not keys of `cls` gathered into its `NESTED` field; an old flat
+    key of a source's settings (`data.image_size`) is an error naming its new spelling."""
+    source = data.get("source", "synthetic")
+    tables = {}
+    for key, value in data.items():
+        if key in names:
+            continue
+        moved = moved_data_key(str(key), value, str(source)) if cls is DataConfig else None
+        if moved:
+            raise ConfigError(f"config key '{prefix}{key}' has moved into the table of the source that reads it: "
+                              f"write '{moved}' (see mlml list sources)", prefix + str(key))
+        if isinstance(value, dict):
+            tables[key] = value
+    rest = {k: v for k, v in data.items() if k not in tables}
+    return {**rest, cls.NESTED: tables} if tables else rest
 
 
 def _convert(tp: Any, value: Any, key: str) -> Any:
@@ -283,12 +355,9 @@ CHECKS: dict[str, Check] = {
     "data.data_seed": _within(0, 2**32, hi_open=True),
     "data.val_labels": _one_of("full", "observed"),
     "data.eval_labels": _one_of("auto", "complete", "annotated"),
-    "data.confidence_threshold": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "data.batch_size": _at_least(1),
     "data.unlabelled_ratio": _at_least(0),
     "data.num_workers": _at_least(0),
-    "data.image_size": _within(8, 1024),
-    "data.mixed_eval": _at_least(-1),
     "model.width": _at_least(1),
     "model.stem": _one_of("small", "imagenet"),
     "model.dropout": _within(0, 1, hi_open=True),
@@ -348,16 +417,13 @@ def validate_config(cfg: Config) -> Config:
     for key, (ok, wanted) in CHECKS.items():
         if not ok(values[key]):
             raise ConfigError(f"config key '{key}' = {values[key]!r} must be {wanted}", key)
-    importlib.import_module("mlml.settings").check_components(cfg)   # components' settings (mlml/settings.py)
+    importlib.import_module("mlml.settings").check_components(cfg)   # components' and sources' settings (mlml/settings.py)
     for key, (module, attr) in REGISTRY_KEYS.items():
         registry = getattr(importlib.import_module(module), attr)
         names = values[key] if isinstance(values[key], list) else [values[key]]
         for name in names:
             if name not in registry and not (key == "data.observation" and name == "auto"):
                 raise ConfigError(f"config key '{key}' = {name!r} is unknown; known: {', '.join(registry.names())}", key)
-    for i, name in enumerate(cfg.data.mixed):
-        if name not in importlib.import_module("mlml.data.pipeline").SOURCES:
-            raise ConfigError(f"config key 'data.mixed[{i}]' = {name!r} is not a known source", "data.mixed")
     if cfg.data.batch_size % cfg.optim.accumulate:
         raise ConfigError(f"config key 'data.batch_size' = {cfg.data.batch_size} must be divisible by "
                           f"optim.accumulate = {cfg.optim.accumulate} (micro-batches per step)", "data.batch_size")
@@ -408,14 +474,18 @@ def merge(base: dict, path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+def load_config(path: str | Path | None = None, overrides: list[str] = (), stored: bool = False) -> Config:
     """Defaults, then the TOML file (which may name a `base` file), then `key=value` overrides.
 
     The result is validated (`validate_config`); an error names the key and where its value came
-    from: the file (or base file) that set it, or the `--set` override.
+    from: the file (or base file) that set it, or the `--set` override. `stored`: the file is the
+    `config.toml` a run wrote, perhaps under an older mlml: keys that have moved since are upgraded
+    (`mlml.settings.upgrade_stored_config`) rather than refused.
     """
     files: list[tuple[Path, dict]] = []
     data = read_toml_with_bases(Path(path), files) if path else {}
+    if stored:
+        data = importlib.import_module("mlml.settings").upgrade_stored_config(data)
     parsed = [(text, *parse_override(text)) for text in overrides]
     for text, key, value in parsed:
         try:

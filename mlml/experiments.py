@@ -44,6 +44,7 @@ from typing import Iterator
 from mlml.config import EXECUTION_KEYS, Config, ConfigError, config_diff, from_dict, load_config, parse_override, run_dir_for
 from mlml.files import FileLock, LockedError
 from mlml.launchers import SlurmLauncher, SlurmResources, launcher_section, run_states, slurm_resources
+from mlml.settings import upgrade_stored_config
 from mlml.tensorboard import write_table_layout
 
 TABLES_DIR = Path(__file__).resolve().parent.parent / "experiments" / "tables"
@@ -103,7 +104,7 @@ def run_dir(run: Run) -> Path:
 
 def check_done_run(run: Run, directory: Path) -> None:
     """A finished run is reused only if it was trained with this run's config (e.g. not another profile's)."""
-    differ = config_diff(load_config(directory / "config.toml"), run_config(run), ignore=EXECUTION_KEYS)
+    differ = config_diff(load_config(directory / "config.toml", stored=True), run_config(run), ignore=EXECUTION_KEYS)
     if differ:
         shown = ", ".join(f"{k} = {saved!r}, wanted {wanted!r}" for k, (saved, wanted) in list(differ.items())[:3])
         raise ConfigError(f"{directory} holds a finished run with another config ({shown}); "
@@ -217,7 +218,9 @@ def read_result(path: Path) -> dict:
         config = path.parent / "config.toml"
         if "config" not in result and config.is_file():
             with open(config, "rb") as f:
-                result["config"] = from_dict(Config, tomllib.load(f)).to_dict()
+                result["config"] = from_dict(Config, upgrade_stored_config(tomllib.load(f))).to_dict()
+        elif "config" in result:             # spelled as today, so runs of older mlml versions compare with new ones
+            result["config"] = upgrade_stored_config(result["config"])
     except FileNotFoundError:                     # a run that has not (yet) written its results
         raise
     except (OSError, ValueError) as err:          # JSON, TOML and config errors are ValueErrors

@@ -209,9 +209,10 @@ def evaluate_checkpoint(path: str | Path, split: str = "test", overrides: Iterab
     from mlml.config import Config, merge, parse_override
     from mlml.data.pipeline import build_data
     from mlml.evaluation import calibrate_thresholds, group_metrics, predict, split_metrics
+    from mlml.settings import upgrade_stored_config
 
     predictor = load_predictor(path, device)
-    raw = json.loads(json.dumps(predictor.config))          # a copy
+    raw = upgrade_stored_config(json.loads(json.dumps(predictor.config)))   # a copy, spelled as today
     for text in overrides:
         merge(raw, *parse_override(text))
     cfg = from_dict(Config, raw)

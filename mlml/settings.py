@@ -4,7 +4,10 @@ Every configurable component declares its settings beside itself as a dataclass 
 (a class attribute): a method (`method.args`), the teacher (`method.teacher`), the domain branch
 (`method.domain_branch`), an observation model (`data.observation_args`). A loss declares them as
 its keyword parameters: `fn(logits, targets, observed, q: float = 0.05)` has the settings
-`{q: float = 0.05}` (`signature_settings`), so there is no second list to keep in step.
+`{q: float = 0.05}` (`signature_settings`), so there is no second list to keep in step. A data
+source factory `fn(data: DataConfig, settings: S) -> source` declares them as the dataclass `S`
+annotating its second parameter (or a `Settings` attribute); they are the table named after the
+source, `[data.<name>]` (`resolve_sources`).
 
 `load_config` (through `mlml.config.validate_config`) calls `check_components`, which looks up
 every named component and resolves its table into its dataclass before any data are built: an
@@ -25,7 +28,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from mlml.config import Config, ConfigError, from_dict
+from mlml.config import Config, ConfigError, DataConfig, from_dict
 
 
 class SettingError(Exception):
@@ -151,7 +154,110 @@ def check_components(cfg: Config) -> None:
     from mlml.methods.base import check_method_config
 
     check_method_config(cfg.method)
+    resolve_sources(cfg.data)
     _check_observation(cfg)
+
+
+# ------------------------------------------------------------------ data sources: [data.<name>]
+def source_settings_class(factory: Any) -> type | None:
+    """The settings dataclass of a source factory: its `Settings` attribute, else the dataclass that
+    annotates its second parameter (`fn(data, settings: S)`); None (its table as a dict) without either."""
+    declared = getattr(factory, "Settings", None)
+    if declared is not None:
+        return declared
+    try:
+        params = list(inspect.signature(factory).parameters.values())
+        hints = typing.get_type_hints(factory.__init__ if inspect.isclass(factory) else factory)
+    except (TypeError, ValueError, NameError):
+        return None
+    tp = hints.get(params[1].name) if len(params) > 1 else None
+    return tp if isinstance(tp, type) and dataclasses.is_dataclass(tp) else None
+
+
+def source_members(settings: Any) -> list[str]:
+    """The sources a source's settings name (a mixed source's members, the source recolour wraps)."""
+    members = getattr(settings, "members", None)
+    return list(members()) if callable(members) else []
+
+
+def resolve_sources(data: DataConfig) -> None:
+    """Resolve the settings of every source `data` uses (`data.source` and the members it names) and
+    of every `[data.<name>]` table it gives, in place, into `data.sources`.
+
+    Raises:
+        SettingsError: a table named after no source, an unknown key in a source's table, a wrong
+            type or a value out of range, naming the dotted key (`data.<source>.<key>`).
+    """
+    from mlml.data.pipeline import SOURCES
+
+    todo = [(data.source, "data.source")] + [(name, f"data.{name}") for name in data.sources]
+    done: set[str] = set()
+    while todo:
+        name, key = todo.pop(0)
+        if name in done:
+            continue
+        done.add(name)
+        if name not in SOURCES:
+            if key == f"data.{name}":
+                raise SettingsError(key, f"unknown config key '{key}': not a key of [data] nor the table of a known source; "
+                                         f"sources: {', '.join(SOURCES.names())}")
+            raise SettingsError(key, f"config key '{key}' = {name!r} is not a known source; known: {', '.join(SOURCES.names())}")
+        data.sources[name] = settings = _resolve_source(data, name)
+        todo += [(member, f"data.{name}") for member in source_members(settings)]
+
+
+def _resolve_source(data: DataConfig, name: str) -> Any:
+    from mlml.data.pipeline import SOURCES
+
+    table = data.sources.get(name, {})
+    if dataclasses.is_dataclass(table) and not isinstance(table, type):
+        table = dataclasses.asdict(table)           # resolved before (and maybe changed since): check it again
+    return resolve(source_settings_class(SOURCES.get(name)), table, f"data.{name}", f"source '{name}'")
+
+
+def source_settings(data: DataConfig, name: str) -> Any:
+    """The settings of source `name` in `data` (`DataConfig.settings`): resolved when the config was
+    loaded; resolved now (and kept in `data.sources`) for a config built in code."""
+    from mlml.data.pipeline import SOURCES
+
+    cls = source_settings_class(lookup(SOURCES, name, "data.source"))
+    held = data.sources.get(name)
+    if held is None or not (cls is None or isinstance(held, cls)):
+        data.sources[name] = held = _resolve_source(data, name)
+    return held
+
+
+def upgrade_stored_config(raw: dict) -> dict:
+    """A config stored by an mlml before source settings nested under `[data.<source>]` (flat
+    `data.root`, `data.image_size`, ..., `config.toml` of a run, a checkpoint's config) in today's
+    spelling; a config without old keys is returned unchanged. Each old key goes to the table of
+    every source the run used that takes it; keys no used source read are dropped (they did not
+    affect the run). A config file a person writes is not upgraded: its old keys are errors that
+    name the new spelling (`mlml.config.moved_data_key`)."""
+    from mlml.config import MOVED_DATA_KEYS, moved_data_key
+    from mlml.data.pipeline import SOURCES
+
+    data = dict(raw.get("data", {}))
+    source = str(data.get("source", "synthetic"))
+    old = {k: data.pop(k) for k in list(data) if moved_data_key(k, data[k], source)}
+    if not old:
+        return raw
+    renamed = {"annotations": "file", "mixed": "sources", "mixed_eval": "eval", "mixed_train": "train", "mixed_unlabelled": "unlabelled"}
+    used = [source] + (list(old.get("mixed", [])) if source == "mixed" else [])
+    tables: dict[str, dict] = {}
+    if "recolour" in used:                       # it wrapped the annotation source when one was given, else the folder
+        tables["recolour"] = {"source": "annotations" if old.get("annotations") else "folder"}
+        used.append(tables["recolour"]["source"])
+    for name in used:
+        if isinstance(data.get(name), dict):     # a table it had already (data.synthetic)
+            continue
+        cls = source_settings_class(SOURCES.get(name)) if name in SOURCES else None
+        fields = {f.name for f in dataclasses.fields(cls)} if cls else set()
+        for key, value in old.items():
+            new = "image_sets" if (name, key) == ("voc", "annotations") else renamed.get(key, key)
+            if new in fields and key in MOVED_DATA_KEYS:
+                tables.setdefault(name, {})[new] = value
+    return {**raw, "data": {**data, **tables}}
 
 
 def _check_observation(cfg: Config) -> None:

@@ -75,6 +75,7 @@ from mlml.inference import inference_metadata
 from mlml.methods import Method, MethodContext, build_method, method_views
 from mlml.models import build_model
 from mlml.provenance import environment
+from mlml.settings import upgrade_stored_config
 from mlml.tensorboard import RunLogger
 
 PREEMPTED_EXIT_CODE = 75      # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after writing last.pt; run again with --resume
@@ -588,7 +589,7 @@ def find_resume_checkpoint(run_dir: Path, resume: bool) -> tuple[Path, dict] | N
 
 def check_resume_config(ckpt: dict, cfg: Config, path: Path, allow_change: bool) -> None:
     """Refuse to continue a checkpoint under another config (naming the keys) unless `allow_change`."""
-    differ = config_differences(ckpt["config"], cfg.to_dict())
+    differ = config_differences(upgrade_stored_config(ckpt["config"]), cfg.to_dict())
     if not differ:
         return
     if allow_change:

@@ -51,10 +51,10 @@ def test_csv_and_jsonl_give_the_same_rows(tmp_path):
     ("a.txt", "x.png cat\n", "a.txt:1", "must end in .csv or .jsonl"),
     ("a.csv", "path,positives\nx.png,cat\ny.png,dog\n./x.png,sofa\n", "a.csv:4", "'./x.png' is listed twice, first on line 2"),
     ("a.jsonl", '{"path": "d/x.png"}\n{"path": "d//x.png", "positives": ["cat"]}\n', "a.jsonl:2", "listed twice, first on line 1"),
-    ("a.csv", "path,positives\n../../etc/x.png,cat\n", "a.csv:2", "'../../etc/x.png' leads outside data.root"),
-    ("a.csv", "path,positives\nd/../../x.png,cat\n", "a.csv:2", "leads outside data.root"),
-    ("a.jsonl", '{"path": "/etc/x.png"}\n', "a.jsonl:1", "'/etc/x.png' leads outside data.root .*allow_outside_root = true"),
-    ("a.jsonl", '{"path": "."}\n', "a.jsonl:1", "leads outside data.root"),
+    ("a.csv", "path,positives\n../../etc/x.png,cat\n", "a.csv:2", "'../../etc/x.png' leads outside the root"),
+    ("a.csv", "path,positives\nd/../../x.png,cat\n", "a.csv:2", "leads outside the root"),
+    ("a.jsonl", '{"path": "/etc/x.png"}\n', "a.jsonl:1", "'/etc/x.png' leads outside the root .*allow_outside_root = true"),
+    ("a.jsonl", '{"path": "."}\n', "a.jsonl:1", "leads outside the root"),
     ("a.jsonl", '{"path": "x\\u0000.png"}\n', "a.jsonl:1", "NUL character"),
     ("a.jsonl", '{"path": "x\\ud800.png"}\n', "a.jsonl:1", "not valid Unicode"),
     ("a.csv", "path,positives,path\nx.png,cat,y.png\n", "a.csv:1", "names a column twice"),
@@ -86,16 +86,16 @@ def test_paths_inside_the_root_are_accepted_and_outside_ones_only_when_allowed(t
 
 def test_allow_outside_root_is_part_of_the_cached_index(tmp_path):
     from mlml.config import load_config
-    from mlml.data.pipeline import SOURCES
+    from mlml.data.pipeline import build_source
 
     labels = write(tmp_path / "labels.txt", "cat\n")
     (tmp_path / "root").mkdir()
     ann = write(tmp_path / "a.csv", "path,positives\n../elsewhere/1.png,cat\n")
-    over = [f"data.annotations={ann}", f"data.label_names={labels}", f"data.root={tmp_path / 'root'}", f"data.store={tmp_path / 's'}"]
-    source = SOURCES.get("annotations")(load_config(None, [*over, "data.allow_outside_root=true"]).data)
+    over = ["data.source=annotations", f"data.annotations.file={ann}", f"data.annotations.label_names={labels}", f"data.annotations.root={tmp_path / 'root'}", f"data.store={tmp_path / 's'}"]
+    source = build_source(load_config(None, [*over, "data.annotations.allow_outside_root=true"]).data)
     assert source.path(0) == tmp_path / "root" / "../elsewhere/1.png"
-    with pytest.raises(AnnotationError, match="leads outside data.root"):      # the index built with the opt-in is not reused
-        SOURCES.get("annotations")(load_config(None, over).data)
+    with pytest.raises(AnnotationError, match="leads outside the root"):      # the index built with the opt-in is not reused
+        build_source(load_config(None, over).data)
 
 
 @pytest.mark.parametrize("text, reason", [

@@ -151,7 +151,7 @@ def test_shortcut_scenario_styles_training_images_by_collection():
     assert np.array_equal(domains, plain.observation.domain(train_rows))
     assert 0.3 < agreement(test_rows, data.observation.domain(test_rows)) < 0.7     # test: unrelated
     # The default data is untouched: no styles unless asked for.
-    source = SyntheticSource(cfg.data.synthetic, len(plain.source), cfg.data.data_seed)
+    source = SyntheticSource(cfg.data.settings("synthetic"), len(plain.source), cfg.data.data_seed)
     assert torch.equal(plain.image(int(train_rows[0])), source.image(int(train_rows[0])))
     assert not torch.equal(data.image(int(train_rows[0])), source.image(int(train_rows[0])))
 

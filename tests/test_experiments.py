@@ -118,9 +118,10 @@ def test_grouped_heads_table_builds_every_run(tmp_path):
         assert len(runs) == len(spec["settings"]) * len(spec["methods"])
         for run in runs:
             cfg = load_config(run.config, list(run.overrides))
-            assert cfg.data.synthetic.max_objects == 1 and cfg.data.synthetic.num_patterns == 3
+            synthetic = cfg.data.settings("synthetic")
+            assert synthetic.max_objects == 1 and synthetic.num_patterns == 3
             assert (cfg.model.head == "grouped") == cfg.method.name.startswith("grouped"), run.method
-            assert synthetic_label_space(cfg.data.synthetic).group("pattern").has_unknown
+            assert synthetic_label_space(synthetic).group("pattern").has_unknown
             assert cfg.data.groups == ({"pattern": {"has_unknown": False}} if run.method == "grouped_no_unknown" else {})
 
 

@@ -44,8 +44,8 @@ def test_export_images_folder_is_an_imagenet_style_folder(exported, tmp_path):
 
 
 def train_args(exported, out, *extra):
-    return ["train", *sets(*TINY, "data.source=annotations", f"data.annotations={exported / 'annotations.jsonl'}",
-                       f"data.label_names={exported / 'labels.json'}", "data.image_size=16", f"data.store={out}-store",
+    return ["train", *sets(*TINY, "data.source=annotations", f"data.annotations.file={exported / 'annotations.jsonl'}",
+                       f"data.annotations.label_names={exported / 'labels.json'}", "data.annotations.image_size=16", f"data.store={out}-store",
                        "data.n_train=96", "data.n_val=32", "data.n_test=32", "data.batch_size=16", "optim.epochs=1", *extra),
             "--out", str(out)]
 
@@ -83,19 +83,19 @@ def test_a_bad_annotation_line_stops_before_training(exported, tmp_path, capsys)
     lines[41] = '{"path": "images/x.png", "positives": ["red", "unicorn"]}'
     bad.write_text("\n".join(lines) + "\n")
     args = train_args(exported, tmp_path / "run")
-    args[args.index(f"data.annotations={exported / 'annotations.jsonl'}")] = f"data.annotations={bad}"
+    args[args.index(f"data.annotations.file={exported / 'annotations.jsonl'}")] = f"data.annotations.file={bad}"
     capsys.readouterr()
     assert main(args) == 2
     assert f"{bad}:42: unknown label 'unicorn'" in capsys.readouterr().err
     assert not (tmp_path / "run" / "checkpoints").exists()
-    assert main([*args[:-2], "--set", "data.annotations=", "--out", str(tmp_path / "r2")]) == 2
-    assert "data.source = 'annotations' needs data.annotations" in capsys.readouterr().err
+    assert main([*args[:-2], "--set", "data.annotations.file=", "--out", str(tmp_path / "r2")]) == 2
+    assert "config key 'data.annotations.file' must be an annotation file" in capsys.readouterr().err
 
 
 def test_data_index_prints_a_summary(exported, tmp_path, capsys):
     capsys.readouterr()
-    assert main(["data", "index", *sets("data.source=annotations", f"data.annotations={exported / 'annotations.jsonl'}",
-                                        f"data.label_names={exported / 'labels.json'}", f"data.store={tmp_path / 's'}")]) == 0
+    assert main(["data", "index", *sets("data.source=annotations", f"data.annotations.file={exported / 'annotations.jsonl'}",
+                                        f"data.annotations.label_names={exported / 'labels.json'}", f"data.store={tmp_path / 's'}")]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["images"] == N and summary["groups"] == {"colour": 6, "object": 8} and summary["known_negatives"] == 0
     assert summary["positives"] == int(SyntheticSource(SyntheticConfig(image_size=16), N, 0).labels.indptr[-1])

@@ -58,7 +58,7 @@ def test_folder_classes_are_the_single_positive(tmp_path):
 
 
 def folder_config(tmp_path, root, *extra):
-    return tiny_config("data.source=folder", f"data.root={root}", "data.image_size=16", f"data.store={tmp_path / 'store'}",
+    return tiny_config("data.source=folder", f"data.folder.root={root}", "data.folder.image_size=16", f"data.store={tmp_path / 'store'}",
                        "data.n_train=12", "data.n_val=3", "data.n_test=3", "data.batch_size=4", *extra)
 
 
@@ -92,7 +92,7 @@ def test_recolour_over_a_folder(tmp_path):
     from mlml.data.recolour import dominant_hue, nearest_colour
 
     root = make_folder(tmp_path / "photos")
-    data = build_data(folder_config(tmp_path, root, "data.source=recolour", "data.colours=4").data)
+    data = build_data(folder_config(tmp_path, root, "data.source=recolour", "data.recolour.colours=4").data)
     space = data.label_space
     assert space.names == ("red", "yellow", "green", "cyan", *CLASSES) and [g.name for g in space.groups] == ["colour", "object"]
     assert (tmp_path / "store" / "recolour-k4-seed0" / "meta.json").exists()         # cached beside the folder index

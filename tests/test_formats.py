@@ -8,7 +8,7 @@ import pytest
 from mlml.data.annotations import AnnotationError
 from mlml.data.formats import coco
 from mlml.data.formats.voc import CLASSES
-from mlml.data.pipeline import SOURCES
+from mlml.data.pipeline import build_source
 from tests.conftest import tiny_config
 
 
@@ -19,8 +19,8 @@ def write(path, text):
 
 
 def source(tmp_path, name, *overrides):
-    cfg = tiny_config(f"data.source={name}", "data.image_size=16", f"data.store={tmp_path / ('store-' + name)}", *overrides)
-    return SOURCES.get(name)(cfg.data)
+    cfg = tiny_config(f"data.source={name}", f"data.{name}.image_size=16", f"data.store={tmp_path / ('store-' + name)}", *overrides)
+    return build_source(cfg.data)
 
 
 def csv_source(tmp_path, names, rows, root):
@@ -28,8 +28,8 @@ def csv_source(tmp_path, names, rows, root):
     write(tmp_path / "csv" / "labels.txt", "\n".join(names) + "\n")
     lines = ["path,positives,negatives,split"] + [f"{p},{';'.join(pos)},{';'.join(neg)},{split}" for p, pos, neg, split in rows]
     write(tmp_path / "csv" / "a.csv", "\n".join(lines) + "\n")
-    return source(tmp_path, "annotations", f"data.annotations={tmp_path / 'csv' / 'a.csv'}",
-                  f"data.label_names={tmp_path / 'csv' / 'labels.txt'}", f"data.root={root}")
+    return source(tmp_path, "annotations", f"data.annotations.file={tmp_path / 'csv' / 'a.csv'}",
+                  f"data.annotations.label_names={tmp_path / 'csv' / 'labels.txt'}", f"data.annotations.root={root}")
 
 
 def assert_same(a, b):
@@ -67,7 +67,7 @@ def test_coco_matches_its_csv(tmp_path, monkeypatch):
     write(root / "annotations" / "instances_val2014.json", coco_file([{"id": 5, "file_name": "d.jpg"}],
                                                                      [{"image_id": 5, "category_id": 1}], CATEGORIES))
     files = f'{{train = "{root}/annotations/instances_train2014.json", test = "{root}/annotations/instances_val2014.json"}}'
-    got = source(tmp_path, "coco", f"data.annotations={files}")
+    got = source(tmp_path, "coco", f"data.coco.file={files}")
     names = ["person", "car", "sofa"]                              # category id order
     want = csv_source(tmp_path, names, [("train2014/a.jpg", ["person", "car"], [], "train"), ("train2014/b.jpg", [], [], "train"),
                                         ("train2014/c.jpg", ["sofa"], [], "train"), ("val2014/d.jpg", ["person"], [], "test")], root)
@@ -75,10 +75,10 @@ def test_coco_matches_its_csv(tmp_path, monkeypatch):
     write(root / "annotations" / "instances_val2014.json", coco_file([{"id": 5, "file_name": "d.jpg"}],
                                                                      [{"image_id": 6, "category_id": 1}], CATEGORIES))
     with pytest.raises(AnnotationError, match=r"instances_val2014.json:\d+: annotation of image id 6, which is not in images"):
-        source(tmp_path, "coco", f"data.annotations={files}")
+        source(tmp_path, "coco", f"data.coco.file={files}")
     write(root / "annotations" / "instances_val2014.json", '{"images": [{"id": 5, "file_name": "d.jpg"},\n {"id": 6 "file_name": "e.jpg"}]}')
     with pytest.raises(AnnotationError, match="instances_val2014.json:2: bad JSON"):
-        source(tmp_path, "coco", f"data.annotations={files}")
+        source(tmp_path, "coco", f"data.coco.file={files}")
 
 
 def voc_xml(objects):
@@ -93,7 +93,7 @@ def test_voc_matches_its_csv_and_difficult_only_classes_are_unknown(tmp_path):
     write(root / "Annotations" / "000005.xml", voc_xml([("chair", 0), ("chair", 1), ("sofa", 1)]))      # sofa: difficult only
     write(root / "Annotations" / "000007.xml", voc_xml([("car", 0)]))
     write(root / "Annotations" / "000001.xml", voc_xml([("dog", 1), ("person", 0), ("dog", 0)]))      # dog: also easy
-    got = source(tmp_path, "voc", f"data.root={root}", 'data.annotations={train = "trainval", test = "test"}')
+    got = source(tmp_path, "voc", f"data.voc.root={root}", 'data.voc.image_sets={train = "trainval", test = "test"}')
 
     def row(image, pos, unknown, split):
         return (f"JPEGImages/{image}.jpg", pos, [c for c in CLASSES if c not in pos and c not in unknown], split)
@@ -105,7 +105,7 @@ def test_voc_matches_its_csv_and_difficult_only_classes_are_unknown(tmp_path):
     assert not got.labels.dense([0])[0, sofa] and not got.labels.dense_negatives([0])[0, sofa]
     write(root / "Annotations" / "000007.xml", voc_xml([("car", 0), ("unicorn", 0)]))
     with pytest.raises(AnnotationError, match=r"000007.xml:2: unknown class 'unicorn'"):     # (an edited XML: a new store)
-        source(tmp_path, "voc", f"data.root={root}", 'data.annotations={train = "trainval", test = "test"}', f"data.store={tmp_path / 's2'}")
+        source(tmp_path, "voc", f"data.voc.root={root}", 'data.voc.image_sets={train = "trainval", test = "test"}', f"data.store={tmp_path / 's2'}")
 
 
 def test_openimages_matches_its_csv(tmp_path):
@@ -115,25 +115,25 @@ def test_openimages_matches_its_csv(tmp_path):
           "000b,verification,/m/03,0\n")
     write(tmp_path / "oi" / "test.csv", "ImageID,Source,LabelName,Confidence\n000c,verification,/m/02,1\n")
     files = f'{{train = "{tmp_path}/oi/train.csv", test = "{tmp_path}/oi/test.csv"}}'
-    got = source(tmp_path, "openimages", f"data.annotations={files}", f"data.label_names={tmp_path / 'oi' / 'classes.csv'}")
+    got = source(tmp_path, "openimages", f"data.openimages.file={files}", f"data.openimages.label_names={tmp_path / 'oi' / 'classes.csv'}")
     names = ["Cat (/m/01)", "Dog", "Cat (/m/03)"]
     want = csv_source(tmp_path, names, [("000a.jpg", [names[0]], ["Dog"], "train"), ("000b.jpg", [], [names[2]], "train"),
                                         ("000c.jpg", ["Dog"], [], "test")], tmp_path / "oi")
     assert_same(got, want)
     write(tmp_path / "oi" / "test.csv", "ImageID,Source,LabelName,Confidence\n000c,v,/m/02,1\n000d,v,/m/02,1\n000c,v,/m/01,1\n")
     with pytest.raises(AnnotationError, match="test.csv:4: image '000c' again after other images"):
-        source(tmp_path, "openimages", f"data.annotations={files}", f"data.label_names={tmp_path / 'oi' / 'classes.csv'}")
+        source(tmp_path, "openimages", f"data.openimages.file={files}", f"data.openimages.label_names={tmp_path / 'oi' / 'classes.csv'}")
     write(tmp_path / "oi" / "test.csv", "ImageID,Source,LabelName,Confidence\n000c,v,/m/02,1\n000c,v,/m/02,0\n")
     with pytest.raises(AnnotationError, match="test.csv:3: label '/m/02' is both positive and negative"):
-        source(tmp_path, "openimages", f"data.annotations={files}", f"data.label_names={tmp_path / 'oi' / 'classes.csv'}")
+        source(tmp_path, "openimages", f"data.openimages.file={files}", f"data.openimages.label_names={tmp_path / 'oi' / 'classes.csv'}")
 
 
 def test_tencent_matches_its_csv_and_keeps_confidences(tmp_path):
     write(tmp_path / "ml" / "dictionary.txt", "category_index\tcategory_id\tindex_of_parent\tcategory_name\n"
           "0\tn001\t-1\tthing\n1\tn002\t0\tanimal\n2\tn003\t1\tdog\n")
     write(tmp_path / "ml" / "train_im_list.txt", "images/0.jpg 0:1 1:0.8 2:0.3\nimages/1.jpg 2:1\n\nimages/2.jpg\n")
-    got = source(tmp_path, "tencent", f"data.annotations={tmp_path / 'ml' / 'train_im_list.txt'}",
-                 f"data.label_names={tmp_path / 'ml' / 'dictionary.txt'}", "data.confidence_threshold=0.5")
+    got = source(tmp_path, "tencent", f"data.tencent.file={tmp_path / 'ml' / 'train_im_list.txt'}",
+                 f"data.tencent.label_names={tmp_path / 'ml' / 'dictionary.txt'}", "data.tencent.confidence_threshold=0.5")
     want = csv_source(tmp_path, ["thing", "animal", "dog"], [("images/0.jpg", ["thing", "animal"], [], ""),
                                                              ("images/1.jpg", ["dog"], [], ""), ("images/2.jpg", [], [], "")],
                       tmp_path / "ml")
@@ -142,5 +142,5 @@ def test_tencent_matches_its_csv_and_keeps_confidences(tmp_path):
     assert labels.tolist() == [0, 1, 2] and np.allclose(conf, [1.0, 0.8, 0.3]) and got.confidences(2)[0].tolist() == []
     write(tmp_path / "ml" / "train_im_list.txt", "images/0.jpg 0:1\nimages/1.jpg 2:1.5\n")
     with pytest.raises(AnnotationError, match="train_im_list.txt:2: '2:1.5': the index must be in"):
-        source(tmp_path, "tencent", f"data.annotations={tmp_path / 'ml' / 'train_im_list.txt'}",
-               f"data.label_names={tmp_path / 'ml' / 'dictionary.txt'}")
+        source(tmp_path, "tencent", f"data.tencent.file={tmp_path / 'ml' / 'train_im_list.txt'}",
+               f"data.tencent.label_names={tmp_path / 'ml' / 'dictionary.txt'}")

@@ -219,8 +219,8 @@ def test_cli_data_index_answers_bad_annotations_with_one_line(tmp_path, ops, cap
     f = tmp_path / "a.csv"
     f.write_text(mutate(VALID_CSV, ops), encoding="utf-8", errors="surrogatepass")
     capsys.readouterr()
-    code = main(["data", "index", "--set", "data.source=annotations", "--set", f"data.annotations={f}",
-                 "--set", f"data.label_names={tmp_path / 'labels.txt'}", "--set", f"data.store={tmp_path / 'store'}"])
+    code = main(["data", "index", "--set", "data.source=annotations", "--set", f"data.annotations.file={f}",
+                 "--set", f"data.annotations.label_names={tmp_path / 'labels.txt'}", "--set", f"data.store={tmp_path / 'store'}"])
     err = capsys.readouterr().err
     assert code in (0, 2)
     if code == 2:

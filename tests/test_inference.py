@@ -27,8 +27,8 @@ def run(tmp_path_factory):
     lines = [json.loads(line) for line in (out / "data" / "annotations.jsonl").read_text().splitlines()]
     split = ["train", "train", "val", "test"]
     (out / "data" / "split.jsonl").write_text("".join(json.dumps({**r, "split": split[i % 4]}) + "\n" for i, r in enumerate(lines)))
-    config = [*TINY, "data.source=annotations", f"data.annotations={out / 'data' / 'split.jsonl'}", f"data.root={out / 'data'}",
-              f"data.label_names={out / 'data' / 'labels.json'}", "data.image_size=16", f"data.store={out / 'store'}",
+    config = [*TINY, "data.source=annotations", f"data.annotations.file={out / 'data' / 'split.jsonl'}", f"data.annotations.root={out / 'data'}",
+              f"data.annotations.label_names={out / 'data' / 'labels.json'}", "data.annotations.image_size=16", f"data.store={out / 'store'}",
               "data.n_train=-1", "data.n_val=-1", "data.n_test=-1", "data.batch_size=16"]
     assert main(["train", *sets(*config), "--out", str(out / "run")]) == 0
     test_images = [out / "data" / r["path"] for i, r in enumerate(lines) if i % 4 == 3]

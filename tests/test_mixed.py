@@ -66,9 +66,9 @@ def test_splits_take_evaluation_images_from_one_member_and_training_counts_per_m
     assert np.bincount(src.domain(splits["train"]), minlength=2).tolist() == [20, 5]
     everything = np.concatenate(list(splits.values()))
     assert len(np.unique(everything)) == len(everything) == 50
-    with pytest.raises(ConfigError, match="mixed_train"):
+    with pytest.raises(ConfigError, match="mixed.train"):
         src.splits({"train": 24, "val": 10, "test": 15}, seed=3)
-    with pytest.raises(ConfigError, match="mixed_eval"):
+    with pytest.raises(ConfigError, match="mixed.eval"):
         MixedSource([Fake("ab", random_labels(rng, 50, 2)), Fake("ba", random_labels(rng, 30, 2))], ["s", "r"],
                     eval_member=0).splits({"train": 10, "val": 30, "test": 30}, seed=3)
 
@@ -93,13 +93,13 @@ def real(tmp_path_factory):
 
 
 def mixed(real, store, *extra):
-    return ["data.source=mixed", "data.mixed=['synthetic', 'annotations']", f"data.annotations={real / 'annotations.jsonl'}",
-            f"data.label_names={real / 'labels.json'}", "data.image_size=16", f"data.store={store}",
+    return ["data.source=mixed", "data.mixed.sources=['synthetic', 'annotations']", f"data.annotations.file={real / 'annotations.jsonl'}",
+            f"data.annotations.label_names={real / 'labels.json'}", "data.annotations.image_size=16", f"data.store={store}",
             "data.n_val=64", "data.n_test=96", *extra]
 
 
 def test_batches_carry_the_member_as_domain_and_unlabelled_members_observe_nothing(real, tmp_path):
-    data = build_data(tiny_config(*mixed(real, tmp_path / "s", "data.mixed_unlabelled=[1]", "data.unlabelled_ratio=1")).data)
+    data = build_data(tiny_config(*mixed(real, tmp_path / "s", "data.mixed.unlabelled=[1]", "data.unlabelled_ratio=1")).data)
     n_synthetic = 384 + 64 + 96
     assert len(data.source) == n_synthetic + 200 and data.observation.num_domains == 2
     assert all((data.splits[s] >= n_synthetic).all() for s in ("val", "test"))      # evaluated on the real images

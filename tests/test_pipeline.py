@@ -30,8 +30,8 @@ def exported(tmp_path_factory):
 
 
 def files_config(out, tmp_path, annotations, *extra):
-    return tiny_config("data.source=annotations", f"data.annotations={annotations}", f"data.label_names={out / 'labels.json'}",
-                       "data.image_size=16", f"data.root={out}", f"data.store={tmp_path / 'store'}", "data.n_train=-1", "data.n_val=-1", "data.n_test=-1", *extra)
+    return tiny_config("data.source=annotations", f"data.annotations.file={annotations}", f"data.annotations.label_names={out / 'labels.json'}",
+                       "data.annotations.image_size=16", f"data.annotations.root={out}", f"data.store={tmp_path / 'store'}", "data.n_train=-1", "data.n_val=-1", "data.n_test=-1", *extra)
 
 
 def paths_of(data, split):
@@ -71,7 +71,7 @@ def test_split_file_and_caps(exported, tmp_path):
 def test_split_column_on_some_lines_only_is_an_error(tmp_path):
     (tmp_path / "labels.txt").write_text("cat\ndog\n")
     (tmp_path / "a.csv").write_text("path,positives,split\n1.png,cat,train\n2.png,dog,\n")
-    cfg = tiny_config("data.source=annotations", f"data.annotations={tmp_path / 'a.csv'}", f"data.label_names={tmp_path / 'labels.txt'}",
+    cfg = tiny_config("data.source=annotations", f"data.annotations.file={tmp_path / 'a.csv'}", f"data.annotations.label_names={tmp_path / 'labels.txt'}",
                       f"data.store={tmp_path / 's'}")
     with pytest.raises(AnnotationError, match=r"a.csv:3: no split, but .*a.csv:2 has one"):
         build_data(cfg.data)
@@ -136,7 +136,7 @@ def test_an_image_in_two_split_files_is_refused(tmp_path):
     (tmp_path / "train.csv").write_text("path,positives\n1.png,cat\n2.png,dog\n")
     (tmp_path / "test.csv").write_text("path,positives\n3.png,cat\n./2.png,dog\n")
     files = f'{{train = "{tmp_path / "train.csv"}", test = "{tmp_path / "test.csv"}"}}'
-    cfg = tiny_config("data.source=annotations", f"data.annotations={files}", f"data.label_names={tmp_path / 'labels.txt'}",
+    cfg = tiny_config("data.source=annotations", f"data.annotations.file={files}", f"data.annotations.label_names={tmp_path / 'labels.txt'}",
                       f"data.store={tmp_path / 's'}")
     with pytest.raises(AnnotationError, match=r"test.csv:3: image './2.png' is listed twice, first on line 3 of .*train.csv"):
         build_data(cfg.data)

@@ -46,7 +46,7 @@ def sets(*overrides: str) -> list[str]:
     return [a for o in overrides for a in ("--set", o)]
 
 
-PLUGGED = ["data.source=quadrants", "method.name=consistency", "method.loss=soft_an",
+PLUGGED = ["data.source=quadrants", "data.quadrants.image_size=16", "method.name=consistency", "method.loss=soft_an",
            "method.loss_args={q = 0.1}", "method.args={weight = 2.0}"]
 
 
@@ -60,7 +60,7 @@ def test_mlml_train_runs_the_plugin_method_loss_and_source(plugin_path, tmp_path
 
 
 def test_mlml_reproduce_runs_a_table_with_the_plugin_method(plugin_path, tmp_path):
-    tiny = ", ".join(f'"{o}"' for o in (*TINY, "data.source=quadrants"))
+    tiny = ", ".join(f'"{o}"' for o in (*TINY, "data.source=quadrants", "data.quadrants.image_size=16"))
     (tmp_path / "base.toml").write_text("[run]\nthreads = 1\n")
     (tmp_path / "plugged.toml").write_text(f"""
 title = "built-in and plug-in methods on the plug-in source"

@@ -1,13 +1,13 @@
 """Annotation files: image paths with positive and (optionally) known negative labels by name.
 
-Label names file (`data.label_names`):
+Label names file (`data.annotations.label_names`):
   * `.txt`: one label name per line (blank lines and `#` comments skipped); one group `labels`.
   * `.json`: a list of names, or `{"groups": [{"name": "colour", "labels": ["red", ...],
     "exclusive": true}, ...]}` (every label in exactly one group; label order = listed order).
 
-Annotation file (`data.annotations`), one image per line, paths relative to `data.root` (default:
+Annotation file (`data.annotations.file`), one image per line, paths relative to `data.annotations.root` (default:
 the annotation file's folder), each image once; a path that leads outside the root (`../x.png`, an
-absolute path elsewhere) is refused unless `data.allow_outside_root = true` (see
+absolute path elsewhere) is refused unless `data.annotations.allow_outside_root = true` (see
 `resolve_image_path`; readers of other formats call it and `DuplicateCheck` too):
   * `.csv`: a header naming the columns `path`, `positives` and optionally `negatives` and
     `split`; a label cell lists names separated by `;` (empty: none).
@@ -20,8 +20,8 @@ absolute path elsewhere) is refused unless `data.allow_outside_root = true` (see
     "negatives": ["dog"], "split": "train"}` (`negatives` and `split` optional; no other keys).
 
 Fixed splits: a `split` column/key (train, val or test; on every line or on none), or one file
-per split, `data.annotations = {train = "train.csv", val = "val.csv", test = "test.csv"}` (paths
-relative to `data.root`, default the first file's folder; an image in two files is refused). A
+per split, `data.annotations.file = {train = "train.csv", val = "val.csv", test = "test.csv"}` (paths
+relative to `root`, default the first file's folder; an image in two files is refused). A
 source with splits is split as it says (see `mlml.data.pipeline`); one without, at random.
 
 What is listed is what is known: listed positives are positive, listed negatives negative, every
@@ -44,17 +44,33 @@ from __future__ import annotations
 import csv
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 
-from mlml.data.image_files import SPLITS, FileSource, StringColumnWriter, cached_index, default_store_dir, file_signature
+from mlml.data.image_files import SPLITS, FileSource, FileSourceSettings, StringColumnWriter, cached_index, default_store_dir, file_signature
 from mlml.data.label_store import LabelStoreBuilder, finish_npy
 from mlml.labels import Group, LabelSpace
+from mlml.settings import must
 
 SEPARATOR = ";"
 COLUMNS = ("path", "positives", "negatives", "split")
+
+
+@dataclass(kw_only=True)
+class AnnotationSettings(FileSourceSettings):
+    """`[data.annotations]` (and the formats' tables): annotation files, label names, where the images are."""
+
+    file: str | dict[str, str]    # the .csv / .jsonl annotation file, or one per split {train = "...", val = "...", test = "..."}
+    label_names: str              # the .txt or .json label names file
+    root: str = ""                # what image paths are relative to ("" = the (first) annotation file's folder)
+    allow_outside_root: bool = False   # accept image paths that lead outside root (../x.png, /abs)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        must(bool(self.file), "file", "an annotation file, or one per split", self.file)
 
 
 class Entry(NamedTuple):
@@ -81,7 +97,7 @@ def resolve_image_path(root: Path, image: str, allow_outside: bool, file: Path |
 
     The check is on the path's text (`..`, absolute paths; no file is touched, millions of stats are
     slow): symbolic links inside the root are followed, as whoever can make them owns the data.
-    `allow_outside` (`data.allow_outside_root`) accepts any path. Returns `image` as stored.
+    `allow_outside` (`allow_outside_root` of the source's table) accepts any path. Returns `image` as stored.
     """
     if not image:
         raise AnnotationError(file, line, "no image path")
@@ -95,8 +111,8 @@ def resolve_image_path(root: Path, image: str, allow_outside: bool, file: Path |
         base = os.path.abspath(root)
         full = os.path.normpath(os.path.join(base, image))
         if os.path.commonpath([base, full]) != base or full == base:
-            raise AnnotationError(file, line, f"image path {image!r} leads outside data.root ({base}); "
-                                              "set data.allow_outside_root = true if that is intended")
+            raise AnnotationError(file, line, f"image path {image!r} leads outside the root ({base}); "
+                                              "set allow_outside_root = true in the source's table [data.<source>] if that is intended")
     return image
 
 
@@ -292,11 +308,11 @@ def write_index(entries: Iterable[Entry], label_space: LabelSpace, root: Path, o
 
 
 def split_files(annotations: str | Path | dict) -> dict[str, Path]:
-    """`data.annotations` as {split: file}: one file (split "") or one file per split name."""
+    """An annotation `file` setting as {split: file}: one file (split "") or one file per split name."""
     if isinstance(annotations, dict):
         bad = set(annotations) - set(SPLITS)
         if bad or not annotations:
-            raise AnnotationError("data.annotations", 1, f"split files must be named {', '.join(SPLITS)}; got {', '.join(annotations) or 'none'}")
+            raise AnnotationError("annotation files", 1, f"split files must be named {', '.join(SPLITS)}; got {', '.join(annotations) or 'none'}")
         return {split: Path(file) for split, file in annotations.items()}
     return {"": Path(annotations)}
 
@@ -331,7 +347,7 @@ class AnnotationSource(IndexedSource):
         root: folder the image paths are relative to (default: the (first) annotation file's folder).
         image_size: images are decoded to (3, image_size, image_size) (centre square).
         store: where the index is cached (default: under $MLML_CACHE, keyed by the file's path).
-        allow_outside_root: accept image paths that lead outside `root` (`data.allow_outside_root`).
+        allow_outside_root: accept image paths that lead outside `root` (`allow_outside_root` of the source's table).
     """
 
     def __init__(self, annotations: str | Path | dict, label_names: str | Path, root: str | Path | None, image_size: int,

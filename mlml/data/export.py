@@ -26,11 +26,11 @@ _CHUNK = 256
 
 
 def export_synthetic(cfg: DataConfig, out: str | Path, n: int, fmt: str = "jsonl") -> dict[str, str]:
-    """Render `n` images of the configured synthetic source (`cfg.synthetic`, `cfg.data_seed`) to files."""
+    """Render `n` images of the configured synthetic source (`[data.synthetic]`, `cfg.data_seed`) to files."""
     if fmt not in ("jsonl", "csv"):
         raise ValueError(f"annotation format must be jsonl or csv, got '{fmt}'")
     out = Path(out)
-    source = SyntheticSource(cfg.synthetic, n, cfg.data_seed)
+    source = SyntheticSource(cfg.settings("synthetic"), n, cfg.data_seed)
     space = source.label_space
     labels = {"groups": [{"name": g.name, "labels": [space.names[i] for i in g.labels], "exclusive": g.exclusive} for g in space.groups]}
     (out / "images").mkdir(parents=True, exist_ok=True)

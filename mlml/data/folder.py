@@ -12,11 +12,25 @@ ImageNet). Labels form one exclusive group, `object`.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
-from mlml.data.image_files import IMAGE_SUFFIXES, FileSource, StringColumnWriter, cached_index, default_store_dir
+from mlml.data.image_files import IMAGE_SUFFIXES, FileSource, FileSourceSettings, StringColumnWriter, cached_index, default_store_dir
 from mlml.data.label_store import LabelStoreBuilder
 from mlml.labels import Group, LabelSpace
+from mlml.settings import must
+
+
+
+@dataclass(kw_only=True)
+class FolderSettings(FileSourceSettings):
+    """`[data.folder]`: an image folder of class folders."""
+
+    root: str                     # the folder of class folders (root/<class>/<image>)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        must(bool(self.root), "root", "the folder of class folders", self.root)
 
 
 def class_folders(root: Path) -> list[str]:

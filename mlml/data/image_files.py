@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -28,9 +29,20 @@ from PIL import Image
 
 from mlml.data.label_store import LabelStore, finish_npy, load_npy
 from mlml.labels import LabelSpace
+from mlml.settings import must
 
 SPLITS = ("train", "val", "test")   # split names; a store's `split.npy` holds their index, -1 = in none
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+@dataclass(kw_only=True)
+class FileSourceSettings:
+    """What every file source's table (`[data.folder]`, `[data.annotations]`, ...) has."""
+
+    image_size: int = 64          # images decoded to (3, S, S), centre square
+
+    def __post_init__(self) -> None:
+        must(8 <= self.image_size <= 1024, "image_size", "in [8, 1024]", self.image_size)
 
 
 class UnreadableImageError(RuntimeError):

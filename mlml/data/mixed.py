@@ -1,8 +1,7 @@
 """Several sources as one, each a domain: e.g. synthetic images beside real ones.
 
-`data.source = "mixed"` with `data.mixed = ["synthetic", "annotations"]` builds every member from
-the same data config (the synthetic one from `data.synthetic.*`, the file one from `data.root`,
-`data.annotations`, ...) and concatenates them: rows 0..N0-1 are member 0's images, the next N1
+`data.source = "mixed"` with `data.mixed.sources = ["synthetic", "annotations"]` builds every member
+from its own table (`[data.synthetic]`, `[data.annotations]`, ...) and concatenates them: rows 0..N0-1 are member 0's images, the next N1
 member 1's, and so on. An image's `domain` is the index of its member, whatever the observation
 model, so the adversarial branch can remove what tells synthetic from real images.
 
@@ -11,19 +10,20 @@ model, so the adversarial branch can remove what tells synthetic from real image
   negatives where a member has them) are streamed in chunks through the label store builder into
   one store held in memory: fine for mixing a synthetic set with a folder of up to a few million
   images; a single huge source is better served by its own memory-mapped store.
-* **Splits.** Validation and test images come from one member, `data.mixed_eval` (default -1,
+* **Splits.** Validation and test images come from one member, `data.mixed.eval` (default -1,
   the last: "train on synthetic, test on real"). Training images are drawn at random from the
-  rest of every member, or `data.mixed_train = [n0, n1, ...]` of each (summing to `n_train`).
-* **Unlabelled members.** `data.mixed_unlabelled = [1]` makes member 1's training images
+  rest of every member, or `data.mixed.train = [n0, n1, ...]` of each (summing to `n_train`).
+* **Unlabelled members.** `data.mixed.unlabelled = [1]` makes member 1's training images
   unlabelled (nothing observed, as with `labelled_fraction`): the classic domain-adaptation
   setting of labelled synthetic and unlabelled real images. They enter training batches in the
   ratio `data.unlabelled_ratio`; with 0 training uses the labelled members only.
-* Images of all members must have the same size (`data.synthetic.image_size` = `data.image_size`).
+* Images of all members must have the same size (`data.synthetic.image_size` = `data.annotations.image_size`, ...).
 """
 
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,9 +33,28 @@ import torch
 from mlml.config import ConfigError
 from mlml.data.label_store import LabelStore, LabelStoreBuilder, row_chunk
 from mlml.data.observation import Observation
+from mlml.settings import must
 
 
 _CHUNK = 1 << 18
+
+
+@dataclass
+class MixedSettings:
+    """`[data.mixed]`: the member sources (each configured by its own table) and how they are split."""
+
+    sources: list[str] = field(default_factory=list)      # e.g. ["synthetic", "annotations"]
+    eval: int = -1                # validation and test images come from this member (-1: the last)
+    train: list[int] = field(default_factory=list)        # training images per member ([] = at random from all)
+    unlabelled: list[int] = field(default_factory=list)   # members whose training images carry no labels
+
+    def __post_init__(self) -> None:
+        must(len(self.sources) >= 2, "sources", "at least two source names", self.sources)
+        must("mixed" not in self.sources, "sources", "sources other than mixed", self.sources)
+        must(self.eval >= -1, "eval", ">= -1", self.eval)
+
+    def members(self) -> list[str]:
+        return list(self.sources)
 
 
 class MixedSource:
@@ -52,15 +71,15 @@ class MixedSource:
     def __init__(self, members: list[Any], names: list[str], eval_member: int = -1,
                  train_counts: list[int] | tuple[int, ...] = (), unlabelled: list[int] | tuple[int, ...] = ()) -> None:
         if len(members) < 2:
-            raise ConfigError(f"data.mixed needs at least two sources, got {names}")
+            raise ConfigError(f"data.mixed.sources needs at least two sources, got {names}")
         k = len(members)
         if not -k <= eval_member < k:
-            raise ConfigError(f"data.mixed_eval = {eval_member} is not a member of data.mixed = {names}")
+            raise ConfigError(f"data.mixed.eval = {eval_member} is not a member of data.mixed.sources = {names}")
         bad = [m for m in unlabelled if not 0 <= m < k]
         if bad:
-            raise ConfigError(f"data.mixed_unlabelled = {list(unlabelled)}: {bad} not in 0..{k - 1}")
+            raise ConfigError(f"data.mixed.unlabelled = {list(unlabelled)}: {bad} not in 0..{k - 1}")
         if train_counts and len(train_counts) != k:
-            raise ConfigError(f"data.mixed_train needs one count per member of data.mixed = {names}, got {list(train_counts)}")
+            raise ConfigError(f"data.mixed.train needs one count per member of data.mixed.sources = {names}, got {list(train_counts)}")
         self.members, self.names = members, names
         self.eval_member = eval_member % k
         self.train_counts = list(train_counts)
@@ -75,8 +94,8 @@ class MixedSource:
     def _common_image_size(self) -> int:
         sizes = [int(getattr(m, "image_size", None) or m.image(0).shape[-1]) for m in self.members]
         if len(set(sizes)) > 1:
-            raise ConfigError(f"data.mixed: the sources {self.names} give images of sizes {sizes}; make them equal "
-                              "(data.synthetic.image_size and data.image_size)")
+            raise ConfigError(f"data.mixed.sources: the sources {self.names} give images of sizes {sizes}; make them equal "
+                              "(the image_size of each member's table, e.g. data.synthetic.image_size and data.annotations.image_size)")
         return sizes[0]
 
     def _concat_labels(self) -> LabelStore:
@@ -88,7 +107,7 @@ class MixedSource:
                 theirs = member.label_space.names
                 if sorted(theirs) != sorted(names):
                     missing, extra = sorted(set(names) - set(theirs)), sorted(set(theirs) - set(names))
-                    raise ConfigError(f"data.mixed: source '{source}' has other label names than '{self.names[0]}' "
+                    raise ConfigError(f"data.mixed.sources: source '{source}' has other label names than '{self.names[0]}' "
                                       f"(missing {missing[:5]}, extra {extra[:5]})")
                 order = np.array([names.index(t) for t in theirs], dtype=np.int64)   # their label j -> ours
                 store = member.labels
@@ -118,16 +137,16 @@ class MixedSource:
         eval_rows = self.offsets[e] + rng.permutation(len(self.members[e]))
         if held > len(eval_rows):
             raise ConfigError(f"data.n_val + data.n_test = {held}, but the evaluation source '{self.names[e]}' "
-                              f"(data.mixed_eval) has {len(eval_rows)} images")
+                              f"(data.mixed.eval) has {len(eval_rows)} images")
         out = {"val": np.sort(eval_rows[: sizes["val"]]), "test": np.sort(eval_rows[sizes["val"] : held])}
         free = [np.arange(self.offsets[m], self.offsets[m + 1]) for m in range(len(self.members))]
         free[e] = eval_rows[held:]
         if self.train_counts:
             if sum(self.train_counts) != sizes["train"]:
-                raise ConfigError(f"data.mixed_train = {self.train_counts} must sum to data.n_train = {sizes['train']}")
+                raise ConfigError(f"data.mixed.train = {self.train_counts} must sum to data.n_train = {sizes['train']}")
             for m, (rows, count) in enumerate(zip(free, self.train_counts)):
                 if count > len(rows):
-                    raise ConfigError(f"data.mixed_train asks {count} training images of '{self.names[m]}', "
+                    raise ConfigError(f"data.mixed.train asks {count} training images of '{self.names[m]}', "
                                       f"which has {len(rows)} left")
             train = np.concatenate([rng.permutation(rows)[:count] for rows, count in zip(free, self.train_counts)])
         else:

@@ -1,6 +1,8 @@
 """Data: sources of images with full labels, observation models, splits and loaders.
 
-A *source* (registered in `SOURCES`, entry-point group `mlml.sources`) is any object with
+A *source* is made by a factory `fn(data: DataConfig, settings: S) -> source` registered in
+`SOURCES` (entry-point group `mlml.sources`); `S` is the dataclass of its own settings, the table
+`[data.<name>]` (resolved when the config is loaded, `mlml.settings.resolve_sources`). The source is any object with
 `label_space: LabelSpace`, `labels: LabelStore` (full positives of every image, and the known
 negatives where the source has them), `__len__`, and `image(i) -> uint8 (3, H, W)`; optionally
 `images(rows)` (batched rendering, used to cache), `splits(sizes, seed) -> {"train": rows, ...}`,
@@ -16,7 +18,7 @@ own (`domain(rows)`, `num_domains`, `unlabelled`) gives every image its domain, 
 observation model.
 
 Splits: a source with splits of its own (`fixed_splits`: an annotation file's split column, one
-file per split, a format's split files) or a `data.split_file` is split as it says; `data.n_*`
+file per split, a format's split files) or `data.split_file` is split as it says; `data.n_*`
 cap each split (a random subset of `data.data_seed`, with a warning; -1 = the whole split), and
 without a val split `n_val` images of train are drawn for it. Other sources are split at random
 (`data.n_*`, `data.data_seed`). `split_hash(splits)` names the split definition in metrics.json
@@ -39,19 +41,19 @@ import torch
 from torch.utils.data import DataLoader
 
 from mlml.config import ConfigError, DataConfig
-from mlml.data.annotations import AnnotationError, AnnotationSource, split_files
+from mlml.data.annotations import AnnotationError, AnnotationSettings, AnnotationSource, split_files
 from mlml.data.dataset import Collate, EpochSampler, MixedBatchSampler, SplitDataset
-from mlml.data.folder import ImageFolderSource
-from mlml.data.formats.coco import CocoSource
-from mlml.data.formats.openimages import OpenImagesSource
-from mlml.data.formats.tencent import TencentSource
-from mlml.data.formats.voc import VocSource
+from mlml.data.folder import FolderSettings, ImageFolderSource
+from mlml.data.formats.coco import CocoSettings, CocoSource
+from mlml.data.formats.openimages import OpenImagesSettings, OpenImagesSource
+from mlml.data.formats.tencent import TencentSettings, TencentSource
+from mlml.data.formats.voc import VocSettings, VocSource
 from mlml.data.image_files import SPLITS
 from mlml.data.label_store import LabelStore
-from mlml.data.mixed import MemberDomains, MixedSource
+from mlml.data.mixed import MemberDomains, MixedSettings, MixedSource
 from mlml.data.observation import Full, Observation, build_observation
-from mlml.data.recolour import RecolourSource
-from mlml.data.synthetic import SyntheticSource, nuisance_styles
+from mlml.data.recolour import RecolourSettings, RecolourSource
+from mlml.data.synthetic import SyntheticConfig, SyntheticSource, nuisance_styles
 from mlml.data.transforms import build_views
 from mlml.labels import LabelSpace, configure_groups
 from mlml.registry import Registry
@@ -60,100 +62,98 @@ SOURCES: Registry = Registry("source", entry_point_group="mlml.sources")
 
 
 @SOURCES.register("synthetic")
-def synthetic(cfg: DataConfig) -> SyntheticSource:
-    return SyntheticSource(cfg.synthetic, cfg.n_train + cfg.n_val + cfg.n_test, cfg.data_seed)
+def synthetic(data: DataConfig, settings: SyntheticConfig) -> SyntheticSource:
+    """Procedurally drawn colour + object images (mlml.data.synthetic)."""
+    return SyntheticSource(settings, data.n_train + data.n_val + data.n_test, data.data_seed)
 
 
-def _path(cfg: DataConfig, key: str, kind: str = "file") -> Path:
-    """The path config key `data.<key>` names, checked to exist (errors name the key)."""
-    value = getattr(cfg, key)
-    if not value:
-        raise ConfigError(f"data.source = '{cfg.source}' needs data.{key}")
+def build_source(data: DataConfig, name: str | None = None) -> Any:
+    """Source `name` (default `data.source`) built by its factory from `data` and its settings `[data.<name>]`."""
+    name = name or data.source
+    return SOURCES.get(name)(data, data.settings(name))
+
+
+def _path(value: str, key: str, kind: str = "file") -> Path:
+    """The path config key `key` names, checked to exist (errors name the key)."""
     path = Path(value).expanduser()
     if not (path.is_dir() if kind == "folder" else path.is_file()):
-        raise ConfigError(f"data.{key} = '{value}': no such {kind}")
+        raise ConfigError(f"{key} = '{value}': no such {kind}")
     return path
 
 
-def _image_size(cfg: DataConfig) -> int:
-    if not 8 <= cfg.image_size <= 1024:
-        raise ConfigError(f"data.image_size = {cfg.image_size} is out of range [8, 1024]")
-    return cfg.image_size
+def _optional(value: str, key: str, kind: str = "file") -> Path | None:
+    return _path(value, key, kind) if value else None
 
 
 @SOURCES.register("folder")
-def folder(cfg: DataConfig) -> ImageFolderSource:
-    return ImageFolderSource(_path(cfg, "root", "folder"), _image_size(cfg), cfg.store or None)
+def folder(data: DataConfig, settings: FolderSettings) -> ImageFolderSource:
+    """An ImageNet-style folder of class folders (mlml.data.folder)."""
+    return ImageFolderSource(_path(settings.root, "data.folder.root", "folder"), settings.image_size, data.store or None)
 
 
-def annotation_files(cfg: DataConfig) -> dict[str, Path]:
-    """data.annotations as {split: file} ("" for one file without), each checked to exist."""
-    if not cfg.annotations:
-        raise ConfigError(f"data.source = '{cfg.source}' needs data.annotations")
+def annotation_files(file: str | dict[str, str], key: str) -> dict[str, Path]:
+    """An annotation `file` setting (config key `key`) as {split: file} ("" for one file without), each checked to exist."""
     try:
-        files = split_files(cfg.annotations)
+        files = split_files(file)
     except AnnotationError as err:
-        raise ConfigError(str(err)) from None
-    for split, file in files.items():
-        if not file.expanduser().is_file():
-            raise ConfigError(f"data.annotations{'.' + split if split else ''} = '{file}': no such file")
-    return {split: file.expanduser() for split, file in files.items()}
+        raise ConfigError(f"{key}: {err}") from None
+    for split, path in files.items():
+        if not path.expanduser().is_file():
+            raise ConfigError(f"{key}{'.' + split if split else ''} = '{path}': no such file")
+    return {split: path.expanduser() for split, path in files.items()}
 
 
 @SOURCES.register("annotations")
-def annotations(cfg: DataConfig) -> AnnotationSource:
-    root = _path(cfg, "root", "folder") if cfg.root else None
-    files = annotation_files(cfg)
-    return AnnotationSource(files if "" not in files else files[""], _path(cfg, "label_names"), root, _image_size(cfg), cfg.store or None,
-                            cfg.allow_outside_root)
-
-
-def _optional(cfg: DataConfig, key: str, kind: str = "file") -> Path | None:
-    return _path(cfg, key, kind) if getattr(cfg, key) else None
+def annotations(data: DataConfig, settings: AnnotationSettings) -> AnnotationSource:
+    """Images listed in a CSV / JSONL annotation file with a label names file (mlml.data.annotations)."""
+    files = annotation_files(settings.file, "data.annotations.file")
+    return AnnotationSource(files if "" not in files else files[""], _path(settings.label_names, "data.annotations.label_names"),
+                            _optional(settings.root, "data.annotations.root", "folder"), settings.image_size, data.store or None,
+                            settings.allow_outside_root)
 
 
 @SOURCES.register("coco")
-def coco(cfg: DataConfig) -> CocoSource:
-    return CocoSource(annotation_files(cfg), _optional(cfg, "root", "folder"), _image_size(cfg), _optional(cfg, "label_names"),
-                      cfg.store or None, cfg.allow_outside_root)
+def coco(data: DataConfig, settings: CocoSettings) -> CocoSource:
+    """COCO instances JSON (mlml.data.formats.coco)."""
+    return CocoSource(annotation_files(settings.file, "data.coco.file"), _optional(settings.root, "data.coco.root", "folder"),
+                      settings.image_size, _optional(settings.label_names, "data.coco.label_names"), data.store or None,
+                      settings.allow_outside_root)
 
 
 @SOURCES.register("voc")
-def voc(cfg: DataConfig) -> VocSource:
-    """data.root: the VOC year folder; data.annotations: {split: image set name} (default: train, val, test)."""
-    if isinstance(cfg.annotations, str) and cfg.annotations:
-        raise ConfigError("data.source = 'voc': data.annotations names image sets per split, e.g. {train = \"trainval\", test = \"test\"}")
-    sets = dict(cfg.annotations) or None
-    return VocSource(_path(cfg, "root", "folder"), _image_size(cfg), sets, _optional(cfg, "label_names"), cfg.store or None,
-                     cfg.allow_outside_root)
+def voc(data: DataConfig, settings: VocSettings) -> VocSource:
+    """Pascal VOC image sets (mlml.data.formats.voc)."""
+    return VocSource(_path(settings.root, "data.voc.root", "folder"), settings.image_size, dict(settings.image_sets) or None,
+                     _optional(settings.label_names, "data.voc.label_names"), data.store or None, settings.allow_outside_root)
 
 
 @SOURCES.register("openimages")
-def openimages(cfg: DataConfig) -> OpenImagesSource:
-    return OpenImagesSource(annotation_files(cfg), _path(cfg, "label_names"), _optional(cfg, "root", "folder"), _image_size(cfg),
-                            cfg.store or None, cfg.allow_outside_root)
+def openimages(data: DataConfig, settings: OpenImagesSettings) -> OpenImagesSource:
+    """Open Images image-level label CSVs (mlml.data.formats.openimages)."""
+    return OpenImagesSource(annotation_files(settings.file, "data.openimages.file"), _path(settings.label_names, "data.openimages.label_names"),
+                            _optional(settings.root, "data.openimages.root", "folder"), settings.image_size, data.store or None,
+                            settings.allow_outside_root)
 
 
 @SOURCES.register("tencent")
-def tencent(cfg: DataConfig) -> TencentSource:
-    return TencentSource(annotation_files(cfg), _path(cfg, "label_names"), _optional(cfg, "root", "folder"), _image_size(cfg),
-                         cfg.confidence_threshold, cfg.store or None, cfg.allow_outside_root)
+def tencent(data: DataConfig, settings: TencentSettings) -> TencentSource:
+    """Tencent ML-Images image lists (mlml.data.formats.tencent)."""
+    return TencentSource(annotation_files(settings.file, "data.tencent.file"), _path(settings.label_names, "data.tencent.label_names"),
+                         _optional(settings.root, "data.tencent.root", "folder"), settings.image_size, settings.confidence_threshold,
+                         data.store or None, settings.allow_outside_root)
 
 
 @SOURCES.register("recolour")
-def recolour(cfg: DataConfig) -> RecolourSource:
-    """A folder (or, when data.annotations is set, an annotation source) with a colour group added."""
-    inner = annotations(cfg) if cfg.annotations else folder(cfg)
-    return RecolourSource(inner, cfg.colours, cfg.data_seed)
+def recolour(data: DataConfig, settings: RecolourSettings) -> RecolourSource:
+    """The images of another source (`data.recolour.source`), recoloured, with a colour group added (mlml.data.recolour)."""
+    return RecolourSource(build_source(data, settings.source), settings.colours, data.data_seed)
 
 
 @SOURCES.register("mixed")
-def mixed(cfg: DataConfig) -> MixedSource:
-    """The sources named in data.mixed, concatenated; each image's domain is its source's index."""
-    if "mixed" in cfg.mixed:
-        raise ConfigError("data.mixed cannot contain 'mixed'")
-    members = [SOURCES.get(name)(cfg) for name in cfg.mixed]
-    return MixedSource(members, list(cfg.mixed), cfg.mixed_eval, cfg.mixed_train, cfg.mixed_unlabelled)
+def mixed(data: DataConfig, settings: MixedSettings) -> MixedSource:
+    """The sources of `data.mixed.sources` concatenated; each image's domain is its source's index (mlml.data.mixed)."""
+    members = [build_source(data, name) for name in settings.sources]
+    return MixedSource(members, list(settings.sources), settings.eval, settings.train, settings.unlabelled)
 
 
 def read_split_file(path: Path, source: Any) -> dict[str, np.ndarray]:
@@ -347,7 +347,7 @@ class Data:
 def source_splits(source: Any, cfg: DataConfig) -> dict[str, np.ndarray]:
     """The train/val/test rows of `source`: its own (or data.split_file's), capped; else the source's or random ones."""
     sizes = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}
-    fixed = read_split_file(_path(cfg, "split_file"), source) if cfg.split_file else getattr(source, "fixed_splits", None)
+    fixed = read_split_file(_path(cfg.split_file, "data.split_file"), source) if cfg.split_file else getattr(source, "fixed_splits", None)
     if fixed is not None:
         return capped_splits(fixed, sizes, cfg.data_seed)
     if min(sizes.values()) < 0:
@@ -360,14 +360,14 @@ def build_data(cfg: DataConfig, cache: tuple[str, ...] = SPLITS) -> Data:
     """The configured source, split, with its observation model; `cache`: the splits whose images are cached."""
     if cfg.val_labels not in ("full", "observed"):
         raise ValueError(f"data.val_labels must be 'full' or 'observed', got '{cfg.val_labels}'")
-    source = SOURCES.get(cfg.source)(cfg)
+    source = build_source(cfg)
     splits = source_splits(source, cfg)
     label_space = configure_groups(source.label_space, cfg.groups)
     name = cfg.observation if cfg.observation != "auto" else getattr(source, "default_observation", "single_positive")
     observation = build_observation(name, label_space, cfg.data_seed, cfg.observation_args, source.labels)
     if hasattr(source, "domain"):
         observation = MemberDomains(observation, source.domain, source.num_domains, tuple(getattr(source, "unlabelled", ())))
-    if cfg.source == "synthetic" and cfg.synthetic.nuisance == "collection":   # the shortcut scenario
+    if cfg.source == "synthetic" and cfg.settings("synthetic").nuisance == "collection":   # the shortcut scenario
         if observation.num_domains < 2:
             raise ConfigError("data.synthetic.nuisance = 'collection' needs an observation model with collections "
                               "(data.observation = 'per_group', or observation_args.labelled_fraction < 1)")

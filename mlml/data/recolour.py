@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -28,6 +29,7 @@ import torch
 from mlml.data.label_store import LabelStore, LabelStoreBuilder, row_chunk
 from mlml.data.observation import hash_uniform
 from mlml.labels import Group, LabelSpace
+from mlml.settings import must
 
 HUES: dict[str, float] = {
     "red": 0.0, "yellow": 58.0, "green": 120.0, "cyan": 182.0,
@@ -67,6 +69,21 @@ def nearest_colour(hue: float, colours: int) -> int:
     return int(d.argmin())
 
 
+@dataclass
+class RecolourSettings:
+    """`[data.recolour]`: which source to recolour (its own table gives its files) and into how many colours."""
+
+    source: str = "folder"        # the source whose images are recoloured, e.g. folder or annotations
+    colours: int = 6              # K colour classes (1 to 8)
+
+    def __post_init__(self) -> None:
+        must(self.source not in ("recolour", "mixed"), "source", "a source other than recolour and mixed", self.source)
+        must(1 <= self.colours <= len(HUES), "colours", f"in [1, {len(HUES)}]", self.colours)
+
+    def members(self) -> list[str]:
+        return [self.source]
+
+
 class RecolourSource:
     """`inner`'s images, each tinted to one of `colours` colour classes, with a colour group added.
 
@@ -78,7 +95,7 @@ class RecolourSource:
 
     def __init__(self, inner: Any, colours: int, seed: int) -> None:
         if not 1 <= colours <= len(HUES):
-            raise ValueError(f"data.colours = {colours} is out of range [1, {len(HUES)}]")
+            raise ValueError(f"data.recolour.colours = {colours} is out of range [1, {len(HUES)}]")
         self.inner, self.colours, self.seed = inner, colours, seed
         rows = np.arange(len(inner))
         self.colour = np.minimum((hash_uniform(seed, 11, rows) * colours).astype(np.int64), colours - 1)

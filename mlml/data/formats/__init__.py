@@ -9,5 +9,5 @@ Every reader streams its files (COCO's one JSON document element by element), st
 `AnnotationError` (`file:line: reason`) on a line it cannot use, and writes through
 `mlml.data.annotations.write_index`, so a format's source is the same label store, paths and splits
 as the CSV that says the same (tested). Each format's own split files are its splits
-(`data.annotations = {train = ..., val = ..., test = ...}`; VOC: ImageSets names).
+(`data.<format>.file = {train = ..., val = ..., test = ...}`; VOC: `data.voc.image_sets`, ImageSets names).
 """

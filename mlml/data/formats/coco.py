@@ -3,7 +3,7 @@
 An image's positives are the categories of its object annotations (crowd ones included); an image
 without annotations has none. Labels are complete (no negatives listed): every category not
 annotated counts negative in evaluation. Label names are the category names in id order (or
-`data.label_names`, naming the same categories). `data.annotations` is one file (split at random)
+`data.coco.label_names`, naming the same categories). `data.coco.file` is one file (split at random)
 or COCO's own split files, e.g. `{train = "annotations/instances_train2014.json", test =
 "annotations/instances_val2014.json"}` as multi-label papers do. Image paths are `file_name`,
 under `<root>/<name>/` when that folder exists for `instances_<name>.json` (COCO's layout), else
@@ -16,15 +16,24 @@ file with segmentation polygons is held as (image id, category id) pairs only.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
-from mlml.data.annotations import AnnotationError, Entry, IndexedSource, read_label_names, write_index
+from mlml.data.annotations import AnnotationError, AnnotationSettings, Entry, IndexedSource, read_label_names, write_index
 from mlml.labels import LabelSpace
 
 _CHUNK = 1 << 20
+
+
+
+@dataclass(kw_only=True)
+class CocoSettings(AnnotationSettings):
+    """`[data.coco]`: instances JSON file(s), optional label names, the image root."""
+
+    label_names: str = ""         # "" = the categories of the annotation file, in id order
 
 
 class _Reader:

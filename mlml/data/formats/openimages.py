@@ -7,9 +7,9 @@ unknown. Known negatives make evaluation use the verified entries only (`data.ev
 verification sources) counts once, with both confidences it is an error. Images are
 `<root>/<ImageID>.jpg` (the official downloader's flat layout).
 
-`data.annotations`: one file, or the published split files `{train =
+`data.openimages.file`: one file, or the published split files `{train =
 "oidv6-train-annotations-human-imagelabels.csv", val = "validation-annotations-human-imagelabels.csv",
-test = "test-annotations-human-imagelabels.csv"}`. `data.label_names`: the class descriptions CSV
+test = "test-annotations-human-imagelabels.csv"}`. `data.openimages.label_names`: the class descriptions CSV
 (`LabelName,DisplayName`, with or without header; label names are the display names, a repeated
 display name followed by its MID), or a `.txt`/`.json` of MIDs.
 """
@@ -17,10 +17,11 @@ display name followed by its MID), or a `.txt`/`.json` of MIDs.
 from __future__ import annotations
 
 import csv
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from mlml.data.annotations import AnnotationError, Entry, IndexedSource, check_labels, read_label_names, write_index
+from mlml.data.annotations import AnnotationError, AnnotationSettings, Entry, IndexedSource, check_labels, read_label_names, write_index
 from mlml.labels import LabelSpace
 
 HEADER = ["ImageID", "Source", "LabelName", "Confidence"]
@@ -92,6 +93,12 @@ def _entry(path: Path, line: int, image: str, labels: dict[int, bool], label_spa
     pos, neg = sorted(k for k, v in labels.items() if v), sorted(k for k, v in labels.items() if not v)
     check_labels(path, line, pos, neg, label_space)
     return Entry(f"{image}.jpg", pos, neg, split, path, line)
+
+
+
+@dataclass(kw_only=True)
+class OpenImagesSettings(AnnotationSettings):
+    """`[data.openimages]`: label CSV file(s), the class descriptions, the image folder."""
 
 
 class OpenImagesSource(IndexedSource):

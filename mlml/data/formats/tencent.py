@@ -1,26 +1,28 @@
 """Tencent ML-Images image lists: `path idx:conf idx:conf ...`, one image per line.
 
-`idx` is a label index into the label names (`data.label_names`: a `.txt` with one name per line,
+`idx` is a label index into the label names (`data.tencent.label_names`: a `.txt` with one name per line,
 line k naming index k, or the ML-Images dictionary `dictionary_and_semantic_hierarchy.txt`, tab
 separated with the index first and the name last), `conf` its confidence in [0, 1]. A label whose
-confidence is at least `data.confidence_threshold` is positive; listed labels below it are unknown;
+confidence is at least `data.tencent.confidence_threshold` is positive; listed labels below it are unknown;
 labels not listed count negative in evaluation (complete labels, as ML-Images trains). The
 confidences are kept in the index (`confidence/`: every listed label, `confidence.npy` aligned with
-it) and read back with `TencentSource.confidences(i)`. Paths are relative to `data.root` (default:
-the list's folder). `data.annotations`: one list, or one per split.
+it) and read back with `TencentSource.confidences(i)`. Paths are relative to `data.tencent.root` (default:
+the list's folder). `data.tencent.file`: one list, or one per split.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
-from mlml.data.annotations import AnnotationError, Entry, IndexedSource, read_label_names, write_index
+from mlml.data.annotations import AnnotationError, AnnotationSettings, Entry, IndexedSource, read_label_names, write_index
 from mlml.data.label_store import LabelStore, LabelStoreBuilder, finish_npy, load_npy
 from mlml.labels import LabelSpace
+from mlml.settings import must
 
 
 def read_dictionary(path: Path) -> LabelSpace:
@@ -81,13 +83,25 @@ def write_tencent_index(files: dict[str, Path], label_space: LabelSpace, thresho
     return info
 
 
+
+@dataclass(kw_only=True)
+class TencentSettings(AnnotationSettings):
+    """`[data.tencent]`: image list(s), the label dictionary, the confidence that makes a label positive."""
+
+    confidence_threshold: float = 0.5   # a listed label with at least this confidence is positive
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        must(0 < self.confidence_threshold <= 1, "confidence_threshold", "in (0, 1]", self.confidence_threshold)
+
+
 class TencentSource(IndexedSource):
     """Images of Tencent ML-Images lists; positives: listed labels with confidence >= `threshold` (see module doc)."""
 
     def __init__(self, files: dict[str, Path], label_names: Path, root: Path | None, image_size: int, threshold: float = 0.5,
                  store: str | Path | None = None, allow_outside_root: bool = False) -> None:
         if not 0.0 < threshold <= 1.0:
-            raise ValueError(f"data.confidence_threshold = {threshold} is out of range (0, 1]")
+            raise ValueError(f"data.tencent.confidence_threshold = {threshold} is out of range (0, 1]")
         root = root or next(iter(files.values())).parent
         space = read_dictionary(label_names)
         read = lambda out: write_tencent_index(files, space, threshold, root, out, allow_outside_root)   # noqa: E731

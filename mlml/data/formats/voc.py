@@ -6,20 +6,21 @@ difficult objects; every other class is a known negative. Known negatives make e
 annotated entries only (`data.eval_labels = "auto"` -> annotated), so a difficult-only class is
 neither rewarded nor punished. Images are `JPEGImages/<id>.jpg`.
 
-`data.root` is the year's folder (`VOCdevkit/VOC2007`). Splits are image sets:
-`data.annotations = {train = "trainval", test = "test"}` (VOC2007 as papers use it; VOC2012, whose
+`data.voc.root` is the year's folder (`VOCdevkit/VOC2007`). Splits are image sets:
+`data.voc.image_sets = {train = "trainval", test = "test"}` (VOC2007 as papers use it; VOC2012, whose
 test labels are not public: `{train = "train", test = "val"}`); by default the sets `train`, `val`
-and `test` that exist. Label names: the 20 VOC classes, or `data.label_names`.
+and `test` that exist. Label names: the 20 VOC classes, or `data.voc.label_names`.
 """
 
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 from mlml.data.annotations import AnnotationError, Entry, IndexedSource, check_labels, read_label_names, write_index
-from mlml.data.image_files import SPLITS
+from mlml.data.image_files import SPLITS, FileSourceSettings
 from mlml.labels import LabelSpace
 
 CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable", "dog",
@@ -71,6 +72,17 @@ def read_voc(root: Path, sets: dict[str, Path], label_space: LabelSpace) -> Iter
                 neg = sorted(set(range(len(index))) - set(pos) - set(ignored))
                 check_labels(xml, 1, pos, neg, label_space)
                 yield Entry(f"JPEGImages/{image_id}.jpg", pos, neg, split, listing, line_no)
+
+
+
+@dataclass(kw_only=True)
+class VocSettings(FileSourceSettings):
+    """`[data.voc]`: the year's folder and which image sets are the splits."""
+
+    root: str                     # the year's folder, e.g. VOCdevkit/VOC2007
+    image_sets: dict[str, str] = field(default_factory=dict)   # split -> image set, e.g. {train = "trainval", test = "test"}; {} = train, val, test
+    label_names: str = ""         # "" = the 20 VOC classes
+    allow_outside_root: bool = False
 
 
 class VocSource(IndexedSource):
