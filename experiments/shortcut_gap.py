@@ -24,6 +24,7 @@ from mlml.config import Config, from_dict
 from mlml.data.pipeline import build_data
 from mlml.data.synthetic import nuisance_styles
 from mlml.inference import load_predictor
+from mlml.settings import upgrade_stored_config
 
 
 @torch.no_grad()
@@ -31,8 +32,8 @@ def style_gaps(run: Path, chunk: int = 500) -> dict[str, float]:
     """{group name: mean over its labels of (mean positive logit, style 0) - (style 1)}."""
     predictor = load_predictor(run / "checkpoints" / "best.pt")
     model = predictor.model
-    cfg = from_dict(Config, predictor.config)
-    cfg.data.synthetic.nuisance = "collection"
+    cfg = from_dict(Config, upgrade_stored_config(predictor.config))   # a checkpoint of an older mlml too
+    cfg.data.settings("synthetic").nuisance = "collection"
     data = build_data(cfg.data)
     train, test = data.splits["train"], data.splits["test"]
     d = data.observation.num_domains

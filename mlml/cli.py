@@ -1,4 +1,4 @@
-"""The `mlml` command line: train, eval, predict, data, reproduce, search, table, list."""
+"""The `mlml` command line: train, eval, predict, checkpoint, weights, data, reproduce, search, table, list."""
 
 from __future__ import annotations
 
@@ -82,6 +82,17 @@ def cmd_checkpoint_verify(args: argparse.Namespace) -> int:
         ckpt = load_checkpoint(path)
         where = f"epoch {ckpt.get('epoch', '?')}, step {ckpt.get('step_in_epoch', '?')}, global step {ckpt.get('global_step', '?')}"
         print(f"{path}: ok ({where}; config hash {ckpt.get('config_hash', 'none')})")
+    return 0
+
+
+def cmd_weights_convert(args: argparse.Namespace) -> int:
+    from mlml.models.weights import convert, sha256_of
+
+    obj = convert(args.backbone, Path(args.out), Path(args.source) if args.source else None)
+    print(f"wrote {args.out} ({len(obj['state_dict'])} tensors for model.backbone = {args.backbone}; from "
+          f"{obj['source']['package']}, {obj['source']['file']} sha256 {obj['source']['sha256'][:16]}...; "
+          f"file sha256 {sha256_of(Path(args.out))})")
+    print(f"train from it with: --set model.backbone={args.backbone} --set model.weights={args.out}")
     return 0
 
 
@@ -228,7 +239,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     from mlml.methods.teacher import TeacherSettings
     from mlml.settings import source_settings_class
 
-    keys = {"methods": "method.args", "losses": "method.loss_args", "observations": "data.observation_args"}
+    keys = {"methods": "method.args", "losses": "method.loss_args", "observations": "data.observation_args",
+            "backbones": "model.backbone_args"}
     chosen = list(registries()) if args.what == "all" else [args.what]
     lines: list[str] = []
     for what in chosen:
@@ -277,6 +289,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("paths", nargs="+")
     q.set_defaults(fn=cmd_checkpoint_verify)
 
+    p = sub.add_parser("weights", help="pretrained backbone weights")
+    w_sub = p.add_subparsers(dest="weights_command", required=True)
+    q = w_sub.add_parser("convert", help="convert a package's ImageNet weights once to mlml's safe weight file (model.weights)")
+    q.add_argument("backbone", help="registered backbone, e.g. efficientnet_lite0")
+    q.add_argument("out", help="weight file to write, e.g. weights/efficientnet_lite0.pt")
+    q.add_argument("--source", help="the package's .pth file (default: found in the installed package)")
+    q.set_defaults(fn=cmd_weights_convert)
+
     p = sub.add_parser("data", help="data tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     q = data_sub.add_parser("synth", help="write the synthetic data as an image folder plus an annotation file")
@@ -312,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reproduce", help="run a table's settings x methods x seeds and write results/<table>.md")
     p.add_argument("table", nargs="?")
     p.add_argument("--list", action="store_true", help="list the tables and what each profile costs")
-    p.add_argument("--profile", default="quick", choices=["quick", "full"])
+    p.add_argument("--profile", default="quick", help="a profile of the table: quick, full, real (the real-image track), ...")
     p.add_argument("--seeds", type=int, help="number of seeds (default: the profile's)")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (each a subprocess)")
     p.add_argument("--torchrun", type=int, default=0, metavar="N",

@@ -71,7 +71,7 @@ class DataConfig:
                                   # | partial | per_group | unlabelled | annotated
     observation_args: dict = field(default_factory=dict)
     val_labels: str = "full"      # full | observed: what validation metrics (and model selection) see
-    augment: str = "flip_crop"    # none | flip_crop (the weak view; methods may ask for "strong" too)
+    augment: str = "flip_crop"    # none | flip_crop | crop (the weak view; methods may ask for "strong" too)
     batch_size: int = 128         # global batch per optimiser step: split over ranks, then micro-batches
     # With unlabelled training images (observation_args.labelled_fraction < 1, or a mixed source's
     # unlabelled members): unlabelled images per labelled one in each batch; 0 trains on the labelled
@@ -133,9 +133,11 @@ class ModelConfig:
     backbone: str = "small_cnn"   # see mlml.models.BACKBONES
     width: int = 32               # small_cnn channel width
     stem: str = "small"           # resnets: small (3x3 conv, no max-pool) | imagenet
-    weights: str = ""             # path of a local state_dict for the backbone; "" = random init
+    backbone_args: dict = field(default_factory=dict)   # the backbone's own settings (its `Settings`, `mlml list backbones`)
+    weights: str = ""             # backbone weights: a file of `mlml weights convert` or a plain state_dict; "" = random init
     head: str = "linear"
     dropout: float = 0.0
+    boostlu: float = 1.0          # BoostLU (Kim et al., CVPR 2023): positive class-activation-map entries x this before pooling; 1 = off
     sync_bn: bool = False         # torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)
     find_unused_parameters: bool = False   # DDP: allow parameters without gradient in a step (or the method says so)
     compile: bool = False         # torch.compile the training forward (GPU; the first steps compile, minutes)
@@ -206,7 +208,7 @@ def run_dir_for(cfg: Config) -> Path:
 
 
 # Tables whose keys are free (their owner checks them); written inline and replaced, not merged.
-FREE_FORM = ("loss_args", "args", "observation_args", "domain_branch", "teacher")
+FREE_FORM = ("loss_args", "args", "observation_args", "domain_branch", "teacher", "backbone_args")
 
 # Keys that say how a run is executed, not what it computes: they may differ between runs of one
 # config (and are left out of `config_hash`).
@@ -361,6 +363,7 @@ CHECKS: dict[str, Check] = {
     "model.width": _at_least(1),
     "model.stem": _one_of("small", "imagenet"),
     "model.dropout": _within(0, 1, hi_open=True),
+    "model.boostlu": _above(0),
     "method.pos_weight": _one_of("none", "observed"),
     "optim.name": _one_of(*OPTIMIZERS),
     "optim.lr": _above(0),
@@ -499,18 +502,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), store
 
 
 def _origin(key: str | None, files: list[tuple[Path, dict]], overrides: list[tuple[str, list[str], Any]]) -> str:
-    """Where the value of dotted `key` came from: the last override that set it, else the first file."""
-    if key:
-        parts = key.split("[")[0].split(".")
-        for text, path, _ in reversed(overrides):
-            if path[: len(parts)] == parts or parts[: len(path)] == path:
-                return f"--set {text}"
-        for file, raw in files:                  # the file itself first, then its bases
-            node: Any = raw
-            for part in parts:
-                node = node.get(part) if isinstance(node, dict) else None
-            if node is not None:
-                return str(file)
+    """Where the value of dotted `key` came from: the last override that set it, else the file that
+    did; a key of a source's table that nothing set (a required one) comes from `data.source`."""
+    if not key:
+        return str(files[0][0]) if files else "config"
+    parts = key.split("[")[0].split(".")
+    for text, path, _ in reversed(overrides):
+        if path[: len(parts)] == parts or parts[: len(path)] == path:
+            return f"--set {text}"
+    for file, raw in files:                      # the file itself first, then its bases
+        node: Any = raw
+        for part in parts:
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            return str(file)
+    if parts[0] == "data" and len(parts) > 2:
+        return _origin("data.source", files, overrides)
     return str(files[0][0]) if files else "config"
 
 

@@ -5,6 +5,9 @@ A table is a TOML file in `experiments/tables/`:
 
     title = "..."
     metrics = ["test/mAP_macro", "test/f1_macro_calibrated"]
+    addons = ["method.teacher"]         # optional (before any [section]): add-ons compared with the best row without them
+    [baselines]                         # optional: rows of other tables (their results/<table>.runs.csv) that join
+    single_positive = ["single_positive"]   # the "without" pool of this setting ("<table>" or "<table>/<setting>")
     [profiles.quick]                    # and [profiles.full]
     config = "../configs/quick.toml"    # relative to the table file
     seeds = 3
@@ -14,10 +17,26 @@ A table is a TOML file in `experiments/tables/`:
     [methods]                           # method name -> config overrides
     an = ["method.loss=an"]
 
-`reproduce` writes `results/<table>.md` and `.csv`, and `results/<table>.timing.json` with the
+A profile on another data track (the real-image track, `experiments/configs/real.toml`) names it:
+
+    [profiles.real]
+    config = "../configs/real.toml"
+    track = "real"                      # results/<table>.real.md, runs under <runs_dir>/real/
+    title = "..."                       # the table's title on this track (default: the table's)
+    [profiles.real.settings]            # entries replace the table's of the same name on this track;
+    shortcut = ["data.mnist5k.nuisance=collection"]   # false leaves one out (`profile_spec`)
+    [profiles.real.methods]
+    role = ["method.name=role", "method.args={k = 2.0}"]
+
+`reproduce` writes `results/<table>.md` and `.csv` (`<table>.<track>.*` for a track's profile), and `results/<table>.timing.json` with the
 measured cost of each profile (summed `train_seconds` of the runs, wall time of the last complete
 reproduction, hardware) that `mlml reproduce --list` shows. It also writes a TensorBoard
 custom-scalars layout at `runs/<table>/` (one chart per metric comparing every run).
+
+Beside the metrics, a table shows each row's convergence (best epoch, the slope of validation
+`eval.select` over the last epochs, a flag on rows still improving; per run in `<table>.runs.csv`)
+and, for add-ons (`method.teacher`, `method.domain_branch`), the best row with the add-on against
+the best row without it, both chosen on validation (docs/design.md, "Tables").
 
 Tables only aggregate comparable runs (`check_comparable`): the seeds of one cell must share
 their config (but the seed) and their splits (`split_hash` in metrics.json), and the runs of a
@@ -30,6 +49,7 @@ import contextlib
 import csv
 import io
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -41,7 +61,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from mlml.config import EXECUTION_KEYS, Config, ConfigError, config_diff, from_dict, load_config, parse_override, run_dir_for
+from mlml.config import EXECUTION_KEYS, Config, ConfigError, config_diff, flat, from_dict, load_config, parse_override, run_dir_for
 from mlml.files import FileLock, LockedError
 from mlml.launchers import SlurmLauncher, SlurmResources, launcher_section, run_states, slurm_resources
 from mlml.settings import upgrade_stored_config
@@ -75,12 +95,46 @@ def read_table(name: str) -> dict:
     for key in ("title", "metrics", "profiles", "settings", "methods"):
         if key not in spec:
             raise ConfigError(f"{path}: missing key '{key}'")
+    check_addons(spec)
     return spec
 
 
-def expand(spec: dict, profile: str, seeds: int | None, runs_dir: Path) -> list[Run]:
+def profile_spec(spec: dict, profile: str) -> dict:
+    """The table as `profile` runs it: its track's title, settings and methods, and results name.
+
+    A profile's `settings` / `methods` tables replace the table's entries of the same name (an
+    entry `false` leaves it out); a name the table does not have is an error (a typo would
+    otherwise add a row). `results` is `<table>` or, for a profile with a `track`, `<table>.<track>`.
+    """
     if profile not in spec["profiles"]:
         raise ConfigError(f"table '{spec['name']}' has no profile '{profile}'; known: {', '.join(spec['profiles'])}")
+    prof = spec["profiles"][profile]
+    out = {**spec, "title": prof.get("title", spec["title"])}
+    for group in ("settings", "methods"):
+        own = prof.get(group, {})
+        unknown = sorted(set(own) - set(spec[group]))
+        if unknown:
+            raise ConfigError(f"{spec['path']}: profiles.{profile}.{group}.{unknown[0]}: the table has no such entry; "
+                              f"known: {', '.join(spec[group])}")
+        merged = {name: own.get(name, entry) for name, entry in spec[group].items()}
+        out[group] = {name: entry for name, entry in merged.items() if entry is not False}
+    track = prof.get("track", "")
+    if not isinstance(track, str) or track in (".", "..") or any(c in track for c in "/\\"):
+        raise ConfigError(f"{spec['path']}: profiles.{profile}.track = {track!r} must be a name without '/'")
+    out["results"] = f"{spec['name']}.{track}" if track else spec["name"]
+    out["track"] = track
+    return out
+
+
+def track_runs_dir(spec: dict, runs_dir: Path) -> Path:
+    """Where a profile's runs live: `runs_dir`, or `runs_dir/<track>` for a track's profile (`profile_spec`)."""
+    return runs_dir / spec["track"] if spec.get("track") else runs_dir
+
+
+def expand(spec: dict, profile: str, seeds: int | None, runs_dir: Path) -> list[Run]:
+    """Every run of `profile` (settings x methods x seeds), with the profile's own entries (`profile_spec`)."""
+    spec = profile_spec(spec, profile)
+    runs_dir = track_runs_dir(spec, runs_dir)
     prof = spec["profiles"][profile]
     config = (spec["path"].parent / prof["config"]).resolve()
     n = seeds or prof.get("seeds", 3)
@@ -176,7 +230,8 @@ def reproduce(
     and host, or with `wait_lock` waits for it to finish.
     """
     spec = read_table(name)
-    with table_lock(runs_dir / spec["name"] / "reproduce.lock", f"table {spec['name']} in {runs_dir}", wait_lock):
+    lock_dir = track_runs_dir(profile_spec(spec, profile), runs_dir)
+    with table_lock(lock_dir / spec["name"] / "reproduce.lock", f"table {spec['name']} in {lock_dir}", wait_lock):
         return _reproduce(spec, name, profile, seeds, jobs, runs_dir, results_dir, torchrun, launcher)
 
 
@@ -189,7 +244,8 @@ def _reproduce(spec: dict, name: str, profile: str, seeds: int | None, jobs: int
         if r not in todo:
             check_done_run(r, dirs[r])
     print(f"{name} ({profile}): {len(runs)} runs, {len(runs) - len(todo)} already done, {len(todo)} to run", file=sys.stderr)
-    write_table_layout(runs_dir / spec["name"], spec["name"], spec["metrics"])
+    spec = profile_spec(spec, profile)
+    write_table_layout(track_runs_dir(spec, runs_dir) / spec["name"], spec["name"], spec["metrics"])
     threads = max(1, (os.cpu_count() or 1) // (max(1, jobs) * max(1, torchrun)))
     start = time.perf_counter()
     if launcher is not None:
@@ -205,7 +261,7 @@ def _reproduce(spec: dict, name: str, profile: str, seeds: int | None, jobs: int
         complete = len(todo) == len(runs) and launcher is None
         record_timing(spec["name"], profile, results, wall if complete else None, jobs, torchrun, results_dir)
     command = f"mlml reproduce {name} --profile {profile}" + (f" --seeds {seeds}" if seeds else "")
-    return write_table(spec, results, results_dir, command)
+    return write_table(spec, results, results_dir, command, wall_time(read_timing(results_dir, spec["name"]), profile, results))
 
 
 def read_result(path: Path) -> dict:
@@ -351,7 +407,7 @@ def split_rows(results: list[dict]) -> list[dict]:
     return [{**r, "method": f"{r['method']} [split {split_of(r)}]"} for r in results]
 
 
-def provenance(command: str, results: list[dict]) -> list[str]:
+def provenance(command: str, results: list[dict], wall: str = "not recorded") -> list[str]:
     train_seconds = sum(r.get("train_seconds", 0.0) for r in results)
     splits: dict[str, int] = {}
     for r in results:
@@ -362,6 +418,7 @@ def provenance(command: str, results: list[dict]) -> list[str]:
         f"Hardware: {run_provenance(results, 'hardware')}",
         "Splits (split_hash): " + "; ".join(f"{h} ({n_runs(n)})" for h, n in splits.items()),
         f"Training time: {n_runs(len(results))}, {minutes(train_seconds)} in total (sum of the runs' train_seconds)",
+        f"Wall time: {wall}",
     ]
 
 
@@ -381,7 +438,7 @@ def record_timing(name: str, profile: str, results: list[dict], wall: float | No
     entry.update(runs=len(results), seeds=len({r["seed"] for r in results}),
                  train_seconds=round(sum(r.get("train_seconds", 0.0) for r in results), 1), hardware=run_provenance(results, 'hardware'), commit=run_provenance(results, 'commit'))
     if wall is not None:
-        entry.update(wall_seconds=round(wall, 1), jobs=jobs, torchrun=torchrun)
+        entry.update(wall_seconds=round(wall, 1), jobs=jobs, torchrun=torchrun, wall_commit=entry["commit"])
     timing[profile] = entry
     results_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(timing, indent=2) + "\n")
@@ -412,15 +469,19 @@ def aggregate(results: list[dict], metrics: list[str]) -> dict[tuple[str, str], 
     return out
 
 
-def markdown(spec: dict, agg: dict, command: str, results: list[dict]) -> tuple[str, str]:
+def markdown(spec: dict, agg: dict, command: str, results: list[dict], wall: str = "not recorded") -> tuple[str, str]:
     settings = list(spec["settings"]) if spec.get("settings") else sorted({s for s, _ in agg})
     methods = list(spec["methods"]) if spec.get("methods") else sorted({m for _, m in agg})
     split_methods = sorted({m for _, m in agg} - set(methods))      # runs on several splits: "<method> [split <hash>]"
     if split_methods:
         methods = [m for m in methods if any(k[1] == m for k in agg)] + split_methods
     metrics = spec["metrics"]
-    header = ["method"] + [f"{m} ({s})" if len(settings) > 1 else m for s in settings for m in metrics] + ["seeds"]
-    lines = [f"# {spec['title']}", "", *[f"{line}  " for line in provenance(command, results)], "",
+    conv = row_convergence(results)
+    conv_settings = [s for s in settings if any(k[0] == s for k in conv)]
+    header = (["method"] + [f"{m} ({s})" if len(settings) > 1 else m for s in settings for m in metrics]
+              + [f"best epoch (max)/epochs, slope ({s})" if len(settings) > 1 else "best epoch (max)/epochs, slope" for s in conv_settings]
+              + ["seeds"])
+    lines = [f"# {spec['title']}", "", *[f"{line}  " for line in provenance(command, results, wall)], "",
              "Mean ± sample standard deviation over seeds; test split, full labels.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     buf = io.StringIO()
@@ -435,18 +496,42 @@ def markdown(spec: dict, agg: dict, command: str, results: list[dict]) -> tuple[
                 if v:
                     n = max(n, v[2])
                     writer.writerow([s, method, m, f"{v[0]:.6f}", f"{v[1]:.6f}", v[2]])
+        cells += [conv[(s, method)].cell() if (s, method) in conv else "n/a" for s in conv_settings]
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {n} |")
+    convergence_rows(writer, conv, [(s, m) for m in methods for s in settings])
+    lines += convergence_note(conv, [(s, m) for s in settings for m in methods])
     return "\n".join(lines) + "\n", buf.getvalue()
 
 
-def write_table(spec: dict, results: list[dict], results_dir: Path | None, command: str) -> str:
+def convergence_rows(writer, conv: dict[tuple[str, str], RowConvergence], order: list[tuple[str, str]]) -> None:
+    """The table CSV's convergence lines per row: best epoch and slope (mean, std, seeds) as metrics `convergence/...`."""
+    for key in order:
+        if key not in conv:
+            continue
+        c = conv[key]
+        for name, values in (("best_epoch", [x.best_epoch for x in c.runs]), ("slope_per_epoch", [x.slope for x in c.runs])):
+            if None not in values:
+                std = statistics.stdev(values) if len(values) > 1 else 0.0
+                writer.writerow([*key, f"convergence/{name}", f"{statistics.fmean(values):.6f}", f"{std:.6f}", len(values)])
+
+
+def write_table(spec: dict, results: list[dict], results_dir: Path | None, command: str, wall: str = "not recorded") -> str:
+    """The table's Markdown (written with its `.csv` and per-run `.runs.csv` to `results_dir` if given):
+    header with provenance, one row per method, the convergence footnote and the add-on section."""
     results = split_rows(results)
     check_comparable(spec, results)
-    md, table_csv = markdown(spec, aggregate(results, spec["metrics"]), command, results)
+    md, table_csv = markdown(spec, aggregate(results, spec["metrics"]), command, results, wall)
+    metric = spec["metrics"][0]
+    comparisons = addon_comparisons(spec, results, metric, results_dir or Path("results"))     # other tables' runs.csv: results/
+    section = addon_section(comparisons, selection_key(results[0]), metric) if comparisons else []
+    if section:
+        md += "\n".join(section) + "\n"
     if results_dir is not None:
         results_dir.mkdir(parents=True, exist_ok=True)
-        (results_dir / f"{spec['name']}.md").write_text(md)
-        (results_dir / f"{spec['name']}.csv").write_text(table_csv)
+        name = spec.get("results", spec["name"])          # <table>, or <table>.<track> (profile_spec)
+        (results_dir / f"{name}.md").write_text(md)
+        (results_dir / f"{name}.csv").write_text(table_csv)
+        (results_dir / f"{name}.runs.csv").write_text(runs_csv(spec, results, spec["metrics"]))
     return md
 
 
@@ -461,8 +546,13 @@ def table_from_runs(root: Path, results_dir: Path | None = None) -> str:
         spec = read_table(name)
     except ConfigError:
         spec = {"name": name, "title": name, "metrics": ["test/mAP_macro"], "settings": {}, "methods": {}}
+    else:       # runs under <runs_dir>/<track>/<table>: the table as that track's profile runs it
+        tracks = [p for p, prof in spec["profiles"].items() if prof.get("track") and prof["track"] == Path(root).resolve().parent.name]
+        if tracks:
+            spec = profile_spec(spec, tracks[0])
     write_table_layout(root, spec["name"], spec["metrics"])
-    return write_table(spec, results, results_dir, f"mlml table {root}")
+    timing = read_timing(results_dir or Path("results"), spec["name"])
+    return write_table(spec, results, results_dir, f"mlml table {root}", wall_time(timing, None, results))
 
 
 def plural(n: int, word: str) -> str:
@@ -480,5 +570,344 @@ def list_tables(results_dir: Path = Path("results")) -> str:
         lines.append(f"{path.stem}: {spec['title']} ({plural(settings, 'setting')} x {plural(methods, 'method')} = {plural(settings * methods, 'run')} a seed)")
         for prof, p in spec["profiles"].items():
             cost = measured_cost(timing[prof]) if prof in timing else p.get("cost", "cost not measured")
-            lines.append(f"  --profile {prof}: {p.get('seeds', 3)} seeds, {cost}")
+            track = f" [track {p['track']}: results/{profile_spec(spec, prof)['results']}.md]" if p.get("track") else ""
+            lines.append(f"  --profile {prof}{track}: {p.get('seeds', 3)} seeds, {cost}")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ convergence: is the budget long enough?
+IMPROVING_GAIN = 0.005     # still improving: the fitted trend gains this much (in the selection metric) over k more epochs
+
+
+@dataclass(frozen=True)
+class Convergence:
+    """How a run's validation selection metric (`eval.select`) ended (`convergence`).
+
+    `window` is k = max(3, ceil(E / 4)) epochs, E the last validated epoch; `slope` the least-squares
+    slope per epoch of the metric over the validations of the last k epochs (at least the last 3).
+    """
+
+    select: str
+    epochs: int
+    best_epoch: int
+    window: int
+    slope: float | None        # None: fewer than 3 validations
+
+    @property
+    def gain(self) -> float | None:
+        """What k more epochs would add at the current trend: slope x k."""
+        return None if self.slope is None else self.slope * self.window
+
+    @property
+    def improving(self) -> bool:
+        return self.gain is not None and self.gain >= IMPROVING_GAIN
+
+
+def selection_key(result: dict) -> str:
+    """The validation metric that chose the run's best checkpoint (`eval.select`; older runs: its default)."""
+    return result.get("config", {}).get("eval", {}).get("select", "val/mAP_macro")
+
+
+def least_squares_slope(xs: list[float], ys: list[float]) -> float:
+    """Slope of the least-squares line through (xs, ys); xs not all equal."""
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
+def convergence(result: dict) -> Convergence | None:
+    """The run's best epoch and end-of-training slope, from its `metrics.json` `history` (the
+    validation record of every evaluated epoch) and `best_epoch`; None if it recorded no history."""
+    select = selection_key(result)
+    points = [(rec["epoch"], rec[select]) for rec in result.get("history", []) if select in rec]
+    if not points:
+        return None
+    last = points[-1][0]
+    window = max(3, math.ceil(last / 4))
+    best = result.get("best_epoch", -1)
+    if best < 1:                                   # the first epoch with the highest value, as the trainer picks it
+        best = max(points, key=lambda p: p[1])[0]
+    inside = [p for p in points if p[0] > last - window]
+    if len(inside) < 3:                            # sparse validation (eval.every > 1): the last 3 validations
+        inside = points[-3:]
+    slope = least_squares_slope([x for x, _ in inside], [y for _, y in inside]) if len(inside) >= 3 else None
+    return Convergence(select, last, best, window, slope)
+
+
+@dataclass(frozen=True)
+class RowConvergence:
+    """The convergence of a row's seeds; the row is improving when the mean gain over its seeds is."""
+
+    runs: tuple[Convergence, ...]
+
+    @property
+    def best_mean(self) -> float:
+        return statistics.fmean(c.best_epoch for c in self.runs)
+
+    @property
+    def best_max(self) -> int:
+        return max(c.best_epoch for c in self.runs)
+
+    @property
+    def epochs(self) -> int:
+        return max(c.epochs for c in self.runs)
+
+    @property
+    def slope(self) -> float | None:
+        slopes = [c.slope for c in self.runs if c.slope is not None]
+        return statistics.fmean(slopes) if len(slopes) == len(self.runs) else None
+
+    @property
+    def gain(self) -> float | None:
+        gains = [c.gain for c in self.runs if c.gain is not None]
+        return statistics.fmean(gains) if len(gains) == len(self.runs) else None
+
+    @property
+    def improving(self) -> bool:
+        return self.gain is not None and self.gain >= IMPROVING_GAIN
+
+    @property
+    def n_improving(self) -> int:
+        return sum(c.improving for c in self.runs)
+
+    def cell(self) -> str:
+        slope = "slope n/a" if self.slope is None else f"{self.slope:+.4f}"
+        return f"{self.best_mean:.1f} ({self.best_max})/{self.epochs}, {slope}" + (" ↑" if self.improving else "")
+
+
+def row_convergence(results: list[dict]) -> dict[tuple[str, str], RowConvergence]:
+    """(setting, method) -> the convergence of its runs, for the rows whose every run recorded a history."""
+    rows: dict[tuple[str, str], list[Convergence | None]] = {}
+    for r in sorted(results, key=lambda r: r["seed"]):
+        rows.setdefault((r["setting"], r["method"]), []).append(convergence(r))
+    return {key: RowConvergence(tuple(cs)) for key, cs in rows.items() if all(c is not None for c in cs)}
+
+
+def convergence_note(conv: dict[tuple[str, str], RowConvergence], order: list[tuple[str, str]]) -> list[str]:
+    """The footnote under a table: what the convergence column means, and the rows still improving."""
+    if not conv:
+        return []
+    select = next(iter(conv.values())).runs[0].select
+    flagged = [key for key in order if key in conv and conv[key].improving]
+    lines = ["", f"Convergence column: best epoch = the epoch of the best validation `{select}` (the checkpoint the test "
+             "metrics come from), mean over seeds (max) / epochs trained; slope = least-squares slope per epoch of "
+             f"validation `{select}` over the last k = max(3, ceil(epochs / 4)) epochs (at least 3 validations), mean "
+             f"over seeds. ↑ still improving: mean slope x k >= {IMPROVING_GAIN} (at that trend, k more epochs would add "
+             f"at least {IMPROVING_GAIN}); the runs' values are in the `.runs.csv` beside this table."]
+    if flagged:
+        shown = "; ".join(f"{s}/{m} (+{conv[(s, m)].gain:.4f} over {conv[(s, m)].runs[0].window} epochs, "
+                          f"{conv[(s, m)].n_improving} of {len(conv[(s, m)].runs)} seeds improving)" for s, m in flagged)
+        lines += ["", f"**Still improving ({len(flagged)} of {len(conv)} rows): {shown}.** Their numbers may rise with a longer budget."]
+    else:
+        lines += ["", f"No row is still improving ({len(conv)} rows)."]
+    at_end = [f"{s}/{m}" for s, m in order if (s, m) in conv and not conv[(s, m)].improving
+              and all(c.best_epoch == c.epochs for c in conv[(s, m)].runs)]
+    if at_end:      # a weaker sign: under a decaying learning rate the slope flattens whether or not a longer budget helps
+        lines += ["", f"Best at the last epoch in every seed, though not improving by the slope: {'; '.join(at_end)}."]
+    return lines
+
+
+def runs_csv(spec: dict, results: list[dict], metrics: list[str]) -> str:
+    """One line per run: its seed, split, the add-ons it switched on, selection metric, convergence (best
+    epoch, slope, gain, flag) and the table's metrics; other tables read it for their add-on section."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["setting", "method", "seed", "split_hash", "addons", "select", "select_value", "epochs", "best_epoch",
+                     "window_epochs", "slope_per_epoch", "gain_over_window", "improving", *metrics])
+    keys = list(dict.fromkeys([*ADDONS, *spec.get("addons", [])]))
+    for r in sorted(results, key=lambda r: (r["setting"], r["method"], r["seed"])):
+        c = convergence(r)
+        select = selection_key(r)
+        conv = ["", "", "", "", "", ""] if c is None else [
+            c.epochs, c.best_epoch, c.window, "" if c.slope is None else f"{c.slope:.6f}",
+            "" if c.gain is None else f"{c.gain:.6f}", c.improving]
+        value = r["metrics"].get(select)
+        addons = ";".join(k for k in keys if has_addon(r, k, spec))
+        writer.writerow([r["setting"], r["method"], r["seed"], split_of(r), addons, select, "" if value is None else f"{value:.6f}", *conv,
+                         *("" if r["metrics"].get(m) is None else f"{r['metrics'][m]:.6f}" for m in metrics)])
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------ add-on vs the best configuration without it
+ADDONS = ("method.teacher", "method.domain_branch")    # a table's `addons` key replaces these
+
+
+def check_addons(spec: dict) -> None:
+    """A table's `addons`, if it has one, must be a list of config keys; its `[baselines]`, setting ->
+    list of "<table>" or "<table>/<setting>" whose runs join the add-on section's "without" pool."""
+    known = flat(Config().to_dict())
+    addons = spec.get("addons", [])
+    if not isinstance(addons, list) or not all(isinstance(a, str) for a in addons):
+        raise ConfigError(f"{spec['path']}: 'addons' must be a list of config keys, e.g. [\"method.teacher\"]; got {addons!r}")
+    for key in addons:
+        if key not in known:
+            raise ConfigError(f"{spec['path']}: addons: {key!r} is not a config key (e.g. {', '.join(ADDONS)})")
+    for setting, refs in spec.get("baselines", {}).items():
+        if setting not in spec["settings"]:
+            raise ConfigError(f"{spec['path']}: baselines: {setting!r} is not a setting of the table; known: {', '.join(spec['settings'])}")
+        if not isinstance(refs, list) or not all(isinstance(r, str) and r for r in refs):
+            raise ConfigError(f"{spec['path']}: baselines.{setting} must be a list of \"<table>\" or \"<table>/<setting>\"; got {refs!r}")
+
+
+def has_addon(result: dict, key: str, spec: dict) -> bool:
+    """Whether the run switched on add-on `key` (a config key that is off when empty, e.g. `method.teacher`):
+    from its recorded config, or for runs that recorded none from the table's overrides of its row (rows read
+    from another table's `.runs.csv` carry the add-ons that table recorded)."""
+    if "addons_on" in result:
+        return key in result["addons_on"]
+    if "config" in result:
+        return bool(flat(result["config"]).get(key))
+    overrides = [*spec.get("settings", {}).get(result["setting"], []), *spec.get("methods", {}).get(result["method"], [])]
+    values = [v for k, v in map(parse_override, overrides) if ".".join(k) == key]
+    return bool(values and values[-1])
+
+
+@dataclass(frozen=True)
+class Pick:
+    """A row chosen on validation: its mean validation selection metric and its test metric per seed."""
+
+    method: str
+    val: float
+    test: dict[int, float]
+
+    def test_text(self) -> str:
+        values = list(self.test.values())
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.fmean(values):.4f} ± {std:.4f}"
+
+
+def best_on_validation(rows: dict[str, list[dict]], select: str, metric: str) -> Pick | None:
+    """The row with the highest mean `select` (validation) over its seeds; the first in table order on a tie.
+    Rows lacking the validation or the test metric for a seed are not candidates."""
+    best = None
+    for method, rs in rows.items():
+        if not all(select in r["metrics"] and metric in r["metrics"] for r in rs):
+            continue
+        pick = Pick(method, statistics.fmean(r["metrics"][select] for r in rs), {r["seed"]: r["metrics"][metric] for r in rs})
+        if best is None or pick.val > best.val:
+            best = pick
+    return best
+
+
+def difference(a: Pick, b: Pick) -> tuple[float, float | None, str]:
+    """a - b on the test metric: mean, standard deviation over seeds and how it was paired.
+
+    Same seeds (>= 2): paired by seed, the sample std of the per-seed differences. Otherwise unpaired,
+    the difference of the means with sqrt(s_a^2 + s_b^2) (the std of one run of each); None when a
+    std cannot be estimated (a single seed).
+    """
+    if set(a.test) == set(b.test) and len(a.test) >= 2:
+        diffs = [a.test[s] - b.test[s] for s in sorted(a.test)]
+        return statistics.fmean(diffs), statistics.stdev(diffs), f"paired by seed ({len(diffs)})"
+    mean = statistics.fmean(a.test.values()) - statistics.fmean(b.test.values())
+    if len(a.test) < 2 or len(b.test) < 2:
+        return mean, None, f"unpaired ({len(a.test)} vs {len(b.test)} seeds)"
+    std = math.sqrt(statistics.variance(a.test.values()) + statistics.variance(b.test.values()))
+    return mean, std, f"unpaired ({len(a.test)} vs {len(b.test)} seeds)"
+
+
+@dataclass(frozen=True)
+class AddonComparison:
+    addon: str
+    setting: str
+    with_it: Pick
+    without: Pick
+    diff: float
+    std: float | None
+    pairing: str
+
+
+def addon_comparisons(spec: dict, results: list[dict], metric: str, results_dir: Path = Path("results")) -> list[AddonComparison]:
+    """For each add-on (`spec["addons"]`, else `ADDONS`) and setting where some rows have it and some do
+    not: the best row with it and the best row without it, both chosen on validation. The rows are the
+    table's, and those of other tables that `spec["baselines"]` names (their `<table>.runs.csv` in `results_dir`)."""
+    if not results:
+        return []
+    select = selection_key(results[0])
+    settings = list(dict.fromkeys(r["setting"] for r in results))
+    extra = [b for setting in settings for b in baseline_runs(spec, setting, results, select, metric, results_dir)]
+    out = []
+    for key in spec.get("addons", ADDONS):
+        for setting in settings:
+            pools: dict[bool, dict[str, list[dict]]] = {True: {}, False: {}}
+            for r in results:
+                if r["setting"] == setting:
+                    pools[has_addon(r, key, spec)].setdefault(r["method"], []).append(r)
+            for r in extra:                    # other tables' rows are baselines: they join the pool without the add-on only
+                if r["setting"] == setting and not has_addon(r, key, spec):
+                    pools[False].setdefault(r["method"], []).append(r)
+            with_it, without = (best_on_validation(pools[on], select, metric) for on in (True, False))
+            if with_it and without:
+                out.append(AddonComparison(key, setting, with_it, without, *difference(with_it, without)))
+    return out
+
+
+def baseline_runs(spec: dict, setting: str, results: list[dict], select: str, metric: str, results_dir: Path) -> list[dict]:
+    """The runs of other tables that `spec["baselines"][setting]` names ("<table>" for its rows of the same
+    setting, "<table>/<setting>" for another), read from `<results_dir>/<table>.runs.csv`, as rows of
+    `setting` named "<method> (<table>)". Each must share its seed's split with this table's runs of
+    `setting` and have recorded `select` and `metric`; otherwise the error names the file and row."""
+    runs = []
+    splits = {r["seed"]: split_of(r) for r in results if r["setting"] == setting}
+    for ref in spec.get("baselines", {}).get(setting, []):
+        table, _, other = ref.partition("/")
+        path = results_dir / f"{table}{'.' + spec['track'] if spec.get('track') else ''}.runs.csv"   # the same track's
+        if not path.is_file():
+            raise ConfigError(f"table {spec['name']!r}: baselines of {setting!r} name {ref!r} but {path} does not exist "
+                              f"(`mlml reproduce {table}` or `mlml table runs/{table} --results-dir {results_dir}` writes it)")
+        with open(path, newline="") as f:
+            rows = [row for row in csv.DictReader(f) if row["setting"] == (other or setting)]
+        if not rows:
+            raise ConfigError(f"{path}: no run of setting {other or setting!r} (named by table {spec['name']!r}'s baselines)")
+        for row in rows:
+            where = f"{path}: {row['setting']}/{row['method']} seed{row['seed']}"
+            if row["select"] != select or not row["select_value"] or not row.get(metric):
+                raise ConfigError(f"{where}: it recorded no {select} (validation) and {metric} to be compared")
+            seed = int(row["seed"])
+            if splits.get(seed) != row["split_hash"]:
+                raise ConfigError(f"{where} was made on split {row['split_hash']}, this table's {setting} seed{seed} on "
+                                  f"{splits.get(seed, 'no run')}: they cannot be compared")
+            runs.append({"setting": setting, "method": f"{row['method']} ({table})", "seed": seed, "split_hash": row["split_hash"],
+                         "addons_on": set(filter(None, row["addons"].split(";"))),
+                         "metrics": {select: float(row["select_value"]), metric: float(row[metric])}})
+    return runs
+
+
+def addon_section(comparisons: list[AddonComparison], select: str, metric: str) -> list[str]:
+    """The section under a table: each add-on against the best configuration of the table without it."""
+    if not comparisons:
+        return []
+    lines = ["", "## Add-on vs the best configuration without it", "",
+             f"For each add-on and setting, the best row with the add-on and the best row without it, each chosen on "
+             f"validation `{select}` (mean over seeds, shown in brackets; the test metric never chooses), their "
+             f"`{metric}` (mean ± sample std over seeds) and the difference with - without ± its standard deviation "
+             "over seeds: of the per-seed differences when both rows have the same seeds (paired), else "
+             "sqrt(s_with^2 + s_without^2). \"Without\" is every row of this table in that setting without the add-on, "
+             "and the rows of other tables it names as baselines (\"method (table)\"), on the same splits.", "",
+             "| add-on | setting | best with it (val) | test | best without it (val) | test | with - without | diff / std | pairing |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for c in comparisons:
+        std = "n/a" if c.std is None else f"{c.std:.4f}"
+        ratio = "n/a" if not c.std else f"{c.diff / c.std:+.1f}"
+        lines.append(f"| {c.addon.split('.')[-1]} | {c.setting} | {c.with_it.method} ({c.with_it.val:.4f}) | {c.with_it.test_text()} | "
+                     f"{c.without.method} ({c.without.val:.4f}) | {c.without.test_text()} | {c.diff:+.4f} ± {std} | {ratio} | {c.pairing} |")
+    return lines
+
+
+# ------------------------------------------------------------------ wall time of the reproduction that made a table
+def wall_time(timing: dict, profile: str | None, results: list[dict]) -> str:
+    """The measured wall time (`<table>.timing.json`) of `profile`, or without a profile (`mlml table`) of
+    the one profile whose recorded commit and number of runs are these runs'."""
+    if profile is None:
+        matching = [p for p, e in timing.items() if e.get("runs") == len(results) and e.get("commit") == run_provenance(results, "commit")]
+        profile = matching[0] if len(matching) == 1 else None
+    entry = timing.get(profile, {}) if profile else {}
+    if "wall_seconds" not in entry:
+        return "not recorded (the runs were not all trained by one `mlml reproduce`)"
+    how = f"--jobs {entry['jobs']}" + (f" --torchrun {entry['torchrun']}" if entry.get("torchrun") else "")
+    at = f" at commit {entry['wall_commit']}" if "wall_commit" in entry else ""
+    return f"{minutes(entry['wall_seconds'])} with {how} (profile {profile}, the last reproduction that trained every run{at})"
+
+
+def read_timing(results_dir: Path, name: str) -> dict:
+    path = timing_file(results_dir, name)
+    return json.loads(path.read_text()) if path.exists() else {}

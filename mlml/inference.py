@@ -200,7 +200,7 @@ def write_predictions(records: Iterable[dict], out: Path, label_space: LabelSpac
 
 def evaluate_checkpoint(path: str | Path, split: str = "test", overrides: Iterable[str] = (), device: str = "cpu",
                         predictions: Path | None = None) -> dict[str, float]:
-    """The metrics of a checkpoint's model on a split of its run's data (`overrides`: data keys moved, e.g. data.root=...).
+    """The metrics of a checkpoint's model on a split of its run's data (`overrides`: data keys moved, e.g. data.coco.root=...).
 
     Only the evaluated split's images are loaded (and validation's, to calibrate thresholds, for a
     checkpoint without calibrated ones). `predictions`: also write each image's record (as

@@ -754,3 +754,63 @@ def weighted_bce(
     if pos_weight is None:
         pos_weight = estimate_pos_weight(targets, observed)
     return an(logits, targets, observed, pos_weight=pos_weight)
+
+
+# ---------------------------------------------------------------------------------------------
+# Chen et al., "Boosting single positive multi-label classification with generalized robust
+# loss", IJCAI 2024 (GR loss)
+# ---------------------------------------------------------------------------------------------
+
+
+def _box_cox_nll(log_p: Tensor, q: float) -> Tensor:
+    """(1 - p^q) / q from log p, per entry: the generalized cross-entropy; -log p at q = 0 (its limit).
+
+    Written as -expm1(q log p) / q, so it is finite with a finite gradient for any finite log p.
+    """
+    return -log_p if q == 0 else -torch.expm1(q * log_p) / q
+
+
+@torch.no_grad()
+def gr_pseudo_label(probs: Tensor, w: float, b: float) -> Tensor:
+    """GR loss's soft pseudo-label k(p; beta) = sigmoid(w p + b), beta = (w, b); no gradient."""
+    return torch.sigmoid(w * probs + b)
+
+
+@torch.no_grad()
+def gr_weight(probs: Tensor, mu: float, sigma: float) -> Tensor:
+    """GR loss's reweighting v(p; alpha) = exp(-(p - mu)^2 / (2 sigma^2)), alpha = (mu, sigma); no gradient."""
+    return torch.exp(-((probs - mu) ** 2) / (2 * sigma**2))
+
+
+@register_loss("gr")
+def gr(
+    logits: Tensor,
+    targets: Tensor,
+    observed: Tensor,
+    w: float = 0.0,
+    b: float = -2.0,
+    mu: float = 0.5,
+    sigma: float = 2.0,
+    q2: float = 0.01,
+    q3: float = 1.0,
+) -> Tensor:
+    """Generalized robust loss (Chen et al., IJCAI 2024) at fixed (w, b, mu, sigma).
+
+    observed: BCE (pos -log p, neg -log(1-p)); unobserved: v(p) [k(p) L2(p) + (1 - k(p)) L3(p)] with
+    the soft pseudo-label k(p) = sigmoid(w p + b) (`gr_pseudo_label`), the weight
+    v(p) = exp(-(p - mu)^2 / (2 sigma^2)) (`gr_weight`), both computed from a detached p as in the
+    reference code, and the robust losses L2(p) = (1 - p^q2) / q2 (towards 1; -log p at q2 = 0) and
+    L3(p) = (1 - (1 - p)^q3) / q3 (towards 0; p itself at q3 = 1).
+    The paper moves (w, b, mu, sigma) linearly over the epochs: the `gr` method does; this loss holds
+    them at the schedule's start. Defaults (the authors' released config): w 0, b -2, mu 0.5,
+    sigma 2, q2 0.01, q3 1. The paper has no observed negatives; here they keep their label (BCE).
+    Reduction: mean over B * C (as in the reference code).
+    """
+    _check(logits, targets, observed)
+    probs = torch.sigmoid(logits.detach())
+    k, v = gr_pseudo_label(probs, w, b), gr_weight(probs, mu, sigma)                  # (B, C), no gradient
+    towards_one = _box_cox_nll(F.logsigmoid(logits), q2)                               # L2(p)
+    towards_zero = _box_cox_nll(F.logsigmoid(-logits), q3)                             # L3(p)
+    unknown = v * (k * towards_one + (1 - k) * towards_zero)
+    known = _bce(logits, assume_negative_targets(targets, observed))
+    return torch.where(observed, known, unknown).mean()

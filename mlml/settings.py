@@ -2,7 +2,8 @@
 
 Every configurable component declares its settings beside itself as a dataclass named `Settings`
 (a class attribute): a method (`method.args`), the teacher (`method.teacher`), the domain branch
-(`method.domain_branch`), an observation model (`data.observation_args`). A loss declares them as
+(`method.domain_branch`), an observation model (`data.observation_args`), a backbone
+(`model.backbone_args`, on its factory). A loss declares them as
 its keyword parameters: `fn(logits, targets, observed, q: float = 0.05)` has the settings
 `{q: float = 0.05}` (`signature_settings`), so there is no second list to keep in step. A data
 source factory `fn(data: DataConfig, settings: S) -> source` declares them as the dataclass `S`
@@ -119,6 +120,19 @@ def settings_fields(cls: type | None) -> list[tuple[str, str, Any]]:
     return out
 
 
+def check_keys(cls: type | None, table: Any, key: str, what: str = "") -> None:
+    """Raise `SettingsError` unless `table` is a table whose keys are all fields of settings class `cls`."""
+    if cls is None:
+        return
+    if not isinstance(table, dict):
+        raise SettingsError(key, f"config key '{key}' must be a table, got {table!r}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(table) - set(names))
+    if unknown:
+        takes = f"takes: {', '.join(names)}" if names else "takes no settings"
+        raise SettingsError(f"{key}.{unknown[0]}", f"unknown config key '{key}.{unknown[0]}'; {what or key} {takes}")
+
+
 def resolve(cls: type | None, table: dict, key: str, what: str = "") -> Any:
     """`table` (a config table) as an instance of settings class `cls`; the dict itself when `cls` is None.
 
@@ -128,13 +142,7 @@ def resolve(cls: type | None, table: dict, key: str, what: str = "") -> Any:
     """
     if cls is None:
         return dict(table)
-    if not isinstance(table, dict):
-        raise SettingsError(key, f"config key '{key}' must be a table, got {table!r}")
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(table) - set(names))
-    if unknown:
-        takes = f"takes: {', '.join(names)}" if names else "takes no settings"
-        raise SettingsError(f"{key}.{unknown[0]}", f"unknown config key '{key}.{unknown[0]}'; {what or key} {takes}")
+    check_keys(cls, table, key, what)
     missing = [f.name for f in dataclasses.fields(cls)
                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in table]
     if missing:
@@ -156,6 +164,15 @@ def check_components(cfg: Config) -> None:
     check_method_config(cfg.method)
     resolve_sources(cfg.data)
     _check_observation(cfg)
+    _check_backbone(cfg)
+
+
+def _check_backbone(cfg: Config) -> None:
+    from mlml.models.backbones import BACKBONES
+
+    factory = lookup(BACKBONES, cfg.model.backbone, "model.backbone")
+    resolve(getattr(factory, "Settings", None), cfg.model.backbone_args, "model.backbone_args",
+            f"backbone '{cfg.model.backbone}'")
 
 
 # ------------------------------------------------------------------ data sources: [data.<name>]
@@ -167,10 +184,16 @@ def source_settings_class(factory: Any) -> type | None:
         return declared
     try:
         params = list(inspect.signature(factory).parameters.values())
-        hints = typing.get_type_hints(factory.__init__ if inspect.isclass(factory) else factory)
-    except (TypeError, ValueError, NameError):
+    except (TypeError, ValueError):
         return None
-    tp = hints.get(params[1].name) if len(params) > 1 else None
+    if len(params) < 2 or params[1].annotation is inspect.Parameter.empty:
+        return None
+    try:
+        hints = typing.get_type_hints(factory.__init__ if inspect.isclass(factory) else factory)
+    except Exception as err:      # a typo must not make the settings silently untyped
+        raise TypeError(f"source factory {getattr(factory, '__qualname__', factory)}: the annotation of its settings "
+                        f"parameter '{params[1].name}' does not evaluate ({err}); annotate it with a dataclass of module scope") from None
+    tp = hints.get(params[1].name)
     return tp if isinstance(tp, type) and dataclasses.is_dataclass(tp) else None
 
 
@@ -181,29 +204,45 @@ def source_members(settings: Any) -> list[str]:
 
 
 def resolve_sources(data: DataConfig) -> None:
-    """Resolve the settings of every source `data` uses (`data.source` and the members it names) and
-    of every `[data.<name>]` table it gives, in place, into `data.sources`.
+    """Resolve the settings of every source `data` uses (`data.source` and the members it names,
+    transitively) in place, into `data.sources`; check the other `[data.<name>]` tables it gives too.
+
+    A table of a source the run does not use may leave out required keys (a base config may hold
+    the settings of sources chosen later): it is resolved when complete, else only its keys are checked.
 
     Raises:
         SettingsError: a table named after no source, an unknown key in a source's table, a wrong
-            type or a value out of range, naming the dotted key (`data.<source>.<key>`).
+            type or a value out of range, a required key missing from a used source's table; the
+            message names the dotted key (`data.<source>.<key>`).
     """
     from mlml.data.pipeline import SOURCES
 
-    todo = [(data.source, "data.source")] + [(name, f"data.{name}") for name in data.sources]
-    done: set[str] = set()
+    todo = [(data.source, "data.source")]
+    used: set[str] = set()
     while todo:
         name, key = todo.pop(0)
-        if name in done:
-            continue
-        done.add(name)
-        if name not in SOURCES:
-            if key == f"data.{name}":
-                raise SettingsError(key, f"unknown config key '{key}': not a key of [data] nor the table of a known source; "
-                                         f"sources: {', '.join(SOURCES.names())}")
-            raise SettingsError(key, f"config key '{key}' = {name!r} is not a known source; known: {', '.join(SOURCES.names())}")
-        data.sources[name] = settings = _resolve_source(data, name)
-        todo += [(member, f"data.{name}") for member in source_members(settings)]
+        if name not in used:
+            _known_source(name, key, SOURCES)
+            used.add(name)
+            data.sources[name] = settings = _resolve_source(data, name)
+            todo += [(member, f"data.{name}") for member in source_members(settings)]
+    for name in [n for n in data.sources if n not in used]:
+        _known_source(name, f"data.{name}", SOURCES)
+        cls = source_settings_class(SOURCES.get(name))
+        required = [f for f, _, default in settings_fields(cls) if default is ...]
+        if all(f in data.sources[name] for f in required):
+            data.sources[name] = _resolve_source(data, name)
+        else:
+            check_keys(cls, data.sources[name], f"data.{name}", f"source '{name}'")
+
+
+def _known_source(name: str, key: str, sources: Any) -> None:
+    if name in sources:
+        return
+    if key == f"data.{name}":
+        raise SettingsError(key, f"unknown config key '{key}': not a key of [data] nor the table of a known source; "
+                                 f"sources: {', '.join(sources.names())}")
+    raise SettingsError(key, f"config key '{key}' = {name!r} is not a known source; known: {', '.join(sources.names())}")
 
 
 def _resolve_source(data: DataConfig, name: str) -> Any:

@@ -65,7 +65,7 @@ BAD_VALUES = [
     ("data.val_labels=some", "data.val_labels"), ("method.loss=nope", "method.loss"), ("method.name=nope", "method.name"),
     ("model.backbone=vgg", "model.backbone"), ("data.source=nope", "data.source"), ("data.augment=heavy", "data.augment"),
     ("data.observation=most", "data.observation"), ("data.recolour.colours=9", "data.recolour.colours"),
-    ("data.synthetic.image_size=4", "data.synthetic"), ("run.dist_timeout=0", "run.dist_timeout"), ("run.checkpoint_minutes=-1", "run.checkpoint_minutes"),
+    ("data.synthetic.image_size=4", "data.synthetic.image_size"), ("run.dist_timeout=0", "run.dist_timeout"), ("run.checkpoint_minutes=-1", "run.checkpoint_minutes"),
     ("data.unlabelled_ratio=-1", "data.unlabelled_ratio"), ('run.out_dir="a\\u0000b"', "run.out_dir"),
 ]
 

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from mlml.data.dataset import EpochSampler
@@ -48,19 +49,22 @@ def test_batches_follow_the_contract():
     assert "full_targets" not in batch and "full_targets" not in test      # the answer key never rides in a batch
 
 
-def test_flip_crop_equals_numpy_reflect_pad_then_crop():
+@pytest.mark.parametrize("name", ["flip_crop", "crop"])
+def test_flip_crop_equals_numpy_reflect_pad_then_crop(name):
+    """`flip_crop` and `crop` (its shift alone, never mirrored) against numpy's reflect padding."""
     import random
 
-    from mlml.data.transforms import flip_crop
+    from mlml.data.transforms import TRANSFORMS
 
-    tf, pad = flip_crop(16), 2
+    tf, pad, flips = TRANSFORMS.get(name)(16), 2, 0
     for h, w in ((16, 16), (12, 20), (16, 16)):          # other shapes through the same transform: its index cache
         image = torch.randint(0, 255, (3, h, w), dtype=torch.uint8)
         for seed in range(40):
             r = random.Random(seed)
-            dy, dx, flip = r.randint(-pad, pad), r.randint(-pad, pad), r.random() < 0.5
+            dy, dx, flip = r.randint(-pad, pad), r.randint(-pad, pad), r.random() < 0.5 and name == "flip_crop"
             padded = np.pad(image.numpy(), ((0, 0), (pad, pad), (pad, pad)), mode="reflect")
             ref = padded[:, pad + dy : pad + dy + h, pad + dx : pad + dx + w]
             if flip:
-                ref = ref[:, :, ::-1]
+                ref, flips = ref[:, :, ::-1], flips + 1
             assert np.array_equal(tf(image, seed).numpy(), ref)
+    assert (flips > 0) == (name == "flip_crop")

@@ -55,9 +55,12 @@ def test_reproduce_twice_trains_nothing_the_second_time_and_gives_the_same_table
     assert len({r["split_hash"] for r in recorded}) == 1 and len({r["config_hash"] for r in recorded}) == 4
     assert all(r["provenance"]["packages"]["torch"] and r["config"]["run"]["seed"] == r["seed"] for r in recorded)
     assert "| an |" in first and "Training time: 4 runs" in first and (results / "tiny.csv").exists()
+    assert "Wall time: " in first and "with --jobs 1 (profile quick, the last reproduction that trained every run at commit" in first
+    assert "| best epoch (max)/epochs, slope |" in first and "/2, slope n/a |" in first      # 2 epochs: too few for a slope
+    assert len((results / "tiny.runs.csv").read_text().splitlines()) == 1 + 4
     assert len(list((runs / "tiny").glob("events.out.tfevents.*"))) == 1     # the custom-scalars layout
-    rebuilt = table_from_runs(runs / "tiny")                                  # `mlml table runs/tiny`
-    assert rebuilt.split("| method |")[1] == first.split("| method |")[1]
+    rebuilt = table_from_runs(runs / "tiny", results)                         # `mlml table runs/tiny --results-dir ...`
+    assert rebuilt == first.replace(f"mlml reproduce {table} --profile quick", f"mlml table {runs / 'tiny'}")
     assert len(list((runs / "tiny").glob("events.out.tfevents.*"))) == 1
     # A finished run of another config (as another profile's would be) is not reused.
     (tmp_path / "base.toml").write_text("[optim]\nweight_decay = 0.0\n")
@@ -92,6 +95,7 @@ def test_list_shows_measured_cost_when_there_is_one(tmp_path):
     listed = list_tables(tmp_path)
     assert "--profile quick: 3 seeds, measured: 9 runs (3 seeds), 10.0 min of training on x86_64, 2 CPU cores, no GPU; 5.5 min wall with --jobs 2" in listed
     assert "--profile full: 3 seeds, not yet measured (GPU)" in listed
+    assert "--profile real [track real: results/baselines.real.md]: 3 seeds, " in listed
 
 
 def test_table_provenance_comes_from_the_runs_not_the_machine_that_builds_it():
@@ -297,3 +301,234 @@ def test_an_unreadable_metrics_file_is_named(tmp_path):
     (d / "metrics.json").write_text('[]')
     with pytest.raises(ConfigError, match="not the metrics.json of a run"):
         table_from_runs(tmp_path)
+
+
+# ------------------------------------------------------------------ convergence and the add-on section
+def curve_run(root, setting, method, seed, curve, test, overrides=(), every=1, best_epoch=None):
+    """A fabricated run whose validation `val/mAP_macro` follows `curve` (one value per validation, every
+    `every` epochs); metrics.json holds the best value on val, as the trainer's best checkpoint would."""
+    from mlml.config import load_config
+
+    cfg = load_config(None, [f"run.setting={setting}", f"run.method_label={method}", f"run.seed={seed}", "run.experiment=tiny",
+                             f"eval.every={every}", *overrides])
+    history = [{"epoch": every * (i + 1), "val/mAP_macro": v} for i, v in enumerate(curve)]
+    best = best_epoch or every * (max(range(len(curve)), key=lambda i: curve[i]) + 1)
+    d = root / setting / method / f"seed{seed}"
+    d.mkdir(parents=True, exist_ok=True)
+    result = {"metrics": {"test/mAP_macro": test, "val/mAP_macro": max(curve)}, "setting": setting, "method": method, "seed": seed,
+              "experiment": "tiny", "config": cfg.to_dict(), "split_hash": "s", "history": history, "best_epoch": best}
+    (d / "metrics.json").write_text(json.dumps(result))
+    return result
+
+
+def test_convergence_fits_the_slope_of_the_last_quarter_of_the_epochs(tmp_path):
+    # 12 epochs: k = 3; a steep rise until epoch 9 must not leak into the slope of epochs 10-12.
+    steep_then_flat = [0.1 * e for e in range(1, 10)] + [0.95, 0.96, 0.97]
+    c = experiments.convergence(curve_run(tmp_path, "s", "a", 0, steep_then_flat, 0.5))
+    assert (c.window, c.epochs, c.best_epoch) == (3, 12, 12) and c.slope == pytest.approx(0.01) and c.gain == pytest.approx(0.03)
+    # 20 epochs: k = 5; least squares over epochs 16-20 (0, 0, 0, 0, 0.01 -> slope 0.002).
+    c = experiments.convergence(curve_run(tmp_path, "s", "b", 0, [0.5] * 19 + [0.51], 0.5))
+    assert c.window == 5 and c.slope == pytest.approx(0.002) and c.gain == pytest.approx(0.01) and c.improving
+    # Validated every 4 epochs: fewer than 3 validations in the last k = 3 epochs, so the last 3 (epochs 4, 8, 12).
+    c = experiments.convergence(curve_run(tmp_path, "s", "c", 0, [0.5, 0.54, 0.58], 0.5, every=4))
+    assert c.epochs == 12 and c.slope == pytest.approx(0.01)
+    # The trainer's best epoch is kept (the checkpoint test metrics come from); two validations give no slope.
+    c = experiments.convergence(curve_run(tmp_path, "s", "d", 0, [0.5, 0.6], 0.5, best_epoch=1))
+    assert c.best_epoch == 1 and c.slope is None and c.gain is None and not c.improving
+    assert experiments.convergence({"metrics": {}, "seed": 0}) is None       # recorded before histories were
+
+
+@pytest.mark.parametrize("rise, improving", [(0.004, False), (0.006, True)])
+def test_a_run_is_improving_when_k_more_epochs_at_its_trend_gain_the_tolerance(tmp_path, rise, improving):
+    assert experiments.IMPROVING_GAIN == 0.005        # the documented tolerance (docs/design.md, "Tables")
+    curve = [0.5] * 9 + [0.8, 0.8 + rise / 3, 0.8 + 2 * rise / 3]    # slope rise / 3 per epoch, k = 3
+    assert experiments.convergence(curve_run(tmp_path, "s", "a", 0, curve, 0.5)).improving is improving
+
+
+def test_the_table_shows_convergence_per_row_and_lists_the_rows_still_improving(tmp_path):
+    results = []
+    for seed in range(2):
+        results.append(curve_run(tmp_path, "sp", "flat", seed, [0.6 + 0.02 * min(e, 6) for e in range(12)], 0.7))
+        # mean gain over k = 3 epochs 0.015 (seed 0: 0.03, seed 1: 0.0): the row is improving, one seed of two
+        results.append(curve_run(tmp_path, "sp", "rising", seed, [0.5 + 0.01 * (1 - seed) * e for e in range(12)], 0.6))
+        results.append(curve_run(tmp_path, "sp", "ends_best", seed, [0.6] * 11 + [0.601], 0.6))
+    spec = {"name": "tiny", "title": "t", "metrics": ["test/mAP_macro"], "settings": {}, "methods": {}}
+    md = experiments.write_table(spec, results, tmp_path / "results", "cmd")
+    assert "| flat | 0.7000 ± 0.0000 | 7.0 (7)/12, +0.0000 | 2 |" in md
+    assert "| rising | 0.6000 ± 0.0000 | 6.5 (12)/12, +0.0050 ↑ | 2 |" in md
+    assert "| ends_best | 0.6000 ± 0.0000 | 12.0 (12)/12, +0.0005 | 2 |" in md
+    assert "Still improving (1 of 3 rows): sp/rising (+0.0150 over 3 epochs, 1 of 2 seeds improving)" in md
+    assert "Best at the last epoch in every seed, though not improving by the slope: sp/ends_best." in md
+    table_csv = (tmp_path / "results" / "tiny.csv").read_text()
+    assert "sp,rising,convergence/slope_per_epoch,0.005000,0.007071,2" in table_csv
+    assert "sp,flat,convergence/best_epoch,7.000000,0.000000,2" in table_csv
+    runs = (tmp_path / "results" / "tiny.runs.csv").read_text().splitlines()
+    assert runs[0].startswith("setting,method,seed,split_hash,addons,select,select_value,epochs,best_epoch,window_epochs,slope_per_epoch,gain_over_window,improving")
+    assert "sp,rising,0,s,,val/mAP_macro,0.610000,12,12,3,0.010000,0.030000,True,0.600000" in runs
+    assert "sp,rising,1,s,,val/mAP_macro,0.500000,12,1,3,0.000000,0.000000,False,0.600000" in runs
+    flat_md = experiments.write_table(spec, [r for r in results if r["method"] == "flat"], None, "cmd")
+    assert "No row is still improving (1 rows)." in flat_md and "Still improving" not in flat_md
+
+
+TEACHER = "method.teacher={weight = 1.0}"
+BRANCH = "method.domain_branch={weight = 0.3}"
+
+
+def addon_table(tmp_path, without_seeds=(0, 1, 2)):
+    """Per seed s (test metric): base_val_best 0.60 + 0.01 s, base_test_best 0.80 (lower val),
+    teacher_val_best 0.70 + 0.02 s, teacher_test_best 0.95 (lower val); and the branch on one row."""
+    results = []
+    for s in range(3):
+        if s in without_seeds:
+            results.append(curve_run(tmp_path, "sp", "base_val_best", s, [0.8, 0.8, 0.8], 0.60 + 0.01 * s))
+        results.append(curve_run(tmp_path, "sp", "base_test_best", s, [0.7, 0.7, 0.7], 0.80))
+        results.append(curve_run(tmp_path, "sp", "teacher_val_best", s, [0.75, 0.75, 0.75], 0.70 + 0.02 * s, [TEACHER]))
+        results.append(curve_run(tmp_path, "sp", "teacher_test_best", s, [0.65, 0.65, 0.65], 0.95, [TEACHER]))
+        results.append(curve_run(tmp_path, "sp", "teacher_branch", s, [0.5, 0.5, 0.5], 0.99, [TEACHER, BRANCH]))
+    return results
+
+
+def test_the_add_on_is_compared_with_the_best_row_without_it_both_chosen_on_validation(tmp_path):
+    results = addon_table(tmp_path)
+    comparisons = {c.addon: c for c in experiments.addon_comparisons({}, results, "test/mAP_macro")}
+    teacher = comparisons["method.teacher"]
+    assert (teacher.with_it.method, teacher.without.method) == ("teacher_val_best", "base_val_best")    # never the test-best
+    # paired by seed: differences 0.10, 0.11, 0.12
+    assert teacher.diff == pytest.approx(0.11) and teacher.std == pytest.approx(0.01) and teacher.pairing == "paired by seed (3)"
+    branch = comparisons["method.domain_branch"]           # without the branch: every other row, teachers included
+    assert (branch.with_it.method, branch.without.method) == ("teacher_branch", "base_val_best")
+    md = experiments.write_table({"name": "tiny", "title": "t", "metrics": ["test/mAP_macro"], "settings": {}, "methods": {}},
+                                 results, None, "cmd")
+    assert ("| teacher | sp | teacher_val_best (0.7500) | 0.7200 ± 0.0200 | base_val_best (0.8000) | 0.6100 ± 0.0100 | "
+            "+0.1100 ± 0.0100 | +11.0 | paired by seed (3) |") in md
+    assert "| domain_branch | sp | teacher_branch (0.5000) |" in md
+    only = experiments.addon_comparisons({"addons": ["method.domain_branch"]}, results, "test/mAP_macro")
+    assert [c.addon for c in only] == ["method.domain_branch"]                      # a table's `addons` replaces the defaults
+    assert experiments.addon_comparisons({"addons": []}, results, "test/mAP_macro") == []
+
+
+def test_rows_on_other_seeds_are_compared_unpaired(tmp_path):
+    results = addon_table(tmp_path, without_seeds=(0, 1))
+    teacher = next(c for c in experiments.addon_comparisons({}, results, "test/mAP_macro") if c.addon == "method.teacher")
+    # 0.72 - 0.605, std sqrt(0.02^2 + 0.00707^2)
+    assert teacher.diff == pytest.approx(0.115) and teacher.std == pytest.approx((0.0004 + 0.00005) ** 0.5)
+    assert teacher.pairing == "unpaired (3 vs 2 seeds)"
+
+
+def test_a_table_without_rows_on_both_sides_of_an_add_on_has_no_add_on_section(tmp_path):
+    results = [r for r in addon_table(tmp_path) if r["method"].startswith("base")]
+    md = experiments.write_table({"name": "tiny", "title": "t", "metrics": ["test/mAP_macro"], "settings": {}, "methods": {}},
+                                 results, None, "cmd")
+    assert experiments.addon_comparisons({}, results, "test/mAP_macro") == [] and "Add-on" not in md
+
+
+def test_runs_without_a_recorded_config_take_the_add_on_from_the_table_overrides():
+    spec = {"settings": {"sp": ["data.observation=single_positive"]}, "methods": {"mt": ["method.loss=an", TEACHER], "an": ["method.loss=an"]}}
+    assert experiments.has_addon({"setting": "sp", "method": "mt"}, "method.teacher", spec)
+    assert not experiments.has_addon({"setting": "sp", "method": "an"}, "method.teacher", spec)
+    assert not experiments.has_addon({"setting": "sp", "method": "mt"}, "method.domain_branch", spec)
+
+
+def test_the_header_records_the_wall_time_of_the_reproduction_that_trained_the_runs():
+    runs = [{"provenance": {"commit": "abc"}}] * 4
+    timing = {"quick": {"runs": 4, "commit": "abc", "wall_seconds": 330.0, "jobs": 2, "torchrun": 0, "wall_commit": "abc"},
+              "full": {"runs": 4, "commit": "def", "wall_seconds": 60.0, "jobs": 1, "torchrun": 4}}
+    assert experiments.wall_time(timing, "quick", runs) == "5.5 min with --jobs 2 (profile quick, the last reproduction that trained every run at commit abc)"
+    assert experiments.wall_time(timing, None, runs).startswith("5.5 min with --jobs 2 (profile quick")     # found by commit and runs
+    assert experiments.wall_time(timing, None, runs[:3]).startswith("not recorded")
+    assert experiments.wall_time(timing, "full", runs) == "1.0 min with --jobs 1 --torchrun 4 (profile full, the last reproduction that trained every run)"
+    assert experiments.provenance("c", runs, "x")[-1] == "Wall time: x"
+
+
+def test_a_table_declares_its_add_ons_as_config_keys(table):
+    text = table.read_text()
+    table.write_text('addons = ["method.teacher"]\n' + text)
+    assert read_table(str(table))["addons"] == ["method.teacher"]
+    table.write_text('addons = ["method.teachr"]\n' + text)
+    with pytest.raises(ConfigError, match="addons: 'method.teachr' is not a config key"):
+        read_table(str(table))
+    table.write_text('addons = "method.teacher"\n' + text)
+    with pytest.raises(ConfigError, match="'addons' must be a list of config keys"):
+        read_table(str(table))
+    table.write_text(text + '[baselines]\nsp = ["single_positive"]\n')
+    assert read_table(str(table))["baselines"] == {"sp": ["single_positive"]}
+    table.write_text(text + '[baselines]\nten_percent = ["single_positive"]\n')
+    with pytest.raises(ConfigError, match="baselines: 'ten_percent' is not a setting of the table; known: sp"):
+        read_table(str(table))
+
+
+def test_a_table_may_add_rows_of_another_table_to_the_pool_without_the_add_on(tmp_path):
+    """`[baselines]` names another table whose `.runs.csv` rows (on the same splits) join the "without" pool;
+    rows that recorded the add-on stay out of it."""
+    other_spec = {"name": "other", "title": "o", "metrics": ["test/mAP_macro"], "settings": {}, "methods": {}}
+    other = [curve_run(tmp_path / "other", "sp", "role", s, [0.9, 0.9, 0.9], 0.65 + 0.01 * s) for s in range(3)]
+    other += [curve_run(tmp_path / "other", "sp", "role_teacher", s, [0.99] * 3, 0.5, [TEACHER]) for s in range(3)]
+    experiments.write_table(other_spec, other, tmp_path / "results", "cmd")
+    results = addon_table(tmp_path / "tiny")
+    spec = {"name": "tiny", "settings": {"sp": []}, "baselines": {"sp": ["other"]}}
+    comparisons = {c.addon: c for c in experiments.addon_comparisons(spec, results, "test/mAP_macro", tmp_path / "results")}
+    teacher, branch = comparisons["method.teacher"], comparisons["method.domain_branch"]
+    assert teacher.without.method == "role (other)" and teacher.diff == pytest.approx(0.06) and teacher.pairing == "paired by seed (3)"
+    assert branch.without.method == "role_teacher (other)"          # has the teacher, not the branch
+    spec["baselines"] = {"sp": ["other/elsewhere"]}
+    with pytest.raises(ConfigError, match="other.runs.csv: no run of setting 'elsewhere'"):
+        experiments.addon_comparisons(spec, results, "test/mAP_macro", tmp_path / "results")
+    spec["baselines"] = {"sp": ["missing"]}
+    with pytest.raises(ConfigError, match="baselines of 'sp' name 'missing' but .*missing.runs.csv does not exist"):
+        experiments.addon_comparisons(spec, results, "test/mAP_macro", tmp_path / "results")
+    moved = [{**r, "split_hash": "elsewhere"} if r["method"] == "role" and r["seed"] == 1 else r for r in other]
+    experiments.write_table(other_spec, moved, tmp_path / "results", "cmd")
+    spec["baselines"] = {"sp": ["other"]}
+    with pytest.raises(ConfigError, match=r"sp/role \[split elsewhere\] seed1 was made on split elsewhere, this table's sp seed1 on s: they cannot be compared"):
+        experiments.addon_comparisons(spec, results, "test/mAP_macro", tmp_path / "results")
+
+
+# ------------------------------------------------------------------ tracks (a profile on other data)
+def test_a_track_profile_has_its_own_entries_runs_and_results(table, tmp_path, monkeypatch):
+    """A profile with a `track`: its settings/methods replace the table's (false leaves one out), its
+    runs live under runs/<track>/ and its table is results/<table>.<track>.md, beside the other one."""
+    with open(table, "a") as f:
+        f.write('\n[profiles.other]\nconfig = "base.toml"\ntrack = "other"\nseeds = 1\ntitle = "tiny, other data"\n'
+                '[profiles.other.settings]\nsp = ["data.observation=single_positive", "optim.lr=0.01"]\n'
+                '[profiles.other.methods]\nfull = false\n')
+    from mlml.config import config_hash
+
+    def fake_launch(run, threads, torchrun):              # writes what a run writes, without training
+        cfg, d = run_config(run), run_dir(run)
+        d.mkdir(parents=True)
+        (d / "metrics.json").write_text(json.dumps({"metrics": {"test/mAP_macro": 0.5}, "setting": run.setting, "method": run.method,
+                                                    "seed": run.seed, "experiment": "tiny", "config": cfg.to_dict(),
+                                                    "config_hash": config_hash(cfg), "split_hash": "s"}))
+
+    monkeypatch.setattr(experiments, "launch", fake_launch)
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    (other,) = expand(read_table(str(table)), "other", None, runs)
+    assert other.method == "an" and "optim.lr=0.01" in other.overrides and f"run.out_dir={runs / 'other'}" in other.overrides
+    md = reproduce(str(table), "other", runs_dir=runs, results_dir=results)
+    assert md.startswith("# tiny, other data") and "| an |" in md and "| full |" not in md
+    assert (results / "tiny.other.md").read_text() == md and not (results / "tiny.md").exists()
+    assert (results / "tiny.other.runs.csv").exists() and not (results / "tiny.runs.csv").exists()
+    assert (runs / "other" / "tiny" / "sp" / "an" / "seed0" / "metrics.json").exists()
+    assert json.loads((results / "tiny.timing.json").read_text())["other"]["runs"] == 1
+    assert table_from_runs(runs / "other" / "tiny").split("| method |")[1] == md.split("| method |")[1]
+    with open(table, "a") as f:
+        f.write('typo = ["method.loss=an"]\n')
+    with pytest.raises(ConfigError, match="profiles.other.methods.typo: the table has no such entry"):
+        expand(read_table(str(table)), "other", None, runs)
+
+
+@pytest.mark.parametrize("name", ["baselines", "single_positive", "semi_supervised", "grouped_heads", "domain_adversarial"])
+def test_every_table_runs_on_the_real_track_through_its_own_keys(name, tmp_path):
+    """Every table has a `real` profile on the mnist5k source; its runs are valid configs that set no
+    synthetic-data key (which would do nothing there), and k of EPR/ROLE is that data's mean positives."""
+    spec = read_table(name)
+    runs = expand(spec, "real", 1, tmp_path)
+    assert runs and spec["profiles"]["real"]["track"] == "real"
+    for run in runs:
+        cfg = run_config(run)
+        assert cfg.data.source == "mnist5k" and not any(o.startswith("data.synthetic.") for o in run.overrides), run
+        if run.method in ("epr", "role", "sigmoid_role"):      # the data's mean positives: 2 with one digit an image
+            assert (cfg.method.loss_args or cfg.method.args)["k"] == (2.0 if cfg.data.settings("mnist5k").max_digits == 1 else 3.64)
+        assert (cfg.data.settings("mnist5k").max_digits == 1) == (name == "grouped_heads")     # its groups are exclusive
+    shortcut = [run_config(r).data.settings("mnist5k").nuisance for r in runs if r.setting == "shortcut"]
+    assert all(n == "collection" for n in shortcut) and (name != "domain_adversarial" or shortcut)

@@ -230,6 +230,24 @@ def ref_weighted_bce(X, Y, O, pos_weight=None):
     return ref_an(X, Y, O, pos_weight=pos_weight or ref_pos_weight(Y, O))
 
 
+def ref_gr(X, Y, O, w=0.0, b=-2.0, mu=0.5, sigma=2.0, q2=0.01, q3=1.0):
+    B, C = len(X), len(X[0])
+    total = 0.0
+    for i in range(B):
+        for j in range(C):
+            x = X[i][j]
+            if O[i][j]:
+                total += bce1(x, Y[i][j])
+                continue
+            p = sig(x)
+            k = sig(w * p + b)
+            v = math.exp(-((p - mu) ** 2) / (2 * sigma**2))
+            l2 = -math.log(p) if q2 == 0 else (1 - p**q2) / q2
+            l3 = -math.log(1 - p) if q3 == 0 else (1 - (1 - p) ** q3) / q3
+            total += v * (k * l2 + (1 - k) * l3)
+    return total / (B * C)
+
+
 PW = [0.5, 2.0, 1.0, 3.0, 10.0]
 CASES = [
     ("bce", {}, ref_bce),
@@ -259,6 +277,9 @@ CASES = [
     ("focal", {"gamma": 1.5, "alpha": 0.25, "reduction": "sum"}, ref_focal),
     ("weighted_bce", {}, ref_weighted_bce),
     ("weighted_bce", {"pos_weight": PW}, ref_weighted_bce),
+    ("gr", {}, ref_gr),
+    ("gr", {"w": 2.0, "b": -1.0, "mu": 0.8, "sigma": 0.5, "q2": 0.5, "q3": 0.3}, ref_gr),
+    ("gr", {"w": 1.0, "q2": 0.0, "q3": 0.0}, ref_gr),
 ]
 
 
@@ -446,7 +467,7 @@ def test_large_loss_mask():
 
 
 # Losses whose autograd gradient is deliberately not the derivative of their value.
-DETACHED_WEIGHTS = {"asl"}
+DETACHED_WEIGHTS = {"asl", "gr"}
 
 
 @pytest.mark.parametrize("name", sorted(set(LOSSES.names()) - DETACHED_WEIGHTS))
@@ -544,3 +565,42 @@ def test_closed_forms_refuse_targets_that_need_a_gradient():
     logits, targets, observed = make_batch(seed=10)
     with pytest.raises(ValueError, match="logits only"):
         get_loss("an")(logits.requires_grad_(), targets.requires_grad_(), observed)
+
+
+def test_gr_by_hand():
+    # one unobserved entry at x = 0 (p = 1/2) and one observed positive at x = 0, defaults:
+    # k = sigmoid(0 * 0.5 - 2), v = exp(0) = 1, L2 = (1 - 0.5^0.01) / 0.01, L3 = 0.5; positive: log 2.
+    logits = torch.zeros(1, 2, dtype=torch.float64)
+    targets = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    observed = torch.tensor([[True, False]])
+    k = 1 / (1 + math.exp(2.0))
+    unknown = k * (1 - 0.5**0.01) / 0.01 + (1 - k) * 0.5
+    assert get_loss("gr")(logits, targets, observed).item() == pytest.approx((math.log(2) + unknown) / 2, rel=1e-12)
+    # all unknown: no positive term; v < 1 once p moves off mu
+    observed = torch.zeros(1, 2, dtype=torch.bool)
+    x = torch.tensor([[0.0, 2.0]], dtype=torch.float64)
+    p = sig(2.0)
+    v = math.exp(-((p - 0.5) ** 2) / 8)
+    k2 = 1 / (1 + math.exp(2.0))
+    second = v * (k2 * (1 - p**0.01) / 0.01 + (1 - k2) * p)
+    assert get_loss("gr")(x, targets, observed).item() == pytest.approx((unknown + second) / 2, rel=1e-12)
+
+
+def test_gr_pseudo_label_and_weight_carry_no_gradient():
+    logits, targets, observed = make_batch(seed=9)
+    targets = targets.clamp(max=1.0).round()
+    logits.requires_grad_()
+    w, b, mu, sigma, q2, q3 = 2.0, -1.0, 0.6, 0.7, 0.3, 1.5
+    loss = get_loss("gr", w=w, b=b, mu=mu, sigma=sigma, q2=q2, q3=q3)(logits, targets, observed)
+    (grad,) = torch.autograd.grad(loss, logits)
+    X, Y, O = floats(logits.detach()), floats(targets), floats(observed)
+    n = len(X) * len(X[0])
+    for i in range(len(X)):
+        for j in range(len(X[0])):
+            p = sig(X[i][j])
+            if O[i][j]:  # BCE: p - y
+                want = p - Y[i][j]
+            else:  # v [k dL2/dx + (1 - k) dL3/dx], k and v held constant
+                k, v = sig(w * p + b), math.exp(-((p - mu) ** 2) / (2 * sigma**2))
+                want = v * (k * -(p**q2) * (1 - p) + (1 - k) * (1 - p) ** q3 * p)
+            assert grad[i, j].item() == pytest.approx(want / n, rel=1e-9, abs=1e-12)

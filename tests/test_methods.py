@@ -40,7 +40,8 @@ WITH_TEACHER = ["method.teacher={rampup = 0.0, pos_threshold = 0.3, threshold = 
 
 
 @pytest.mark.parametrize("method, extra", [(m, []) for m in METHODS.names()]
-                         + [(m, WITH_TEACHER) for m in ("supervised", "grouped", "role")])
+                         + [(m, WITH_TEACHER) for m in ("supervised", "grouped", "role")]
+                         + [("ll_r", ["model.boostlu=5.0"])])
 def test_scrambled_answer_key_changes_no_loss_or_gradient(method, extra, tmp_path):
     """The hidden ground truth reaches a method only through its diagnostics channel, never its loss."""
     from mlml.distributed import DistInfo
@@ -65,5 +66,5 @@ def test_scrambled_answer_key_changes_no_loss_or_gradient(method, extra, tmp_pat
     (loss_a, params_a), (loss_b, params_b) = results
     assert loss_a == loss_b
     assert all(torch.equal(a, b) for a, b in zip(params_a, params_b))
-    if extra:
+    if extra == WITH_TEACHER:
         assert asked, "the diagnostics channel was not used, so the scramble tested nothing"

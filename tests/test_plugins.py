@@ -84,16 +84,24 @@ consistency = ["method.name=consistency", "method.loss=soft_an"]
 
 
 def test_plugin_settings_are_checked_when_the_config_is_loaded(plugin_path, tmp_path):
-    """A plug-in method's `Settings` and a plug-in loss's keyword parameters are validated like the
-    built-ins': a one-line error naming the key, before any data are built."""
+    """A plug-in method's `Settings`, a plug-in loss's keyword parameters and a plug-in source's
+    table are validated like the built-ins': a one-line error naming the key, before any data are built."""
     for override, message in (("method.args={weight = 'heavy'}", "config key 'method.args.weight' must be float"),
                               ("method.args={weight = -1.0}", "config key 'method.args.weight' must be >= 0, got -1.0"),
                               ("method.loss_args={r = 0.1}", "unknown config key 'method.loss_args.r'; loss 'soft_an' takes: q")):
         done = mlml(["train", *sets(*TINY, *PLUGGED, override), "--out", str(tmp_path / "run")], plugin_path, PLUGIN, cwd=tmp_path)
         assert done.returncode == 2 and message in done.stderr and "error: --set method." in done.stderr, done.stderr
         assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
-    done = mlml(["list", "methods"], plugin_path, PLUGIN, cwd=tmp_path)
+    # A plug-in source's own table, [data.quadrants], typed by its factory's settings dataclass.
+    for override, message in (("data.quadrants.image_size=15", "config key 'data.quadrants.image_size' must be an even number >= 8, got 15"),
+                              ("data.quadrants.size=16", "unknown config key 'data.quadrants.size'; source 'quadrants' takes: image_size, grey")):
+        done = mlml(["train", *sets(*TINY, *PLUGGED, override), "--out", str(tmp_path / "run")], plugin_path, PLUGIN, cwd=tmp_path)
+        assert done.returncode == 2 and f"error: --set {override}: {message}" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    done = mlml(["list"], plugin_path, PLUGIN, cwd=tmp_path)
     assert done.returncode == 0 and "consistency" in done.stdout and "ramp_epochs: float = 1.0" in done.stdout
+    assert "  quadrants  - Images of four coloured quadrants" in done.stdout
+    assert "      data.quadrants:\n        image_size: int = 32\n        grey: float = 0.4\n" in done.stdout
 
 
 def test_a_broken_plugin_fails_with_an_error_naming_it(tmp_path, monkeypatch):

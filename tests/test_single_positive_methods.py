@@ -13,13 +13,13 @@ from torch import nn
 from mlml.checkpoint import load_checkpoint
 from mlml.config import MethodConfig
 from mlml.labels import LabelSpace
-from mlml.losses import splc
+from mlml.losses import gr, splc
 from mlml.methods import METHODS, MethodContext, build_method
-from mlml.methods.single_positive import large_loss_count
+from mlml.methods.single_positive import GRSettings, gr_schedule, large_loss_count
 from mlml.trainer import build_optimizer, train
 from tests.conftest import stop_mid_run, tiny_config
 
-STATEFUL = ["role", "em_apl", "ll_r", "ll_ct", "ll_cp", "splc"]
+STATEFUL = ["role", "em_apl", "ll_r", "ll_ct", "ll_cp", "splc", "gr"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,6 +393,42 @@ def test_splc_pseudo_labels_from_epoch_one_on():
     assert float(method.training_step(batch, FixedLogits(x))["loss"].detach()) == pytest.approx(float(on))
     method.on_epoch_start(4)
     assert float(method.training_step(batch, FixedLogits(x))["loss"].detach()) == pytest.approx(float(on))
+
+
+# ---------------------------------------------------------------------------------------------
+# GR
+# ---------------------------------------------------------------------------------------------
+
+
+def test_gr_schedule_follows_the_reference():
+    # released train.py, linear_init 0, T = 4, 1-based e: w = w0 + (wT - w0)(e - 1)/T, mu = mu0 + (muT - mu0) e/T
+    s = GRSettings()
+    first, last = gr_schedule(0, 4, s), gr_schedule(3, 4, s)
+    assert first == pytest.approx({"w": 0.0, "b": -2.0, "mu": 0.5 + 0.3 / 4, "sigma": 2.0 - 1.5 / 4})
+    assert last == pytest.approx({"w": 1.5, "b": -2.0, "mu": 0.8, "sigma": 0.5})
+    moved = gr_schedule(1, 2, GRSettings(b_start=-3.0, b_end=-1.0))
+    assert moved["b"] == pytest.approx(-2.0) and moved["mu"] == pytest.approx(0.8)
+
+
+def test_gr_trains_with_the_scheduled_loss():
+    targets, observed = single_positive_labels(6, 4)
+    method = make("gr", targets, observed, epochs=4, q2=0.2)
+    index = [0, 1, 2, 3]
+    x = torch.linspace(-3, 3, 16).view(4, 4)
+    batch = make_batch(index, targets, observed)
+    for epoch in (0, 2, 3):
+        method.on_epoch_start(epoch)
+        want = gr(x, targets[index], observed[index], q2=0.2, q3=1.0, **gr_schedule(epoch, 4, method.args))
+        got = method.training_step(batch, FixedLogits(x))["loss"]
+        assert float(got.detach()) == pytest.approx(float(want))
+    assert gr_schedule(0, 4, method.args) != gr_schedule(3, 4, method.args)
+
+
+@pytest.mark.parametrize("bad", [{"sigma_end": 0.0}, {"q3": -1.0}])
+def test_gr_settings_out_of_range(bad):
+    targets, observed = single_positive_labels(8, 3)
+    with pytest.raises(ValueError, match=f"method.args.{next(iter(bad))}"):
+        make("gr", targets, observed, **bad)
 
 
 # ---------------------------------------------------------------------------------------------

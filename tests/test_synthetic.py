@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mlml.data.synthetic import PALETTE, SHAPES, SyntheticConfig, SyntheticSource
+from mlml.settings import SettingError
 
 CFG = SyntheticConfig(image_size=16)
 
@@ -97,9 +98,9 @@ def test_objects_are_drawn() -> None:
 
 
 def test_config_rejects_out_of_range() -> None:
-    with pytest.raises(ValueError, match="num_colours"):
+    with pytest.raises(SettingError, match="num_colours"):
         SyntheticConfig(num_colours=len(PALETTE) + 1)
-    with pytest.raises(ValueError, match="min_objects"):
+    with pytest.raises(SettingError, match="min_objects"):
         SyntheticConfig(min_objects=3, max_objects=2)
 
 
@@ -155,7 +156,7 @@ def test_patterns_change_only_patterned_objects() -> None:
 
 
 def test_pattern_config_is_checked() -> None:
-    with pytest.raises(ValueError, match="num_patterns"):
+    with pytest.raises(SettingError, match="num_patterns"):
         SyntheticConfig(num_patterns=4)
-    with pytest.raises(ValueError, match="pattern_shapes"):
+    with pytest.raises(SettingError, match="pattern_shapes"):
         SyntheticConfig(num_shapes=3, pattern_shapes=["star"])

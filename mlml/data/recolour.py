@@ -38,14 +38,17 @@ HUES: dict[str, float] = {
 _CHUNK = 1 << 18
 
 
-def recolour(image: torch.Tensor, hue: float) -> torch.Tensor:
-    """uint8 (3, H, W) -> uint8 (3, H, W) tinted to `hue` (degrees), luminance kept."""
+def recolour(image: torch.Tensor, hue: float | np.ndarray) -> torch.Tensor:
+    """uint8 (3, H, W) -> uint8 (3, H, W) tinted to `hue` (degrees), luminance kept.
+
+    Or a batch: uint8 (B, 3, H, W) with `hue` (B,), equal to recolouring the images one by one."""
     rgb = image.float() / 255
-    v = rgb.amax(0)                                                    # (H, W)
-    s = (v - rgb.amin(0)) / v.clamp_min(1e-6)
+    v = rgb.amax(-3, keepdim=True)                                     # (..., 1, H, W)
+    s = (v - rgb.amin(-3, keepdim=True)) / v.clamp_min(1e-6)
     s, v = 0.45 + 0.55 * s, 0.15 + 0.85 * v
-    k = (torch.tensor([5.0, 3.0, 1.0]) + hue / 60.0) % 6.0                 # (3,) one hue for all pixels
-    out = v - v * s * (torch.minimum(k, 4.0 - k).clamp(0.0, 1.0))[:, None, None]
+    shift = torch.tensor(np.asarray(hue, dtype=np.float64) / 60.0, dtype=torch.float32)   # () or (B,): one hue per image
+    k = (torch.tensor([5.0, 3.0, 1.0]) + shift[..., None]) % 6.0            # (..., 3)
+    out = v - v * s * (torch.minimum(k, 4.0 - k).clamp(0.0, 1.0))[..., None, None]
     return (out * 255).round().clamp(0, 255).to(torch.uint8)
 
 

@@ -33,6 +33,7 @@ import torch
 
 from mlml.data.label_store import LabelStore
 from mlml.labels import Group, LabelSpace
+from mlml.settings import must
 
 # Colour classes as (hue in degrees, saturation, value), ordered from most to least frequent
 # under a skewed label distribution. Hue gaps are >= 27 degrees between classes of similar
@@ -135,28 +136,28 @@ class SyntheticConfig:
 
     def __post_init__(self) -> None:
         checks = {
-            "image_size": 8 <= self.image_size <= 256,  # textures take 64 (2S)^2 floats
-            "num_colours": 1 <= self.num_colours <= len(PALETTE),
-            "num_shapes": 1 <= self.num_shapes <= len(SHAPES),
-            "min_objects": 1 <= self.min_objects <= self.max_objects,
-            "max_objects": self.max_objects <= 8,
-            "frequency_skew": self.frequency_skew >= 0,
-            "colour_jitter": 0 <= self.colour_jitter <= 1,
-            "clutter": 0 <= self.clutter <= 1,
-            "noise": self.noise >= 0,
-            "min_scale": 0 < self.min_scale <= self.max_scale,
-            "max_scale": self.max_scale <= 0.5,
-            "rotation": 0 <= self.rotation <= 180,
-            "edge": self.edge >= 0,
-            "nuisance": self.nuisance in ("none", "collection"),
-            "nuisance_style": self.nuisance_style in ("tint", "stripes"),
-            "nuisance_strength": 0 <= self.nuisance_strength <= 1,
-            "num_patterns": 0 <= self.num_patterns <= len(PATTERNS),
-            "pattern_shapes": bool(self.pattern_shapes) and set(self.pattern_shapes) <= set(SHAPES[: self.num_shapes]),
+            "image_size": (8 <= self.image_size <= 256, "in [8, 256]"),   # textures take 64 (2S)^2 floats
+            "num_colours": (1 <= self.num_colours <= len(PALETTE), f"in [1, {len(PALETTE)}]"),
+            "num_shapes": (1 <= self.num_shapes <= len(SHAPES), f"in [1, {len(SHAPES)}]"),
+            "min_objects": (1 <= self.min_objects <= self.max_objects, "in [1, max_objects]"),
+            "max_objects": (self.max_objects <= 8, "<= 8"),
+            "frequency_skew": (self.frequency_skew >= 0, ">= 0"),
+            "colour_jitter": (0 <= self.colour_jitter <= 1, "in [0, 1]"),
+            "clutter": (0 <= self.clutter <= 1, "in [0, 1]"),
+            "noise": (self.noise >= 0, ">= 0"),
+            "min_scale": (0 < self.min_scale <= self.max_scale, "in (0, max_scale]"),
+            "max_scale": (self.max_scale <= 0.5, "<= 0.5"),
+            "rotation": (0 <= self.rotation <= 180, "in [0, 180]"),
+            "edge": (self.edge >= 0, ">= 0"),
+            "nuisance": (self.nuisance in ("none", "collection"), "'none' or 'collection'"),
+            "nuisance_style": (self.nuisance_style in ("tint", "stripes"), "'tint' or 'stripes'"),
+            "nuisance_strength": (0 <= self.nuisance_strength <= 1, "in [0, 1]"),
+            "num_patterns": (0 <= self.num_patterns <= len(PATTERNS), f"in [0, {len(PATTERNS)}]"),
+            "pattern_shapes": (bool(self.pattern_shapes) and set(self.pattern_shapes) <= set(SHAPES[: self.num_shapes]),
+                               "non-empty names among the first num_shapes shapes"),
         }
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(f"synthetic.{name} = {getattr(self, name)!r} is out of range")
+        for name, (ok, rule) in checks.items():
+            must(ok, name, rule, getattr(self, name))
 
 
 @dataclass(frozen=True)
@@ -225,6 +226,11 @@ class SyntheticSource:
             for k in range(self.cfg.max_objects)
             if p["present"][i, k]
         ]
+
+    @property
+    def styled_by_collection(self) -> bool:
+        """Whether `build_data` gives the images their collection's style (`nuisance = "collection"`)."""
+        return self.cfg.nuisance == "collection"
 
     def set_styles(self, styles: np.ndarray, num_styles: int) -> None:
         """Give image i the background style `styles[i]` (int (n,) in [0, num_styles)).

@@ -4,7 +4,8 @@ A transform is `fn(image, seed) -> image`: its randomness comes only from `seed`
 (run seed, epoch, index, view)), so views are reproducible with any number of workers and after a
 resume. `none` leaves the image as it is (evaluation). `flip_crop` is the weak view: a horizontal
 flip and a random shift of up to 1/8 of the side with reflected borders, which move and mirror
-objects but change neither their shape class nor their colour.
+objects but change neither their shape class nor their colour. `crop` is the shift alone, for
+classes a mirror would change (digits: the real-image track, `mlml.data.mnist`).
 
 `strong` is the student's view for teacher-student methods: the weak view, then a small rotation
 and scale, brightness and contrast, pixel noise and one cutout (torchvision transforms v2
@@ -43,6 +44,17 @@ def reflect(i: torch.Tensor, n: int) -> torch.Tensor:
 
 @TRANSFORMS.register("flip_crop")
 def flip_crop(size: int) -> Transform:
+    return shift(size, flips=True)
+
+
+@TRANSFORMS.register("crop")
+def crop(size: int) -> Transform:
+    """`flip_crop` without the flip: for data whose classes are not mirror-symmetric (digits)."""
+    return shift(size, flips=False)
+
+
+def shift(size: int, flips: bool) -> Transform:
+    """A random shift of up to 1/8 of the side with reflected borders, and (`flips`) a horizontal flip."""
     pad = max(1, size // 8)
     # Source rows (times the width) and columns of each shift, built once: a per-item gather is then
     # one numpy take (the loader runs this per image, in the training process when num_workers = 0;
@@ -52,7 +64,7 @@ def flip_crop(size: int) -> Transform:
 
     def apply(image: torch.Tensor, seed: int) -> torch.Tensor:
         r = random.Random(seed)
-        dy, dx, flip = r.randint(-pad, pad), r.randint(-pad, pad), r.random() < 0.5
+        dy, dx, flip = r.randint(-pad, pad), r.randint(-pad, pad), r.random() < 0.5 and flips
         c, h, w = image.shape
         ys = rows.get((h, w, dy))
         if ys is None:

@@ -1,8 +1,8 @@
-"""Stateful single-positive methods: ROLE, EM + APL, large-loss rejection / correction, SPLC.
+"""Stateful single-positive methods: ROLE, EM + APL, large-loss rejection / correction, SPLC, GR.
 
 Each one keeps something across steps that a plain loss cannot: a learnable table of label
 estimates (`role`), per-sample scores and pseudo-negatives (`em_apl`), permanent label corrections
-(`ll_cp`), or an epoch schedule (`ll_r`, `ll_ct`, `splc`). All state that must survive a resume is
+(`ll_cp`), or an epoch schedule (`ll_r`, `ll_ct`, `splc`, `gr`). All state that must survive a resume is
 a parameter, a buffer or extra state, so checkpoints carry it.
 
 These methods define their own loss (`own_loss`): `method.loss` is not read, and their
@@ -370,6 +370,9 @@ class LargeLossRejection(_LargeLoss):
     Args (method.args):
         delta_rel: d in percent per epoch as in the reference code, 0.2 (= 0.002 per epoch; the
             authors' grid is 0.1 ... 0.5).
+
+    BoostLU (Kim et al., CVPR 2023) runs on top of it as a model setting, `model.boostlu = 5` (with
+    delta_rel = 0.5 as released; docs/references.md).
     """
 
 
@@ -466,6 +469,88 @@ class SPLC(Method):
     def on_epoch_start(self, epoch: int) -> None:
         args = {k: getattr(self.args, k) for k in self.cfg.args}      # the loss keeps its own defaults
         self.loss = get_loss("splc", pseudo_label=epoch >= 1, **args)
+
+    def objective(self, outputs: dict[str, dict[str, Tensor]], batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        logits = outputs["image"]["logits"].float()                                      # (B, C)
+        return {"loss": self.loss(logits, batch["targets"], batch["observed"])}
+
+
+# ---------------------------------------------------------------------------------------------
+# GR: Chen et al., "Boosting single positive multi-label classification with generalized robust
+# loss", IJCAI 2024
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GRSettings:
+    """`method.args` of `gr`: where (w, b) and (mu, sigma) start and end, and q2, q3.
+
+    Defaults: the authors' released config (github.com/yan4xi1/GRLoss, config.py: beta = [w_0, w_T,
+    b_0, b_T] = [0, 2, -2, -2], alpha = [mu_0, sigma_0, mu_T, sigma_T] = [0.5, 2, 0.8, 0.5],
+    q2q3 = [0.01, 1]), the values its README gives as the example; per-dataset values were not
+    published with the code.
+    """
+
+    w_start: float = 0.0
+    w_end: float = 2.0
+    b_start: float = -2.0
+    b_end: float = -2.0
+    mu_start: float = 0.5
+    mu_end: float = 0.8
+    sigma_start: float = 2.0
+    sigma_end: float = 0.5
+    q2: float = 0.01
+    q3: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("sigma_start", "sigma_end"):
+            must(getattr(self, name) > 0, name, "> 0", getattr(self, name))
+        for name in ("q2", "q3"):
+            must(getattr(self, name) >= 0, name, ">= 0 (0 = the log loss)", getattr(self, name))
+
+
+def gr_schedule(epoch: int, epochs: int, s: GRSettings) -> dict[str, float]:
+    """(w, b, mu, sigma) of the `gr` loss in `epoch` (0-based) of `epochs`, linear as in the reference.
+
+    beta = (w, b) moves by epoch / T from its start (so it starts there and stops one step short of
+    its end); alpha = (mu, sigma) by (epoch + 1) / T (one step in already in the first epoch, at its
+    end in the last). This is the released train.py with linear_init = 0 (1-based e = epoch + 1:
+    max(e - 1, 0) / T for beta, e / T for alpha).
+    """
+    f_beta, f_alpha = epoch / epochs, min(epoch + 1, epochs) / epochs
+    return {
+        "w": s.w_start + (s.w_end - s.w_start) * f_beta,
+        "b": s.b_start + (s.b_end - s.b_start) * f_beta,
+        "mu": s.mu_start + (s.mu_end - s.mu_start) * f_alpha,
+        "sigma": s.sigma_start + (s.sigma_end - s.sigma_start) * f_alpha,
+    }
+
+
+@register_method("gr")
+class GR(Method):
+    """GR loss (Chen et al., IJCAI 2024) with its hyperparameters moved linearly over the epochs.
+
+    Each epoch trains with the `gr` loss (mlml/losses.py; the formula there and in
+    docs/references.md) at (w, b, mu, sigma) = `gr_schedule(epoch)`: the soft pseudo-label
+    k(p) = sigmoid(w p + b) of an unobserved label grows more confident as w rises, and the weight
+    v(p) = exp(-(p - mu)^2 / (2 sigma^2)) narrows around mu.
+
+    Args (method.args): `GRSettings` (start and end of w, b, mu, sigma; q2, q3), defaults from the
+    authors' released config. Not implemented: the reference's `linear_init` (a frozen backbone for
+    the first epochs, default 0 there) and its optional learned label estimator (`is_train`, off by
+    default there).
+    """
+
+    Settings = GRSettings
+    own_loss = True
+
+    def __init__(self, cfg: MethodConfig, ctx: MethodContext) -> None:
+        super().__init__(cfg, ctx)
+        self.on_epoch_start(0)
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self.params = gr_schedule(epoch, self.ctx.epochs, self.args)
+        self.loss = get_loss("gr", q2=self.args.q2, q3=self.args.q3, **self.params)
 
     def objective(self, outputs: dict[str, dict[str, Tensor]], batch: dict[str, Tensor]) -> dict[str, Tensor]:
         logits = outputs["image"]["logits"].float()                                      # (B, C)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mlml.config import ModelConfig
 from mlml.groups import label_logits_from_softmax
 from mlml.labels import LabelSpace
-from mlml.models.backbones import BACKBONES, load_backbone_weights
+from mlml.models.backbones import BACKBONES, feature_map, load_backbone_weights
 from mlml.registry import Registry
 
 HEADS: Registry = Registry("head", entry_point_group="mlml.heads")
@@ -16,6 +17,15 @@ HEADS: Registry = Registry("head", entry_point_group="mlml.heads")
 # Per-channel statistics used to normalise images (those of ImageNet, which pretrained weights expect).
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
+
+
+def boostlu(cam: torch.Tensor, alpha: float) -> torch.Tensor:
+    """BoostLU (Kim et al., "Bridging the gap between model explanations in partially annotated
+    multi-label classification", CVPR 2023): the positive entries of a class activation map times
+    alpha, the others unchanged, alpha * max(z, 0) + min(z, 0) elementwise; the logit is the mean of
+    the boosted map over locations, in training and at test (as in the authors' models.py; they
+    use alpha = 5)."""
+    return torch.where(cam > 0, alpha * cam, cam)
 
 
 @HEADS.register("linear")
@@ -29,6 +39,16 @@ class LinearHead(nn.Module):
 
     def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"logits": self.fc(self.dropout(features))}
+
+    def forward_map(self, fmap: torch.Tensor, alpha: float) -> dict[str, torch.Tensor]:
+        """BoostLU logits from spatial features (B, D, h, w): the mean over locations of
+        `boostlu(CAM, alpha)`, CAM = this layer applied at every location (B, C, h, w).
+
+        At alpha = 1 it equals `forward` on the pooled features (the layer is linear); dropout, if
+        any, drops entries of the map.
+        """
+        cam = F.conv2d(self.dropout(fmap), self.fc.weight[:, :, None, None], self.fc.bias)   # (B, C, h, w)
+        return {"logits": boostlu(cam, alpha).mean(dim=(2, 3))}
 
 
 @HEADS.register("grouped")
@@ -74,18 +94,24 @@ class GroupedHead(nn.Module):
 class MultiLabelModel(nn.Module):
     """Takes uint8 or float images (B, 3, H, W); uint8 is scaled to [0, 1] before normalising."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+    def __init__(self, backbone: nn.Module, head: nn.Module, boostlu: float = 1.0) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.boostlu = float(boostlu)      # 1 = off; else logits = mean_hw BoostLU(CAM) (`LinearHead.forward_map`)
         self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         x = image.float().div_(255.0) if image.dtype == torch.uint8 else image
         x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
-        features = self.backbone(x)                       # (B, D)
-        out = self.head(features)                         # {"logits": (B, C), ...extras}
+        if self.boostlu == 1.0:
+            features = self.backbone(x)                   # (B, D)
+            out = self.head(features)                     # {"logits": (B, C), ...extras}
+        else:
+            fmap = feature_map(self.backbone, x)          # (B, D, h, w)
+            features = fmap.mean(dim=(2, 3))              # (B, D), what the backbone's pooling gives
+            out = self.head.forward_map(fmap, self.boostlu)
         out["features"] = features
         return out
 
@@ -93,6 +119,9 @@ class MultiLabelModel(nn.Module):
 def build_model(cfg: ModelConfig, label_space: LabelSpace) -> MultiLabelModel:
     backbone = BACKBONES.get(cfg.backbone)(cfg)
     if cfg.weights:
-        load_backbone_weights(backbone, cfg.weights)
+        load_backbone_weights(backbone, cfg.weights, cfg.backbone)
     head = HEADS.get(cfg.head)(backbone.out_dim, label_space, cfg)
-    return MultiLabelModel(backbone, head).to(memory_format=torch.channels_last)
+    if cfg.boostlu != 1.0 and not hasattr(head, "forward_map"):
+        raise ValueError(f"model.boostlu = {cfg.boostlu} needs a head that scores every location (forward_map), "
+                         f"such as model.head = 'linear'; model.head = '{cfg.head}' has none")
+    return MultiLabelModel(backbone, head, cfg.boostlu).to(memory_format=torch.channels_last)
