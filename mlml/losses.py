@@ -16,6 +16,15 @@ Reductions follow the reference code: the Cole et al. family (an, an_ls, wan, ep
 the (B, C) loss matrix and divides by B * C, regularisers added after; hill, splc and asl sum
 (their `reduction="mean"` divides by B * C, for trainers that keep one learning rate across
 losses). `get_loss(name, **hparams)` returns the callable with its hyperparameters bound.
+
+Speed: each built-in loss computes its value and its gradient with respect to the logits in one
+forward pass of elementwise operations (closed-form derivatives, sigmoid and softplus shared),
+and backward is a single multiply; the observed entries (B of B * C with single positive labels)
+are handled by index. At B = 256, C = 11,000 every loss costs at most about as much as torch's
+BCE-with-logits forward + backward (`benchmarks/losses_metrics.py`). softplus is evaluated as
+relu(x) + log(u) + (e - (u - 1)) / u, e = exp(-|x|), u = 1 + e: accurate to about one rounding
+(torch's softplus and log1p are scalar loops on CPU, ~4x the vectorised log). Targets and weights
+are constants: passing targets that require a gradient raises.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import inspect
 import math
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -121,9 +131,8 @@ def estimate_pos_weight(
     """
     y = assume_negative_targets(targets, observed)  # 0 where unobserved
     pos = y.sum(dim=0)
-    neg = observed.sum(dim=0) - pos  # observed negatives (soft targets count 1 - y)
-    if assume_negative:
-        neg = neg + (~observed).sum(dim=0)
+    # Negatives: observed ones (soft targets count 1 - y), plus every unobserved entry if assume_negative.
+    neg = (targets.shape[0] - pos) if assume_negative else (observed.sum(dim=0) - pos)
     ratio = neg / pos.clamp_min(torch.finfo(y.dtype).tiny)
     ratio = torch.where((pos == 0) & (neg == 0), torch.ones_like(ratio), ratio)
     return ratio.clamp(1.0 / max_weight, max_weight)
@@ -161,8 +170,174 @@ def _bce(logits: Tensor, y: Tensor, pos_weight: Tensor | None = None, weight: Te
 
 
 # ---------------------------------------------------------------------------------------------
+# Closed-form values and gradients
+#
+# Every built-in loss below computes its value and its gradient with respect to the logits
+# together, in a few elementwise passes that share sigmoid and softplus, and hands the gradient to
+# autograd through `_ClosedForm` (backward: one multiply). Autograd through the composite
+# expressions ran 20-70 elementwise kernels forward and backward, each allocating a (B, C)
+# tensor, and torch's softplus / log-sigmoid / log1p are scalar loops on CPU (~4x `log`).
+#
+# Losses that treat unknown labels alike (assume negative, ignore, down-weight, entropy, ...) are
+# split into a dense part for every entry as if it were unobserved, and the observed entries,
+# taken by index and overwritten: with single positive labels the second part is B entries, not
+# B * C, and the (expensive) positive terms are computed only there.
+# ---------------------------------------------------------------------------------------------
+
+Entrywise = Callable[[Tensor], tuple[Tensor, Tensor]]  # x -> (loss per entry, its derivative)
+
+
+class _ClosedForm(torch.autograd.Function):
+    """A scalar loss of the logits from `value_and_grad(x) -> (value, grad, scale)`: the loss is
+    value * scale, its gradient grad * scale (grad shaped as x). The scale is applied in backward,
+    folded into the multiply by the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, value_and_grad: Callable[[Tensor], tuple[Tensor, Tensor, float]]) -> Tensor:
+        value, grad, scale = value_and_grad(logits.contiguous())
+        ctx.save_for_backward(grad)
+        ctx.scale = scale
+        return value * scale
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None]:
+        (grad,) = ctx.saved_tensors
+        return grad * (grad_output * ctx.scale), None
+
+
+def _closed_form(logits: Tensor, value_and_grad: Callable[[Tensor], tuple[Tensor, Tensor, float]], *constants: Tensor | None) -> Tensor:
+    """`_ClosedForm` on `logits`; the `constants` (targets, weights) must not need a gradient."""
+    for c in constants:
+        if c is not None and c.requires_grad:
+            raise ValueError("the built-in losses differentiate with respect to the logits only; "
+                             "pass targets and weights detached")
+    return _ClosedForm.apply(logits, value_and_grad)
+
+
+def _log1p_exp_neg_abs(x: Tensor, out: Tensor, scratch: Tensor) -> Tensor:
+    """log(1 + e^-|x|) into `out`, in [0, log 2], to about one rounding, through the vectorised
+    `log` (log1p is a scalar loop on CPU): with u = 1 + e rounded, log1p(e) = log(u) + (e - (u - 1)) / u
+    (the first-order correction for the rounding of u; exact when u == 1). `scratch` is overwritten."""
+    e = torch.abs(x, out=scratch).neg_().exp_()  # e^-|x| in (0, 1]
+    u = torch.add(e, 1, out=out)
+    e.sub_(u.sub_(1))  # e - (u - 1), exact: u - 1 is exact for u in [1, 2]
+    e.div_(u.add_(1))  # ... relative to u (u - 1 + 1 == u exactly)
+    return u.log_().add_(e)
+
+
+def _softplus(x: Tensor, out: Tensor, scratch: Tensor) -> Tensor:
+    """softplus(x) = log(1 + e^x) = -log(1 - sigmoid(x)) = relu(x) + log(1 + e^-|x|), into `out`."""
+    _log1p_exp_neg_abs(x, out, scratch)
+    return out.add_(torch.clamp_min(x, 0, out=scratch))
+
+
+def _bce_entries(x: Tensor, y: Tensor, pos_weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """BCE with logits per entry, w y (-log p) + (1 - y)(-log(1 - p)), and its derivative in x.
+
+    With c = 1 - y + w y: loss = c softplus(x) - w y x, d/dx = c p - w y (w = 1 without
+    `pos_weight`, which is broadcast against x)."""
+    loss, grad = torch.empty_like(x), torch.empty_like(x)
+    _softplus(x, loss, grad)
+    torch.sigmoid(x, out=grad)
+    if pos_weight is None:
+        return loss.addcmul_(y, x, value=-1), grad.sub_(y)
+    wy = y * pos_weight
+    c = (wy - y).add_(1)
+    return loss.mul_(c).addcmul_(wy, x, value=-1), grad.mul_(c).sub_(wy)
+
+
+def _softplus_entries(x: Tensor, weight: float = 1.0) -> tuple[Tensor, Tensor]:
+    """weight * -log(1 - p) per entry and its derivative weight * p (the assume-negative term)."""
+    loss, grad = torch.empty_like(x), torch.empty_like(x)
+    _softplus(x, loss, grad)
+    torch.sigmoid(x, out=grad)
+    if weight != 1.0:
+        loss.mul_(weight), grad.mul_(weight)
+    return loss, grad
+
+
+def _pow_(p: Tensor, gamma: float) -> Tensor:
+    """p ** gamma in place, for p in [0, 1] (gamma = 1, 2, 4 as multiplies)."""
+    if gamma == 1:
+        return p
+    if gamma in (2, 4):
+        p.square_()
+        return p.square_() if gamma == 4 else p
+    return p.pow_(gamma)
+
+
+def _focal_neg_entries(x: Tensor, gamma: float) -> tuple[Tensor, Tensor]:
+    """-p^g log(1 - p) per entry and its derivative p^g (g (1 - p) softplus(x) + p), focal weight
+    not detached. The positive term -(1 - p)^g log p is this at -x, with the derivative negated."""
+    loss, grad = torch.empty_like(x), torch.empty_like(x)
+    _softplus(x, loss, grad)
+    p = torch.sigmoid(x)
+    torch.neg(x, out=grad).sigmoid_()  # 1 - p without cancellation
+    grad.mul_(loss).mul_(gamma).add_(p)
+    w = _pow_(p, gamma)  # p^g
+    return loss.mul_(w), grad.mul_(w)
+
+
+def _focal_pos_entries(x: Tensor, gamma: float) -> tuple[Tensor, Tensor]:
+    """-(1 - p)^g log p per entry and its derivative."""
+    loss, grad = _focal_neg_entries(-x, gamma)
+    return loss, grad.neg_()
+
+
+def _observed_index(observed: Tensor) -> Tensor:
+    """(K,) long: the flat (row-major) indices of the True entries of `observed` (B, C). On CPU
+    through numpy, ~5x faster than torch.nonzero."""
+    if observed.device.type == "cpu":
+        return torch.from_numpy(np.flatnonzero(observed.numpy()))
+    return observed.reshape(-1).nonzero().squeeze(1)
+
+
+def _split_observed(
+    x: Tensor,
+    targets: Tensor,
+    idx: Tensor,
+    unobserved: Entrywise | None,
+    observed_fn: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]],
+) -> tuple[Tensor, Tensor]:
+    """Sum of a loss over (B, C) entries and its gradient (B, C), unscaled.
+
+    `unobserved(x)` gives the loss of every entry as if it were unobserved (None: 0) and
+    `observed_fn(x_o, y_o, idx)` that of the observed entries, (K,) each, given their logits,
+    targets (the only targets read) and flat indices `idx` (from `_observed_index`); it replaces
+    the dense value there.
+    """
+    x_o = x.reshape(-1)[idx]  # (K,)
+    y_o = targets.reshape(-1)[idx].to(x.dtype)  # (K,)
+    if unobserved is None:
+        total, grad = x.new_zeros(()), torch.zeros_like(x)
+    else:
+        value, grad = unobserved(x)  # (B, C) each
+        total = value.reshape(-1).index_fill_(0, idx, 0).sum()
+    value_o, grad_o = observed_fn(x_o, y_o, idx)
+    grad.reshape(-1).index_copy_(0, idx, grad_o)
+    return total + value_o.sum(), grad
+
+
+def _class_of(weight: Tensor | None, idx: Tensor, num_classes: int, like: Tensor) -> Tensor | None:
+    """The per-class `weight` (C,) at flat entry indices `idx` (K,): (K,), or None."""
+    return None if weight is None else weight.to(like)[idx % num_classes]
+
+
+# ---------------------------------------------------------------------------------------------
 # Full labels and masks
 # ---------------------------------------------------------------------------------------------
+
+
+def _bce_observed(pos_weight: Tensor | None, num_classes: int):
+    """`observed_fn` for `_split_observed`: BCE on the observed entries (class weights by index)."""
+    def fn(x_o: Tensor, y_o: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+        return _bce_entries(x_o, y_o, _class_of(pos_weight, idx, num_classes, x_o))
+    return fn
+
+
+def _mix(y: Tensor, pos: tuple[Tensor, Tensor], neg: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """y * pos + (1 - y) * neg for (loss, derivative) pairs (soft targets enter linearly)."""
+    return tuple(n + y * (p - n) for p, n in zip(pos, neg))  # type: ignore[return-value]
 
 
 @register_loss("bce")
@@ -176,7 +351,12 @@ def bce(
     Reduction: mean over B * C.
     """
     _check(logits, targets, observed)
-    return _bce(logits, targets, pos_weight).mean()
+
+    def value_and_grad(x: Tensor) -> tuple[Tensor, Tensor, float]:
+        loss, grad = _bce_entries(x, targets.to(x.dtype), None if pos_weight is None else pos_weight.to(x))
+        return loss.sum(), grad, 1.0 / x.numel()
+
+    return _closed_form(logits, value_and_grad, targets, pos_weight)
 
 
 @register_loss("masked_bce")
@@ -189,8 +369,13 @@ def masked_bce(
     Reduction: mean over observed entries; 0 (with a graph) when nothing is observed.
     """
     _check(logits, targets, observed)
-    y = assume_negative_targets(targets, observed)
-    return _bce(logits, y, pos_weight, weight=observed.to(logits.dtype), reduction="sum") / observed.sum().clamp_min(1)
+
+    def value_and_grad(x: Tensor) -> tuple[Tensor, Tensor, float]:
+        idx = _observed_index(observed)
+        total, grad = _split_observed(x, targets, idx, None, _bce_observed(pos_weight, x.shape[1]))
+        return total, grad, 1.0 / max(idx.numel(), 1)
+
+    return _closed_form(logits, value_and_grad, targets, pos_weight)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,7 +393,12 @@ def an(
     Reduction: mean over B * C.
     """
     _check(logits, targets, observed)
-    return _bce(logits, assume_negative_targets(targets, observed), pos_weight).mean()
+
+    def value_and_grad(x: Tensor) -> tuple[Tensor, Tensor, float]:
+        total, grad = _split_observed(x, targets, _observed_index(observed), _softplus_entries, _bce_observed(pos_weight, x.shape[1]))
+        return total, grad, 1.0 / x.numel()
+
+    return _closed_form(logits, value_and_grad, targets, pos_weight)
 
 
 @register_loss("an_ls")
@@ -220,8 +410,19 @@ def an_ls(logits: Tensor, targets: Tensor, observed: Tensor, eps: float = 0.1) -
     Reduction: mean over B * C.
     """
     _check(logits, targets, observed)
-    y = assume_negative_targets(targets, observed)
-    return _bce(logits, y * (1 - 2 * eps) + eps).mean()
+
+    def unobserved(x: Tensor) -> tuple[Tensor, Tensor]:  # BCE against e: softplus(x) - e x
+        loss, grad = _softplus_entries(x)
+        return loss.add_(x, alpha=-eps), grad.sub_(eps)
+
+    def observed_fn(x_o: Tensor, y_o: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+        return _bce_entries(x_o, y_o * (1 - 2 * eps) + eps)
+
+    def value_and_grad(x: Tensor) -> tuple[Tensor, Tensor, float]:
+        total, grad = _split_observed(x, targets, _observed_index(observed), unobserved, observed_fn)
+        return total, grad, 1.0 / x.numel()
+
+    return _closed_form(logits, value_and_grad, targets)
 
 
 @register_loss("wan")
@@ -234,8 +435,13 @@ def wan(logits: Tensor, targets: Tensor, observed: Tensor, gamma: float | None =
     _check(logits, targets, observed)
     if gamma is None:
         gamma = 1.0 / max(logits.shape[1] - 1, 1)
-    weight = torch.where(observed, 1.0, gamma).to(logits.dtype)  # (B, C)
-    return _bce(logits, assume_negative_targets(targets, observed), weight=weight, reduction="mean")
+
+    def value_and_grad(x: Tensor) -> tuple[Tensor, Tensor, float]:
+        unobserved = functools.partial(_softplus_entries, weight=gamma)
+        total, grad = _split_observed(x, targets, _observed_index(observed), unobserved, _bce_observed(None, x.shape[1]))
+        return total, grad, 1.0 / x.numel()
+
+    return _closed_form(logits, value_and_grad, targets)
 
 
 @register_loss("epr")
@@ -248,14 +454,41 @@ def epr(logits: Tensor, targets: Tensor, observed: Tensor, k: float = 1.5) -> Te
     Reduction: mean over B * C of the entry losses, regulariser added after.
     """
     _check(logits, targets, observed)
-    main = _bce(logits, assume_negative_targets(targets, observed), weight=observed.to(logits.dtype), reduction="mean")
-    return main + epr_regulariser(torch.sigmoid(logits), k)
+
+    def value_and_grad(x: Tensor) -> tuple[Tensor, Tensor, float]:
+        b, c = x.shape
+        total, grad = _split_observed(x, targets, _observed_index(observed), None, _bce_observed(None, c))
+        s = torch.sigmoid(x)
+        excess = s.sum() / b - k  # mean_b sum_c p - k
+        torch.abs(x, out=s).neg_().sigmoid_()  # s = sigmoid(-|x|): p (1 - p) = s - s^2 without cancellation
+        # d/dx of excess^2 / C^2 is 2 excess p (1 - p) / (B C^2); in units of the 1 / (B C) scale: 2 excess / C.
+        coef = float(2 * excess / c)
+        grad.add_(s, alpha=coef).addcmul_(s, s, value=-coef)
+        return total + excess**2 * (b / c), grad, 1.0 / (b * c)
+
+    return _closed_form(logits, value_and_grad, targets)
 
 
 # ---------------------------------------------------------------------------------------------
 # Zhou et al., "Acknowledging the unknown for multi-label learning with single positive
 # labels", ECCV 2022
 # ---------------------------------------------------------------------------------------------
+
+
+def _neg_entropy_entries(x: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
+    """-a H(sigmoid(x)) per entry and its derivative a x p (1 - p).
+
+    H = log(1 + e^-|x|) + |x| sigmoid(-|x|) (as `entropy_from_logits`), p (1 - p) = s (1 - s)
+    with s = sigmoid(-|x|): no cancellation in either."""
+    a = x.abs()
+    e = torch.neg(a).exp_()  # e^-|x|
+    u = e + 1
+    s = e / u  # sigmoid(-|x|)
+    e.sub_(u.sub_(1)).div_(u.add_(1))  # log(1 + e^-|x|) = log(u) + e, as in `_log1p_exp_neg_abs`
+    loss = u.log_().add_(e).addcmul_(a, s).mul_(-alpha)
+    grad = torch.mul(s, x, out=e)
+    grad.addcmul_(grad, s, value=-1).mul_(alpha)  # a x s (1 - s)
+    return loss, grad
 
 
 @register_loss("em")
@@ -267,8 +500,13 @@ def em(logits: Tensor, targets: Tensor, observed: Tensor, alpha: float = 0.1) ->
     (COCO, NUS; VOC 0.2, CUB 0.01). Reduction: mean over B * C.
     """
     _check(logits, targets, observed)
-    per_entry = _bce(logits, assume_negative_targets(targets, observed))
-    return torch.where(observed, per_entry, -alpha * entropy_from_logits(logits)).mean()
+
+    def value_and_grad(x: Tensor) -> tuple[Tensor, Tensor, float]:
+        unobserved = functools.partial(_neg_entropy_entries, alpha=alpha)
+        total, grad = _split_observed(x, targets, _observed_index(observed), unobserved, _bce_observed(None, x.shape[1]))
+        return total, grad, 1.0 / x.numel()
+
+    return _closed_form(logits, value_and_grad, targets)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,13 +516,29 @@ def em(logits: Tensor, targets: Tensor, observed: Tensor, alpha: float = 0.1) ->
 
 
 def _focal_pos(logits: Tensor, gamma: float) -> Tensor:
-    """-(1 - p)^g log p, per entry."""
+    """-(1 - p)^g log p, per entry (autograd form, for losses written with autograd)."""
     return _sigmoid_pow(-logits, gamma) * F.softplus(-logits)
 
 
 def _focal_neg(logits: Tensor, gamma: float) -> Tensor:
-    """-p^g log(1 - p), per entry."""
+    """-p^g log(1 - p), per entry (autograd form, for losses written with autograd)."""
     return _sigmoid_pow(logits, gamma) * F.softplus(logits)
+
+
+def _hill_neg_entries(x: Tensor, lam: float) -> tuple[Tensor, Tensor]:
+    """(l - p) p^2 per entry and its derivative p^2 (1 - p) (2 l - 3 p)."""
+    grad = torch.sigmoid(x)
+    p2 = grad * grad
+    loss = torch.mul(grad, -1).add_(lam).mul_(p2)
+    grad.mul_(-3).add_(2 * lam).mul_(p2).mul_(torch.neg(x, out=p2).sigmoid_())  # (1 - p) without cancellation
+    return loss, grad
+
+
+def _reduction_scale(reduction: str, numel: int) -> float:
+    """The factor of `_reduce`: 1 for 'sum', 1 / (B * C) for 'mean'."""
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"unknown reduction '{reduction}'; known: {', '.join(_REDUCTIONS)}")
+    return 1.0 if reduction == "sum" else 1.0 / numel
 
 
 @register_loss("hill")
@@ -304,10 +558,17 @@ def hill(
     Reduction: "sum" (reference) or "mean" (sum / (B * C)).
     """
     _check(logits, targets, observed)
-    y = assume_negative_targets(targets, observed)
-    p = torch.sigmoid(logits)
-    per_entry = y * _focal_pos(logits - margin, gamma) + (1 - y) * (lam - p) * p**2
-    return _reduce(per_entry, reduction)
+    scale = _reduction_scale(reduction, logits.numel())
+
+    def observed_fn(x_o: Tensor, y_o: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+        return _mix(y_o, _focal_pos_entries(x_o - margin, gamma), _hill_neg_entries(x_o, lam))
+
+    def value_and_grad(x: Tensor) -> tuple[Tensor, Tensor, float]:
+        unobserved = functools.partial(_hill_neg_entries, lam=lam)
+        total, grad = _split_observed(x, targets, _observed_index(observed), unobserved, observed_fn)
+        return total, grad, scale
+
+    return _closed_form(logits, value_and_grad, targets)
 
 
 @register_loss("splc")
@@ -329,21 +590,57 @@ def splc(
     epoch 0. Defaults t = 0.6, m = 1, g = 2. Reduction: "sum" (reference) or "mean".
     """
     _check(logits, targets, observed)
-    y = assume_negative_targets(targets, observed)
-    pseudo = torch.zeros_like(y)
-    if pseudo_label:
-        pseudo = (~observed & (torch.sigmoid(logits.detach()) > tau)).to(y.dtype)
-    per_entry = (
-        y * _focal_pos(logits - margin, gamma)
-        + pseudo * _focal_pos(logits, gamma)
-        + (1 - y - pseudo) * _focal_neg(logits, gamma)
-    )
-    return _reduce(per_entry, reduction)
+    scale = _reduction_scale(reduction, logits.numel())
+
+    def unobserved(x: Tensor) -> tuple[Tensor, Tensor]:
+        if not pseudo_label:
+            return _focal_neg_entries(x, gamma)
+        sign = torch.where(torch.sigmoid(x) > tau, -1.0, 1.0).to(x.dtype)  # (B, C): -1 on pseudo-positives
+        # A pseudo-positive's term -(1 - p)^g log p is the negative one at -x.
+        loss, grad = _focal_neg_entries(x * sign, gamma)
+        return loss, grad.mul_(sign)
+
+    def observed_fn(x_o: Tensor, y_o: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+        return _mix(y_o, _focal_pos_entries(x_o - margin, gamma), _focal_neg_entries(x_o, gamma))
+
+    def value_and_grad(x: Tensor) -> tuple[Tensor, Tensor, float]:
+        total, grad = _split_observed(x, targets, _observed_index(observed), unobserved, observed_fn)
+        return total, grad, scale
+
+    return _closed_form(logits, value_and_grad, targets)
 
 
 # ---------------------------------------------------------------------------------------------
 # Other members
 # ---------------------------------------------------------------------------------------------
+
+
+def _asl_neg_entries(x: Tensor, gamma_neg: float, clip: float) -> tuple[Tensor, Tensor]:
+    """ASL's negative term -w log(1 - p_m), p_m = max(p - m, 0), w = p_m^g- held constant, and its
+    derivative w p (1 - p) / (1 - p + m) (0 where the clip saturates, p <= m)."""
+    grad = torch.sigmoid(x)
+    if clip <= 0:
+        loss, w = torch.empty_like(x), torch.empty_like(x)
+        _softplus(x, loss, w)
+        _pow_(w.copy_(grad), gamma_neg)
+        return loss.mul_(w), grad.mul_(w)
+    w = _pow_(torch.sub(grad, clip).clamp_min_(0), gamma_neg)  # p_m^g-
+    loss = torch.neg(x).sigmoid_()  # 1 - p without cancellation
+    grad.mul_(loss)  # p (1 - p)
+    loss.add_(clip)  # 1 - p_m where p > m
+    grad.div_(loss).mul_(w)
+    if gamma_neg == 0:  # w = 1 everywhere: the clip's zero derivative where it saturates (elsewhere w = 0 there)
+        grad.masked_fill_(loss > 1, 0)
+    return loss.clamp_max_(1).log_().mul_(w).neg_(), grad
+
+
+def _asl_pos_entries(x: Tensor, gamma_pos: float) -> tuple[Tensor, Tensor]:
+    """ASL's positive term -w log p, w = (1 - p)^g+ held constant, and its derivative -w (1 - p)."""
+    loss, grad = torch.empty_like(x), torch.empty_like(x)
+    _softplus(-x, loss, grad)
+    q = torch.neg(x).sigmoid_()
+    w = _pow_(torch.clone(q), gamma_pos)
+    return loss.mul_(w), q.mul_(w).neg_()
 
 
 @register_loss("asl")
@@ -364,17 +661,17 @@ def asl(
     Defaults g- = 4, g+ = 0, m = 0.05. Reduction: "sum" (reference) or "mean".
     """
     _check(logits, targets, observed)
-    y = assume_negative_targets(targets, observed)
-    p = torch.sigmoid(logits)
-    if clip > 0:  # log(1 - p_m) = log(min(1 - p + m, 1)); the argument is >= m, so finite
-        log_neg = torch.log((torch.sigmoid(-logits) + clip).clamp(max=1.0))
-    else:
-        log_neg = -F.softplus(logits)
-    with torch.no_grad():
-        w_pos = (1 - p) ** gamma_pos
-        w_neg = (p - clip).clamp(min=0) ** gamma_neg if clip > 0 else p**gamma_neg
-    per_entry = y * w_pos * F.softplus(-logits) - (1 - y) * w_neg * log_neg
-    return _reduce(per_entry, reduction)
+    scale = _reduction_scale(reduction, logits.numel())
+
+    def observed_fn(x_o: Tensor, y_o: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+        return _mix(y_o, _asl_pos_entries(x_o, gamma_pos), _asl_neg_entries(x_o, gamma_neg, clip))
+
+    def value_and_grad(x: Tensor) -> tuple[Tensor, Tensor, float]:
+        unobserved = functools.partial(_asl_neg_entries, gamma_neg=gamma_neg, clip=clip)
+        total, grad = _split_observed(x, targets, _observed_index(observed), unobserved, observed_fn)
+        return total, grad, scale
+
+    return _closed_form(logits, value_and_grad, targets)
 
 
 @register_loss("partial_bce")
@@ -393,12 +690,20 @@ def partial_bce(
     An image with no known label contributes 0. Reduction: mean over the batch (B).
     """
     _check(logits, targets, observed)
-    num_classes = logits.shape[1]
-    frac = observed.sum(dim=1).to(logits.dtype) / num_classes  # (B,)
-    scale = (a * frac**c + b) / num_classes  # (B,)
-    weight = observed * scale[:, None]  # (B, C): the per-image scale on observed entries, 0 elsewhere
-    y = assume_negative_targets(targets, observed)
-    return _bce(logits, y, weight=weight, reduction="sum") / logits.shape[0]
+    batch, num_classes = logits.shape
+
+    def observed_fn(x_o: Tensor, y_o: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+        rows = idx // num_classes  # (K,)
+        frac = torch.bincount(rows, minlength=batch).to(x_o.dtype) / num_classes  # (B,) known fraction per image
+        scale = ((a * frac**c + b) / num_classes)[rows]  # (K,) each entry's image scale
+        loss, grad = _bce_entries(x_o, y_o)
+        return loss.mul_(scale), grad.mul_(scale)
+
+    def value_and_grad(x: Tensor) -> tuple[Tensor, Tensor, float]:
+        total, grad = _split_observed(x, targets, _observed_index(observed), None, observed_fn)
+        return total, grad, 1.0 / batch
+
+    return _closed_form(logits, value_and_grad, targets)
 
 
 @register_loss("focal")
@@ -417,10 +722,22 @@ def focal(
     Defaults g = 2, a = None. Reduction: "mean" (over B * C, like the Cole et al. family) or "sum".
     """
     _check(logits, targets, observed)
-    y = assume_negative_targets(targets, observed)
+    scale = _reduction_scale(reduction, logits.numel())
     w_pos, w_neg = (1.0, 1.0) if alpha is None else (alpha, 1.0 - alpha)
-    per_entry = w_pos * y * _focal_pos(logits, gamma) + w_neg * (1 - y) * _focal_neg(logits, gamma)
-    return _reduce(per_entry, reduction)
+
+    def unobserved(x: Tensor) -> tuple[Tensor, Tensor]:
+        loss, grad = _focal_neg_entries(x, gamma)
+        return (loss, grad) if w_neg == 1.0 else (loss.mul_(w_neg), grad.mul_(w_neg))
+
+    def observed_fn(x_o: Tensor, y_o: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+        pos = tuple(w_pos * t for t in _focal_pos_entries(x_o, gamma))
+        return _mix(y_o, pos, unobserved(x_o))  # type: ignore[arg-type]
+
+    def value_and_grad(x: Tensor) -> tuple[Tensor, Tensor, float]:
+        total, grad = _split_observed(x, targets, _observed_index(observed), unobserved, observed_fn)
+        return total, grad, scale
+
+    return _closed_form(logits, value_and_grad, targets)
 
 
 @register_loss("weighted_bce")
