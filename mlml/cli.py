@@ -332,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reproduce", help="run a table's settings x methods x seeds and write results/<table>.md")
     p.add_argument("table", nargs="?")
     p.add_argument("--list", action="store_true", help="list the tables and what each profile costs")
-    p.add_argument("--profile", default="quick", choices=["quick", "full"])
+    p.add_argument("--profile", default="quick", help="a profile of the table: quick, full, real (the real-image track), ...")
     p.add_argument("--seeds", type=int, help="number of seeds (default: the profile's)")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (each a subprocess)")
     p.add_argument("--torchrun", type=int, default=0, metavar="N",
