@@ -155,20 +155,6 @@ def _reduce(loss: Tensor, reduction: str) -> Tensor:
     return loss.sum() if reduction == "sum" else loss.mean()
 
 
-def _sigmoid_pow(z: Tensor, gamma: float) -> Tensor:
-    """sigmoid(z) ** gamma as exp(gamma * logsigmoid(z)): finite gradient even where it is 0."""
-    return torch.exp(gamma * F.logsigmoid(z))
-
-
-def _bce(logits: Tensor, y: Tensor, pos_weight: Tensor | None = None, weight: Tensor | None = None,
-         reduction: str = "none") -> Tensor:
-    """BCE with logits, per entry (B, C) or reduced; `pos_weight` (C,) scales the positive term and
-    `weight` (B, C) each entry (one fused op: cheaper than multiplying the per-entry losses after)."""
-    if pos_weight is not None:
-        pos_weight = pos_weight.to(logits)
-    return F.binary_cross_entropy_with_logits(logits, y, weight=weight, pos_weight=pos_weight, reduction=reduction)
-
-
 # ---------------------------------------------------------------------------------------------
 # Closed-form values and gradients
 #
@@ -515,16 +501,6 @@ def em(logits: Tensor, targets: Tensor, observed: Tensor, alpha: float = 0.1) ->
 # ---------------------------------------------------------------------------------------------
 
 
-def _focal_pos(logits: Tensor, gamma: float) -> Tensor:
-    """-(1 - p)^g log p, per entry (autograd form, for losses written with autograd)."""
-    return _sigmoid_pow(-logits, gamma) * F.softplus(-logits)
-
-
-def _focal_neg(logits: Tensor, gamma: float) -> Tensor:
-    """-p^g log(1 - p), per entry (autograd form, for losses written with autograd)."""
-    return _sigmoid_pow(logits, gamma) * F.softplus(logits)
-
-
 def _hill_neg_entries(x: Tensor, lam: float) -> tuple[Tensor, Tensor]:
     """(l - p) p^2 per entry and its derivative p^2 (1 - p) (2 l - 3 p)."""
     grad = torch.sigmoid(x)
@@ -762,14 +738,6 @@ def weighted_bce(
 # ---------------------------------------------------------------------------------------------
 
 
-def _box_cox_nll(log_p: Tensor, q: float) -> Tensor:
-    """(1 - p^q) / q from log p, per entry: the generalized cross-entropy; -log p at q = 0 (its limit).
-
-    Written as -expm1(q log p) / q, so it is finite with a finite gradient for any finite log p.
-    """
-    return -log_p if q == 0 else -torch.expm1(q * log_p) / q
-
-
 @torch.no_grad()
 def gr_pseudo_label(probs: Tensor, w: float, b: float) -> Tensor:
     """GR loss's soft pseudo-label k(p; beta) = sigmoid(w p + b), beta = (w, b); no gradient."""
@@ -807,10 +775,43 @@ def gr(
     Reduction: mean over B * C (as in the reference code).
     """
     _check(logits, targets, observed)
-    probs = torch.sigmoid(logits.detach())
-    k, v = gr_pseudo_label(probs, w, b), gr_weight(probs, mu, sigma)                  # (B, C), no gradient
-    towards_one = _box_cox_nll(F.logsigmoid(logits), q2)                               # L2(p)
-    towards_zero = _box_cox_nll(F.logsigmoid(-logits), q3)                             # L3(p)
-    unknown = v * (k * towards_one + (1 - k) * towards_zero)
-    known = _bce(logits, assume_negative_targets(targets, observed))
-    return torch.where(observed, known, unknown).mean()
+
+    def unobserved(x: Tensor) -> tuple[Tensor, Tensor]:
+        return _gr_unobserved_entries(x, w, b, mu, sigma, q2, q3)
+
+    def value_and_grad(x: Tensor) -> tuple[Tensor, Tensor, float]:
+        total, grad = _split_observed(x, targets, _observed_index(observed), unobserved, _bce_observed(None, x.shape[-1]))
+        return total, grad, 1.0 / x.numel()
+
+    return _closed_form(logits, value_and_grad, targets)
+
+
+def _box_cox_entries(nll: Tensor, q: float) -> Tensor:
+    """(1 - p^q) / q per entry from nll = -log p (in place into `nll`); nll itself at q = 0."""
+    return nll if q == 0 else nll.mul_(-q).expm1_().div_(-q)
+
+
+def _gr_unobserved_entries(x: Tensor, w: float, b: float, mu: float, sigma: float, q2: float, q3: float
+                           ) -> tuple[Tensor, Tensor]:
+    """GR loss of every entry as unobserved, v (k L2 + (1 - k) L3), and its derivative in x with k, v held.
+
+    d L2 / dx = -p^q2 (1 - p) and d L3 / dx = (1 - p)^q3 p (both from dp/dx = p (1 - p)), so
+    grad = v (k dL2 + (1 - k) dL3); p^q and (1 - p)^q come from the same -log p, -log(1 - p).
+    """
+    nll_pos, scratch = torch.empty_like(x), torch.empty_like(x)
+    _softplus(torch.neg(x), nll_pos, scratch)                      # -log p
+    nll_neg = torch.add(nll_pos, x)                                # -log(1 - p) = -log p + x
+    p = torch.sigmoid(x)
+    one_minus_p = torch.neg(x, out=scratch).sigmoid_()             # 1 - p without cancellation
+    d_one = torch.mul(nll_pos, -q2).exp_().mul_(one_minus_p).neg_()        # -p^q2 (1 - p)
+    if q3 == 1:                                                    # the default: L3 = p, exactly
+        d_zero, loss_zero = torch.mul(one_minus_p, p), p.clone()
+    else:
+        d_zero = torch.mul(nll_neg, -q3).exp_().mul_(p)                     # (1 - p)^q3 p
+        loss_zero = _box_cox_entries(nll_neg, q3)
+    loss_one = _box_cox_entries(nll_pos, q2)
+    v = torch.sub(p, mu).square_().mul_(-0.5 / sigma**2).exp_()    # gr_weight, no gradient
+    k = p.mul_(w).add_(b).sigmoid_()                               # gr_pseudo_label (p is spent)
+    loss = loss_one.sub_(loss_zero).mul_(k).add_(loss_zero).mul_(v)
+    grad = d_one.sub_(d_zero).mul_(k).add_(d_zero).mul_(v)
+    return loss, grad
