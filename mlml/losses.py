@@ -148,13 +148,6 @@ def _check(logits: Tensor, targets: Tensor, observed: Tensor) -> None:
         raise ValueError(f"observed must be a bool mask, got dtype {observed.dtype}")
 
 
-def _reduce(loss: Tensor, reduction: str) -> Tensor:
-    """'sum' over all entries, or 'mean' = sum / (B * C)."""
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"unknown reduction '{reduction}'; known: {', '.join(_REDUCTIONS)}")
-    return loss.sum() if reduction == "sum" else loss.mean()
-
-
 # ---------------------------------------------------------------------------------------------
 # Closed-form values and gradients
 #
@@ -511,7 +504,7 @@ def _hill_neg_entries(x: Tensor, lam: float) -> tuple[Tensor, Tensor]:
 
 
 def _reduction_scale(reduction: str, numel: int) -> float:
-    """The factor of `_reduce`: 1 for 'sum', 1 / (B * C) for 'mean'."""
+    """The factor a reduction applies to the summed loss: 1 for 'sum', 1 / (B * C) for 'mean'."""
     if reduction not in _REDUCTIONS:
         raise ValueError(f"unknown reduction '{reduction}'; known: {', '.join(_REDUCTIONS)}")
     return 1.0 if reduction == "sum" else 1.0 / numel
@@ -810,8 +803,7 @@ def _gr_unobserved_entries(x: Tensor, w: float, b: float, mu: float, sigma: floa
         d_zero = torch.mul(nll_neg, -q3).exp_().mul_(p)                     # (1 - p)^q3 p
         loss_zero = _box_cox_entries(nll_neg, q3)
     loss_one = _box_cox_entries(nll_pos, q2)
-    v = torch.sub(p, mu).square_().mul_(-0.5 / sigma**2).exp_()    # gr_weight, no gradient
-    k = p.mul_(w).add_(b).sigmoid_()                               # gr_pseudo_label (p is spent)
+    v, k = gr_weight(p, mu, sigma), gr_pseudo_label(p, w, b)      # (B, C) each, no gradient
     loss = loss_one.sub_(loss_zero).mul_(k).add_(loss_zero).mul_(v)
     grad = d_one.sub_(d_zero).mul_(k).add_(d_zero).mul_(v)
     return loss, grad
