@@ -59,8 +59,13 @@ def test_two_workers_share_one_sqlite_study_prune_and_write_a_best_config_that_t
     trials = study.get_trials()
     assert sorted(t.number for t in trials) == [0, 1, 2, 3]                   # N trials, none run twice
     assert {t.state.name for t in trials} <= {"COMPLETE", "PRUNED"}
-    pruned = [t for t in trials if t.state.name == "PRUNED"]
-    assert pruned and all(t.params["optim.lr"] == 1e-9 and t.user_attrs["epochs"] == 1 for t in pruned)
+    # Both lr = 1e-9 trials start only after a good trial has finished, so the median rule prunes them
+    # after their first epoch. The second good trial may be pruned too when its first epoch falls below
+    # the first one's (the median rule working as documented, decided by which worker is faster).
+    tiny = [t for t in trials if t.params["optim.lr"] == 1e-9]
+    assert len(tiny) == 2 and all(t.state.name == "PRUNED" and t.user_attrs["epochs"] == 1 for t in tiny)
+    assert all(t.user_attrs["epochs"] == 1 for t in trials if t.state.name == "PRUNED")
+    assert any(t.state.name == "COMPLETE" and t.user_attrs["epochs"] == 3 for t in trials)
     assert len({t.user_attrs["pid"] for t in trials}) == 2                    # two processes worked
     assert sorted(p.name for p in out.glob("trial*") if p.is_dir()) == ["trial0", "trial1", "trial2", "trial3"]
     assert all(len(list((out / f"trial{i}").glob("config.toml"))) == 1 for i in range(4))
