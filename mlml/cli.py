@@ -1,4 +1,4 @@
-"""The `mlml` command line: train, eval, predict, checkpoint, weights, data, reproduce, search, table, list."""
+"""The `mlml` command line: train, eval, predict, checkpoint, weights, data, reproduce, recommend, search, table, list."""
 
 from __future__ import annotations
 
@@ -147,6 +147,19 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     launcher = slurm_launcher(args, launcher_resources(args.table, args.profile, args.slurm))
     print(reproduce(args.table, args.profile, seeds=args.seeds, jobs=args.jobs, runs_dir=Path(args.runs_dir),
                     results_dir=Path(args.results_dir), torchrun=args.torchrun, launcher=launcher, wait_lock=args.wait_lock))
+    return 0
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from mlml.provenance import git_commit
+    from mlml.recommend import recommend
+
+    out = Path(args.out)
+    command = " ".join(["mlml recommend", args.table, "--profiles", *args.profiles,
+                        *(["--setting", args.setting] if args.setting else []), "--out", args.out])
+    choice = recommend(args.table, args.profiles, args.setting, out, Path(args.results_dir), command, git_commit())
+    worst = choice.worst(choice.method)
+    print(f"recommended: {choice.method} (largest validation shortfall to a track's best: {worst:.4f}); wrote {out}")
     return 0
 
 
@@ -343,6 +356,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait-lock", action="store_true", help="if another reproduction of the table runs, wait for it (default: refuse)")
     add_launcher_args(p)
     p.set_defaults(fn=cmd_reproduce)
+
+    p = sub.add_parser("recommend", help="choose one starting recipe from a table's runs on several tracks, on validation data only")
+    p.add_argument("table")
+    p.add_argument("--profiles", nargs="+", required=True, help="one profile per track, e.g. quick real (their results/*.runs.csv)")
+    p.add_argument("--setting", help="the table's setting (default: its only one)")
+    p.add_argument("--out", default="experiments/configs/recommended.toml")
+    p.add_argument("--results-dir", default="results")
+    p.set_defaults(fn=cmd_recommend)
 
     p = sub.add_parser("search", help="hyper-parameter search on validation metrics (Optuna; pip install 'mlml[cluster]')")
     p.add_argument("config", help="TOML config the trials start from")
