@@ -13,7 +13,7 @@ from mlml.data.synthetic import SyntheticSource
 from mlml.distributed import DistInfo
 from mlml.methods import METHODS
 from mlml.config import ConfigError
-from mlml.methods.domain import DomainBranch, DomainBranchSettings, dann_lambda, grad_reverse
+from mlml.methods.domain import DomainBranch, DomainBranchSettings, dann_lambda, grad_reverse, mean_discrepancy
 from mlml.settings import resolve
 from mlml.trainer import Trainer, train
 from tests.conftest import stop_mid_run, tiny_config
@@ -156,17 +156,21 @@ def test_shortcut_scenario_styles_training_images_by_collection():
     assert not torch.equal(data.image(int(train_rows[0])), source.image(int(train_rows[0])))
 
 
-def test_stripes_style_follows_the_collection_in_training_only():
-    data = build_data(tiny_config(PER_GROUP, SHORTCUT, "data.synthetic.nuisance_style=stripes").data)
-
-    def agreement(rows):            # style 0: stripes across x (vertical), style 1: across y (horizontal)
+def test_stripes_style_follows_the_collection_in_training_only_and_never_with_random_styles():
+    def agreement(data, rows):      # style 0: stripes across x (vertical), style 1: across y (horizontal)
         img = torch.stack([data.image(int(r)) for r in rows]).float().mean(1)      # (N, S, S) grey
         dx = (img[:, :, 1:] - img[:, :, :-1]).abs().mean((1, 2))
         dy = (img[:, 1:] - img[:, :-1]).abs().mean((1, 2))
         return float(((dx < dy).long().numpy() == data.observation.domain(rows)).mean())
 
-    assert agreement(data.splits["train"]) > 0.95
-    assert 0.3 < agreement(data.splits["test"]) < 0.7
+    data = build_data(tiny_config(PER_GROUP, SHORTCUT, "data.synthetic.nuisance_style=stripes").data)
+    assert agreement(data, data.splits["train"]) > 0.95
+    assert 0.3 < agreement(data, data.splits["test"]) < 0.7
+    # nuisance = "random" (the shortcut-free reference): the same styled images, training ones unrelated too.
+    data = build_data(tiny_config(PER_GROUP, "data.synthetic.nuisance=random", "data.synthetic.nuisance_style=stripes").data)
+    assert 0.3 < agreement(data, data.splits["train"]) < 0.7 and 0.3 < agreement(data, data.splits["test"]) < 0.7
+    with pytest.raises(ConfigError, match="nuisance = 'random' needs an observation model with collections"):
+        build_data(tiny_config("data.synthetic.nuisance=random").data)
 
 
 def domain_accuracies(trainer: Trainer) -> tuple[float, float]:
@@ -249,3 +253,29 @@ def test_labelled_vs_unlabelled_domains_under_the_mean_teacher(tmp_path):
     parts = trainer.train_step(batch)
     hook.remove()
     assert seen == [2 * 32] and math.isfinite(parts["domain_loss"])
+
+
+def test_mean_discrepancy_is_the_weighted_spread_of_domain_means_and_pulls_them_together():
+    torch.manual_seed(0)
+    f = torch.randn(12, 5, dtype=torch.float64, requires_grad=True)
+    d = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 1, 2, 2, 2])
+    mu = f.detach().mean(0)
+    expected = sum((d == k).sum() / 12 * ((f.detach()[d == k].mean(0) - mu) ** 2).sum() for k in range(4) if (d == k).any())
+    gap = mean_discrepancy(f, d, num_domains=4)                           # domain 3 absent: left out
+    assert gap.item() == pytest.approx(float(expected), rel=1e-12) and gap.item() > 0
+    gap.backward()
+    stepped = (f - 0.5 * f.grad).detach()                                 # a gradient step lowers it
+    assert float(mean_discrepancy(stepped, d, 4)) < gap.item()
+    same = torch.cat([torch.ones(3, 5), torch.ones(3, 5)]) + torch.tensor([[1.0], [-1.0], [0.0]]).repeat(2, 1)
+    assert float(mean_discrepancy(same, torch.tensor([0, 0, 0, 1, 1, 1]), 2)) == 0.0   # equal means, any spread
+
+
+def test_mean_kind_has_no_head_and_trains_the_backbone_towards_equal_domain_means(tmp_path):
+    cfg = tiny_config(PER_GROUP, "method.domain_branch={weight = 1.0, kind = 'mean', schedule = 'constant'}")
+    trainer = Trainer(cfg, tmp_path, DistInfo())
+    branch = trainer.method.domain_branch
+    assert list(branch.parameters()) == [] and not hasattr(branch, "head")
+    parts = trainer.train_step(next(iter(trainer.train_loader)))
+    assert {"domain_loss", "domain_lambda"} <= set(parts) and "domain_acc" not in parts and parts["domain_loss"] > 0
+    with pytest.raises(ConfigError, match="'method.domain_branch.kind' must be"):
+        tiny_config("method.domain_branch={weight = 1.0, kind = 'coral'}")

@@ -173,6 +173,12 @@ def test_shortcut_training_images_carry_their_collections_grating(scan_file):
     assert np.abs((other - angles[0] + 90) % 180 - 90).min() > 45                            # collections differ
     with pytest.raises(ConfigError, match="data.mnist5k.nuisance = 'collection' needs"):
         build_data(tiny_config(*config[:-1], "data.observation=single_positive", "data.mnist5k.nuisance=collection").data)
+    # nuisance = "random": every image styled, training images' orientation unrelated to their collection.
+    random = build_data(tiny_config(*config, "data.mnist5k.nuisance=random").data)
+    angles = np.array([orientation(random.source.stripes[r]) for r in train])
+    same = np.abs((angles[:, None] - angles[None, :] + 90) % 180 - 90) < 25          # (n, n) same orientation
+    together = collection[:, None] == collection[None, :]
+    assert 0.3 < same[together].mean() < 0.7 and 0.3 < same[~together].mean() < 0.7
 
 
 def test_a_tiny_run_on_one_digit_per_image_reports_both_exclusive_groups(scan_file, tmp_path):

@@ -27,6 +27,8 @@ The shortcut scenario (`nuisance = "collection"`, the domain table): as for the 
 and every other image a random one; a style is a grey grating of period 3 px over the black
 background, oriented at 180 deg k / D for style k of D (±10 deg), of amplitude `nuisance_strength`,
 drawn before the tint (so it is tinted like the strokes and tells nothing about the colour labels).
+`nuisance = "random"` gives every image, training images too, a random style: the same styled images
+without the shortcut (the scenario's shortcut-free reference).
 """
 
 from __future__ import annotations
@@ -64,7 +66,8 @@ class Mnist5kConfig:
         image_size: side S of the images (with one digit, the scan centred on an S x S canvas, or shrunk to S < 28).
         min_digits, max_digits: digits per image, uniform in [min, max] (at most 4, the grid's cells).
         colours: colour classes (the first `colours` of `mlml.data.recolour.HUES`).
-        nuisance: "none", or "collection": the shortcut scenario of the domain table (module docstring).
+        nuisance: "none", "collection" (the shortcut scenario of the domain table) or "random" (its
+            shortcut-free reference: every image a random style; module docstring).
         nuisance_strength: amplitude of the grating (pixel values in [0, 1]).
     """
 
@@ -82,7 +85,7 @@ class Mnist5kConfig:
             "min_digits": (1 <= self.min_digits <= self.max_digits, "in [1, max_digits]"),
             "max_digits": (self.max_digits <= len(CELLS), f"<= {len(CELLS)}"),
             "colours": (1 <= self.colours <= len(HUES), f"in [1, {len(HUES)}]"),
-            "nuisance": (self.nuisance in ("none", "collection"), "'none' or 'collection'"),
+            "nuisance": (self.nuisance in ("none", "collection", "random"), "'none', 'collection' or 'random'"),
             "nuisance_strength": (0 <= self.nuisance_strength <= 1, "in [0, 1]"),
         }
         for name, (ok, rule) in checks.items():
@@ -253,6 +256,11 @@ class Mnist5kSource:
     def styled_by_collection(self) -> bool:
         """Whether `build_data` gives the images their collection's style (the shortcut scenario)."""
         return self.cfg.nuisance == "collection"
+
+    @property
+    def styled_at_random(self) -> bool:
+        """Whether `build_data` gives every image a random style (`nuisance = "random"`)."""
+        return self.cfg.nuisance == "random"
 
     def set_styles(self, styles: np.ndarray, num_styles: int) -> None:
         """Give image i the grating of style `styles[i]` (int (N,) in [0, num_styles))."""

@@ -379,11 +379,12 @@ def build_data(cfg: DataConfig, cache: tuple[str, ...] = SPLITS) -> Data:
     observation = build_observation(name, label_space, cfg.data_seed, cfg.observation_args, source.labels)
     if hasattr(source, "domain"):
         observation = MemberDomains(observation, source.domain, source.num_domains, tuple(getattr(source, "unlabelled", ())))
-    if getattr(source, "styled_by_collection", False):   # the shortcut scenario (synthetic, mnist5k)
+    by_collection = getattr(source, "styled_by_collection", False)   # the shortcut scenario (synthetic, mnist5k)
+    if by_collection or getattr(source, "styled_at_random", False):  # or its reference: styles at random
         if observation.num_domains < 2:
-            raise ConfigError(f"data.{cfg.source}.nuisance = 'collection' needs an observation model with collections "
+            raise ConfigError(f"data.{cfg.source}.nuisance = '{source.cfg.nuisance}' needs an observation model with collections "
                               "(data.observation = 'per_group', or observation_args.labelled_fraction < 1)")
-        train = splits["train"]
+        train = splits["train"] if by_collection else np.zeros(0, dtype=np.int64)
         source.set_styles(nuisance_styles(len(source), train, observation.domain(train), observation.num_domains,
                                           cfg.data_seed), observation.num_domains)
     image: Callable[[int], torch.Tensor] = source.image

@@ -100,6 +100,8 @@ class SyntheticConfig:
             shortcut scenario. Training images carry the background style of their collection
             (their observation model's `domain`, e.g. the group of `per_group`), every other
             image a style drawn at random, independent of its labels. See `nuisance_styles`.
+            "random": every image, training images too, a style drawn at random: the same styled
+            images without the shortcut (the scenario's shortcut-free reference).
         nuisance_style: what a style is: "tint" (the background's two tints get the style's hue at
             saturation `nuisance_strength`; default backgrounds are greyish, saturation <= 0.12) or
             "stripes" (a grey grating of period 3 px over the background, oriented at 180° k / D
@@ -149,7 +151,7 @@ class SyntheticConfig:
             "max_scale": (self.max_scale <= 0.5, "<= 0.5"),
             "rotation": (0 <= self.rotation <= 180, "in [0, 180]"),
             "edge": (self.edge >= 0, ">= 0"),
-            "nuisance": (self.nuisance in ("none", "collection"), "'none' or 'collection'"),
+            "nuisance": (self.nuisance in ("none", "collection", "random"), "'none', 'collection' or 'random'"),
             "nuisance_style": (self.nuisance_style in ("tint", "stripes"), "'tint' or 'stripes'"),
             "nuisance_strength": (0 <= self.nuisance_strength <= 1, "in [0, 1]"),
             "num_patterns": (0 <= self.num_patterns <= len(PATTERNS), f"in [0, {len(PATTERNS)}]"),
@@ -231,6 +233,11 @@ class SyntheticSource:
     def styled_by_collection(self) -> bool:
         """Whether `build_data` gives the images their collection's style (`nuisance = "collection"`)."""
         return self.cfg.nuisance == "collection"
+
+    @property
+    def styled_at_random(self) -> bool:
+        """Whether `build_data` gives every image a random style (`nuisance = "random"`)."""
+        return self.cfg.nuisance == "random"
 
     def set_styles(self, styles: np.ndarray, num_styles: int) -> None:
         """Give image i the background style `styles[i]` (int (n,) in [0, num_styles)).

@@ -272,7 +272,7 @@ class Method(nn.Module):
     def optimizer_groups(self, lr: float) -> list[dict]:
         """What the trainer optimises besides the model: `param_groups` plus the domain head."""
         groups = self.param_groups(lr)
-        if self.domain_branch is not None:
+        if self.domain_branch is not None and any(True for _ in self.domain_branch.parameters()):   # kind "mean": none
             groups.append({"params": list(self.domain_branch.parameters()), "weight_decay": 0.0,
                            "lr_scale": float(self.domain_branch.settings.lr_scale)})
         return groups

@@ -21,6 +21,14 @@ with those (under AdamW the reduction alone hardly changes a run). The head lear
 `lr_scale` x optim.lr: a head slower than the backbone is fooled (its accuracy swings below chance,
 the domain is encoded inverted rather than removed), a faster one keeps the game honest.
 
+`kind = "mean"` replaces the adversarial game by a penalty with no head: the squared distance of each
+domain's mean feature from the batch's mean (`mean_discrepancy`, a linear-kernel MMD as in Tzeng et
+al., 2014), weighted by `weight` x lambda(p). A linear classifier on features whose domain means agree
+gives every domain the same mean logits, so a shortcut that shifts the scores of one collection's
+images has nothing left to read; unlike the adversarial head it cannot be fooled by features that
+keep the domain while the head chases it (an adversarial head at chance accuracy does not show that
+the domain is gone: a fresh probe may still read it).
+
 `lambda_max = 0` makes the branch a monitor: the head still learns (its accuracy is logged), the
 backbone gets no gradient from it.
 
@@ -29,6 +37,7 @@ averages its gradients over ranks. The schedule's step is set once per optimiser
 `Method.after_optimizer_step`, whatever the number of micro-batches (`optim.accumulate`).
 
 Configured per run as `method.domain_branch = {weight = 0.3, lr_scale = 10.0, hidden = 256, schedule = "dann"}`
+or `{weight = 1.0, kind = "mean"}`
 (an empty table, or weight 0, is off; settings: `DomainBranchSettings`). The branch lives in
 `Method` (mlml/methods/base.py), which hands it the `features` of the student's forward over all
 the method's views (each view's rows get the batch's domains), so every registered method takes it
@@ -59,9 +68,11 @@ class DomainBranchSettings:
     lambda_max: float = 1.0     # lambda at the end of the dann schedule, or the constant value
     gamma: float = 10.0         # steepness of the dann schedule
     lr_scale: float = 1.0       # the head's learning rate / optim.lr (a faster head keeps up with the backbone)
+    kind: str = "adversarial"   # adversarial (a head on reversed features) | mean (match the domains' mean features)
 
     def __post_init__(self) -> None:
         one_of(self.schedule, "schedule", ("dann", "constant"))
+        one_of(self.kind, "kind", ("adversarial", "mean"))
         for name in ("weight", "hidden", "lambda_max", "lr_scale"):
             must(getattr(self, name) >= 0, name, ">= 0", getattr(self, name))
 
@@ -107,8 +118,9 @@ class DomainBranch(nn.Module):
             raise ValueError("method.domain_branch needs MethodContext.feature_dim (the trainer fills it)")
         self.settings, self.num_domains, self.total_steps = settings, num_domains, max(1, total_steps)
         h = settings.hidden
-        self.head = (nn.Sequential(nn.Linear(feature_dim, h), nn.ReLU(inplace=True), nn.Linear(h, num_domains))
-                     if h else nn.Linear(feature_dim, num_domains))
+        if settings.kind == "adversarial":
+            self.head = (nn.Sequential(nn.Linear(feature_dim, h), nn.ReLU(inplace=True), nn.Linear(h, num_domains))
+                         if h else nn.Linear(feature_dim, num_domains))
         # optimiser steps taken, set by Method.after_optimizer_step (once per step, whatever the micro-batches);
         # a buffer, so checkpoints carry it and resume is exact
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
@@ -122,6 +134,10 @@ class DomainBranch(nn.Module):
     def forward(self, features: Tensor, domain: Tensor) -> dict[str, Tensor]:
         """features (N, D) and domain long (N,) -> {"loss": weighted domain loss, logged parts}."""
         lam = self.lam()
+        if self.settings.kind == "mean":
+            gap = mean_discrepancy(features, domain, self.num_domains)
+            return {"loss": float(self.settings.weight) * lam * gap, "domain_loss": gap.detach(),
+                    "domain_lambda": torch.tensor(lam)}
         logits = self.head(grad_reverse(features, lam)).float()                # (N, num_domains)
         loss = F.cross_entropy(logits, domain)
         return {
@@ -130,3 +146,17 @@ class DomainBranch(nn.Module):
             "domain_acc": (logits.argmax(1) == domain).float().mean().detach(),
             "domain_lambda": torch.tensor(lam),
         }
+
+
+def mean_discrepancy(features: Tensor, domain: Tensor, num_domains: int) -> Tensor:
+    """sum_d (n_d / N) ||mean of features in domain d - mean of all features||^2 over the domains present.
+
+    The squared maximum mean discrepancy with a linear kernel (Tzeng et al., 2014, "Deep domain
+    confusion"), for any number of domains: 0 exactly when every domain of the batch has the same mean
+    feature, so that a linear head on the features gives every domain the same mean logits.
+    """
+    onehot = F.one_hot(domain, num_domains).to(features.dtype)                 # (N, K)
+    counts = onehot.sum(0)                                                     # (K,)
+    means = onehot.t() @ features / counts.clamp_min(1).unsqueeze(1)           # (K, D)
+    share = counts / len(features)
+    return (share.unsqueeze(1) * (means - features.mean(0)) ** 2).sum()
