@@ -10,6 +10,10 @@ object labels negative" shows a large negative object gap and a large positive c
 model without the shortcut shows gaps near 0 (positives are compared with positives, so the gap
 does not depend on how often a label occurs with either style). Runs of plain per_group data are
 measured on the styled test images all the same.
+
+It also prints each group's macro AP on the test images of each style (`AP colour s0/s1`): a group
+whose labels were observed on one collection's images only (per_group) and whose AP falls on the
+other style's test images did not transfer across the styles, whether or not the logits show a gap.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from mlml.config import Config, from_dict
 from mlml.data.pipeline import build_data
 from mlml.data.synthetic import nuisance_styles
 from mlml.inference import load_predictor
+from mlml.metrics import mean_average_precision
 from mlml.settings import upgrade_stored_config
 
 
@@ -46,10 +51,14 @@ def style_gaps(run: Path, chunk: int = 500) -> dict[str, float]:
         gaps = [float(logits[full[:, c] & (styles == 0), c].mean() - logits[full[:, c] & (styles == 1), c].mean())
                 for c in group.labels if (full[:, c] & (styles == 0)).any() and (full[:, c] & (styles == 1)).any()]
         out[group.name] = float(np.mean(gaps))
+        for s in range(d):
+            rows = styles == s
+            cols = torch.tensor(group.labels)
+            out[f"AP {group.name} s{s}"] = float(mean_average_precision(logits[rows][:, cols], full[rows][:, cols]))
     return out
 
 
 if __name__ == "__main__":
     for arg in sys.argv[1:]:
         gaps = style_gaps(Path(arg))
-        print(arg, "  ".join(f"{g}: {v:+.2f}" for g, v in gaps.items()))
+        print(arg, "  ".join(f"{g}: {v:.3f}" if g.startswith("AP") else f"{g}: {v:+.2f}" for g, v in gaps.items()))

@@ -279,3 +279,17 @@ def test_mean_kind_has_no_head_and_trains_the_backbone_towards_equal_domain_mean
     assert {"domain_loss", "domain_lambda"} <= set(parts) and "domain_acc" not in parts and parts["domain_loss"] > 0
     with pytest.raises(ConfigError, match="'method.domain_branch.kind' must be"):
         tiny_config("method.domain_branch={weight = 1.0, kind = 'coral'}")
+
+
+def test_scores_input_gives_the_branch_the_predicted_probabilities(tmp_path):
+    cfg = tiny_config(PER_GROUP, "method.domain_branch={weight = 1.0, input = 'scores', hidden = 0, schedule = 'constant'}")
+    trainer = Trainer(cfg, tmp_path, DistInfo())
+    head = trainer.method.domain_branch.head
+    assert head.in_features == trainer.data.label_space.num_labels        # C scores, not the D features
+    seen = []
+    head.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].detach()))
+    parts = trainer.train_step(next(iter(trainer.train_loader)))
+    assert {"domain_loss", "domain_acc"} <= set(parts) and len(seen) == 1
+    assert float(seen[0].min()) >= 0 and float(seen[0].max()) <= 1          # sigmoid(logits)
+    mean = Trainer(tiny_config(PER_GROUP, "method.domain_branch={weight = 1.0, kind = 'mean', input = 'scores'}"), tmp_path / "m", DistInfo())
+    assert math.isfinite(mean.train_step(next(iter(mean.train_loader)))["domain_loss"])

@@ -212,7 +212,8 @@ class Method(nn.Module):
         check_own_loss(type(self), cfg)
         total_steps = ctx.epochs * ctx.steps_per_epoch
         branch = resolve(DomainBranchSettings, cfg.domain_branch, "method.domain_branch")
-        self.domain_branch = (DomainBranch(branch, ctx.feature_dim, ctx.num_domains, total_steps)
+        width = ctx.feature_dim if branch.input == "features" else ctx.label_space.num_labels
+        self.domain_branch = (DomainBranch(branch, width, ctx.num_domains, total_steps)
                               if branch.weight > 0 else None)
         self.teacher = (Teacher(resolve(TeacherSettings, cfg.teacher, "method.teacher"), ctx, build_supervised_loss(cfg, ctx))
                         if cfg.teacher else None)
@@ -232,9 +233,12 @@ class Method(nn.Module):
         parts = self.objective(outputs, batch) if self.teacher is None else self._with_teacher(outputs, batch)
         if self.domain_branch is None:
             return parts
-        if "features" not in out:
+        if self.domain_branch.settings.input == "scores":
+            features = torch.sigmoid(out["logits"].float())                    # (k B, C), all views
+        elif "features" not in out:
             raise ValueError("method.domain_branch needs a model whose outputs hold `features` (B, D)")
-        features = out["features"].float()                                     # (k B, D), all views
+        else:
+            features = out["features"].float()                                 # (k B, D), all views
         branch = self.domain_branch(features, batch["domain"].repeat(len(names)))
         return {**parts, **branch, "loss": parts["loss"] + branch["loss"]}
 

@@ -29,6 +29,13 @@ images has nothing left to read; unlike the adversarial head it cannot be fooled
 keep the domain while the head chases it (an adversarial head at chance accuracy does not show that
 the domain is gone: a fresh probe may still read it).
 
+`input = "scores"` gives the branch the model's predicted probabilities sigmoid(logits) (C per image)
+instead of the backbone features: the output-space alignment of Tsai et al. (CVPR 2018). When the
+labels do not depend on the collection (per-group collections drawn at random), a model without the
+shortcut predicts the same distribution of scores in every collection, while the shortcut ("this
+collection's images have no objects") shows in the scores themselves; features may keep the style as
+long as the predictions do not use it.
+
 `lambda_max = 0` makes the branch a monitor: the head still learns (its accuracy is logged), the
 backbone gets no gradient from it.
 
@@ -69,10 +76,12 @@ class DomainBranchSettings:
     gamma: float = 10.0         # steepness of the dann schedule
     lr_scale: float = 1.0       # the head's learning rate / optim.lr (a faster head keeps up with the backbone)
     kind: str = "adversarial"   # adversarial (a head on reversed features) | mean (match the domains' mean features)
+    input: str = "features"     # features (the backbone's, D) | scores (the head's sigmoid outputs, C)
 
     def __post_init__(self) -> None:
         one_of(self.schedule, "schedule", ("dann", "constant"))
         one_of(self.kind, "kind", ("adversarial", "mean"))
+        one_of(self.input, "input", ("features", "scores"))
         for name in ("weight", "hidden", "lambda_max", "lr_scale"):
             must(getattr(self, name) >= 0, name, ">= 0", getattr(self, name))
 
