@@ -192,6 +192,18 @@ def test_runs_of_a_table_may_differ_only_in_the_keys_it_varies(table, tmp_path):
         experiments.write_table(spec, experiments.collect(runs), None, "c")
 
 
+def test_a_varied_table_valued_key_varies_every_key_under_it(tmp_path):
+    # grouped_heads varies `data.groups={pattern = {has_unknown = false}}`: the runs' configs differ in
+    # data.groups.pattern.has_unknown, which the table varies; a key it does not vary is still refused.
+    spec = {"name": "t", "settings": {"sp": []}, "methods": {"a": [], "b": ["data.groups={pattern = {has_unknown = false}}"]}}
+    fake_run(tmp_path, "sp", "a")
+    fake_run(tmp_path, "sp", "b", **{"data.groups": "{pattern = {has_unknown = false}}"})
+    experiments.check_comparable(spec, experiments.collect(tmp_path))
+    fake_run(tmp_path, "sp", "b", **{"data.groups": "{pattern = {has_unknown = false}}", "data.batch_size": 64})
+    with pytest.raises(ConfigError, match="differ in keys the table does not vary: data.batch_size"):
+        experiments.check_comparable(spec, experiments.collect(tmp_path))
+
+
 def test_runs_recorded_before_metrics_held_the_config_are_read_from_config_toml(tmp_path):
     from mlml.config import load_config, to_toml
 
