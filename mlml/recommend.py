@@ -108,7 +108,7 @@ def recipe(table: str, profiles: list[str], setting: str, choice: Choice, out: P
              "# falls least short of each track's best method on its worst track. Rows that change the data (the",
              "# full-label reference) are not candidates. Test values of the same runs are shown, never used to choose.",
              "#",
-             "# | method | " + " | ".join(f"{t.profile}: val (short of best) | {t.profile}: test {metric}" for t in choice.tracks) + " |",
+             "# | method | " + " | ".join(f"{t.profile}: validation (short of best) | {t.profile}: {metric}" for t in choice.tracks) + " |",
              "# |---|" + "---|---|" * len(choice.tracks)]
     for m in choice.candidates:
         cells = []
@@ -122,8 +122,8 @@ def recipe(table: str, profiles: list[str], setting: str, choice: Choice, out: P
     for t in choice.tracks:
         if choice.method in t.test and t.test:
             gap = choice.shortfall(choice.method, t, "test")
-            lines.append(f"# On {t.profile} ({t.results}), the recipe's test {metric} is {100 * gap:.2f} points below the "
-                         f"best method's by test ({t.best('test')}).")
+            lines.append(f"# On {t.profile} ({t.results}), the recipe's {metric} is {100 * gap:.2f} points below the "
+                         f"best method's by that test metric ({t.best('test')}).")
     for p in profiles[1:]:
         other = profile_spec(spec, p)["methods"][choice.method]
         if list(other) != list(first["methods"][choice.method]):

@@ -70,7 +70,7 @@ def test_the_recipe_falls_least_short_on_its_worst_track_and_is_a_config_that_lo
     assert "b **(chosen)**" in text and "0.8500 (-0.0500)" in text and "0.8300 (best)" in text
     assert "Profile real runs it with: method.loss=epr, method.loss_args={k = 3.64}" in text
     # 20 points below c by test on quick (0.95 vs 0.75): reported, though it did not decide.
-    assert "test/mAP_macro is 20.00 points below the best method's by test (c)" in text
+    assert "test/mAP_macro is 20.00 points below the best method's by that test metric (c)" in text
     cfg = load_config(out)                                       # base = ../cfg.toml, then the overrides
     assert cfg.method.loss == "epr" and cfg.method.loss_args == {"k": 3.44}
     assert cfg.data.observation == "single_positive" and cfg.model.width == 8 and cfg.data.n_train == 64
