@@ -51,9 +51,9 @@ def style_gaps(run: Path, chunk: int = 500) -> dict[str, float]:
         gaps = [float(logits[full[:, c] & (styles == 0), c].mean() - logits[full[:, c] & (styles == 1), c].mean())
                 for c in group.labels if (full[:, c] & (styles == 0)).any() and (full[:, c] & (styles == 1)).any()]
         out[group.name] = float(np.mean(gaps))
+        cols = torch.tensor(group.labels)
         for s in range(d):
             rows = styles == s
-            cols = torch.tensor(group.labels)
             out[f"AP {group.name} s{s}"] = float(mean_average_precision(logits[rows][:, cols], full[rows][:, cols]))
     return out
 

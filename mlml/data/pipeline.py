@@ -382,7 +382,8 @@ def build_data(cfg: DataConfig, cache: tuple[str, ...] = SPLITS) -> Data:
     by_collection = getattr(source, "styled_by_collection", False)   # the shortcut scenario (synthetic, mnist5k)
     if by_collection or getattr(source, "styled_at_random", False):  # or its reference: styles at random
         if observation.num_domains < 2:
-            raise ConfigError(f"data.{cfg.source}.nuisance = '{source.cfg.nuisance}' needs an observation model with collections "
+            mode = "collection" if by_collection else "random"
+            raise ConfigError(f"data.{cfg.source}.nuisance = '{mode}' needs an observation model with collections "
                               "(data.observation = 'per_group', or observation_args.labelled_fraction < 1)")
         train = splits["train"] if by_collection else np.zeros(0, dtype=np.int64)
         source.set_styles(nuisance_styles(len(source), train, observation.domain(train), observation.num_domains,

@@ -233,13 +233,11 @@ class Method(nn.Module):
         parts = self.objective(outputs, batch) if self.teacher is None else self._with_teacher(outputs, batch)
         if self.domain_branch is None:
             return parts
-        if self.domain_branch.settings.input == "scores":
-            features = torch.sigmoid(out["logits"].float())                    # (k B, C), all views
-        elif "features" not in out:
+        scores = self.domain_branch.settings.input == "scores"
+        if not scores and "features" not in out:
             raise ValueError("method.domain_branch needs a model whose outputs hold `features` (B, D)")
-        else:
-            features = out["features"].float()                                 # (k B, D), all views
-        branch = self.domain_branch(features, batch["domain"].repeat(len(names)))
+        inputs = torch.sigmoid(out["logits"].float()) if scores else out["features"].float()   # (k B, C or D), all views
+        branch = self.domain_branch(inputs, batch["domain"].repeat(len(names)))
         return {**parts, **branch, "loss": parts["loss"] + branch["loss"]}
 
     def _with_teacher(self, outputs: dict[str, dict], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -276,8 +274,9 @@ class Method(nn.Module):
     def optimizer_groups(self, lr: float) -> list[dict]:
         """What the trainer optimises besides the model: `param_groups` plus the domain head."""
         groups = self.param_groups(lr)
-        if self.domain_branch is not None and any(True for _ in self.domain_branch.parameters()):   # kind "mean": none
-            groups.append({"params": list(self.domain_branch.parameters()), "weight_decay": 0.0,
+        head = list(self.domain_branch.parameters()) if self.domain_branch is not None else []   # kind "mean": none
+        if head:
+            groups.append({"params": head, "weight_decay": 0.0,
                            "lr_scale": float(self.domain_branch.settings.lr_scale)})
         return groups
 
