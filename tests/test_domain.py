@@ -13,7 +13,8 @@ from mlml.data.synthetic import SyntheticSource
 from mlml.distributed import DistInfo
 from mlml.methods import METHODS
 from mlml.config import ConfigError
-from mlml.methods.domain import DomainBranch, DomainBranchSettings, dann_lambda, grad_reverse, mean_discrepancy
+from mlml.methods.domain import (DomainBranch, DomainBranchSettings, dann_lambda, entropy_weights, grad_reverse,
+                                 mean_discrepancy)
 from mlml.settings import resolve
 from mlml.trainer import Trainer, train
 from tests.conftest import stop_mid_run, tiny_config
@@ -293,3 +294,65 @@ def test_scores_input_gives_the_branch_the_predicted_probabilities(tmp_path):
     assert float(seen[0].min()) >= 0 and float(seen[0].max()) <= 1          # sigmoid(logits)
     mean = Trainer(tiny_config(PER_GROUP, "method.domain_branch={weight = 1.0, kind = 'mean', input = 'scores'}"), tmp_path / "m", DistInfo())
     assert math.isfinite(mean.train_step(next(iter(mean.train_loader)))["domain_loss"])
+
+
+def test_conditional_map_is_the_outer_product_of_features_and_both_sides_of_each_probability():
+    torch.manual_seed(0)
+    f, p = torch.randn(5, 3, dtype=torch.float64), torch.rand(5, 2, dtype=torch.float64)
+    full = DomainBranch(DomainBranchSettings(weight=1.0, kind="conditional"), 3, 2, 10, num_labels=2)
+    assert full.head[0].in_features == 3 * 4 and not hasattr(full, "r_f")
+    g = torch.cat([p, 1 - p], 1)
+    expected = torch.stack([torch.outer(g[i], f[i]).flatten() for i in range(5)])       # g f^T, row-major
+    assert torch.allclose(full.multilinear(f, p), expected, atol=1e-12)
+    small = DomainBranch(DomainBranchSettings(weight=1.0, kind="conditional", map_dim=2), 3, 2, 10, num_labels=2)
+    assert small.head[0].in_features == 2 and tuple(small.r_f.shape) == (3, 2) and tuple(small.r_g.shape) == (4, 2)
+    expected = (f @ small.r_f.double()) * (g @ small.r_g.double()) / math.sqrt(2)
+    assert torch.allclose(small.multilinear(f, p), expected, atol=1e-12)
+    again = DomainBranch(DomainBranchSettings(weight=1.0, kind="conditional", map_dim=2), 3, 2, 10, num_labels=2)
+    assert torch.equal(again.r_f, small.r_f) and "r_f" in small.state_dict()            # fixed, carried by checkpoints
+
+
+def test_conditional_branch_reverses_the_features_and_leaves_the_scores_alone():
+    torch.manual_seed(0)
+    branch = DomainBranch(DomainBranchSettings(weight=1.0, kind="conditional", schedule="constant", lambda_max=0.5, hidden=0),
+                          3, 2, 10, num_labels=2)
+    f, p = torch.randn(6, 3, requires_grad=True), torch.rand(6, 2, requires_grad=True)
+    d = torch.tensor([0, 1, 0, 1, 0, 1])
+    branch(f, d, p)["loss"].backward()
+    assert p.grad is None                                              # predictions condition the head, detached
+    reversed_grad = f.grad.clone()
+    f.grad = None
+    head_input = branch.multilinear(f, p.detach())
+    torch.nn.functional.cross_entropy(branch.head(head_input), d).backward()
+    assert torch.allclose(reversed_grad, -0.5 * f.grad, atol=1e-6)
+    assert all(q.grad is not None for q in branch.head.parameters())  # the head itself learns to tell the domains
+
+
+def test_entropy_weights_favour_confident_images_and_weight_the_domain_loss():
+    sure, unsure = torch.tensor([[0.0, 1.0, 0.0]]), torch.full((1, 3), 0.5)
+    assert float(entropy_weights(sure)) == pytest.approx(2.0, abs=1e-4)
+    assert float(entropy_weights(unsure)) == pytest.approx(1 + math.exp(-math.log(2)), abs=1e-6)
+    torch.manual_seed(0)
+    plain = DomainBranch(DomainBranchSettings(weight=1.0, hidden=0), 3, 2, 10, num_labels=3)
+    weighted = DomainBranch(DomainBranchSettings(weight=1.0, hidden=0, entropy=True), 3, 2, 10, num_labels=3)
+    weighted.head.load_state_dict(plain.head.state_dict())
+    f, d = torch.randn(2, 3), torch.tensor([0, 1])
+    scores = torch.cat([sure, unsure])
+    per_image = torch.nn.functional.cross_entropy(plain.head(f), d, reduction="none")
+    w = entropy_weights(scores)
+    assert weighted(f, d, scores)["loss"].item() == pytest.approx(float((w * per_image).sum() / w.sum()), rel=1e-6)
+    assert plain(f, d, scores)["loss"].item() == pytest.approx(float(per_image.mean()), rel=1e-6)
+
+
+def test_conditional_kind_trains_from_the_config_and_refuses_what_it_cannot_read(tmp_path):
+    cfg = tiny_config(PER_GROUP, "method.domain_branch={weight = 1.0, kind = 'conditional', entropy = true, hidden = 8}")
+    trainer = Trainer(cfg, tmp_path, DistInfo())
+    branch = trainer.method.domain_branch
+    width = trainer.method.ctx.feature_dim * 2 * trainer.data.label_space.num_labels
+    assert branch.head[0].in_features == (width if width <= 4 * 1024 else 1024)
+    parts = trainer.train_step(next(iter(trainer.train_loader)))
+    assert {"domain_loss", "domain_acc"} <= set(parts) and math.isfinite(parts["domain_loss"])
+    with pytest.raises(ConfigError, match="'method.domain_branch.input' must be 'features' with kind = 'conditional'"):
+        tiny_config("method.domain_branch={weight = 1.0, kind = 'conditional', input = 'scores'}")
+    with pytest.raises(ConfigError, match="'method.domain_branch.entropy' must be false with kind = 'mean'"):
+        tiny_config("method.domain_branch={weight = 1.0, kind = 'mean', entropy = true}")

@@ -213,7 +213,7 @@ class Method(nn.Module):
         total_steps = ctx.epochs * ctx.steps_per_epoch
         branch = resolve(DomainBranchSettings, cfg.domain_branch, "method.domain_branch")
         width = ctx.feature_dim if branch.input == "features" else ctx.label_space.num_labels
-        self.domain_branch = (DomainBranch(branch, width, ctx.num_domains, total_steps)
+        self.domain_branch = (DomainBranch(branch, width, ctx.num_domains, total_steps, ctx.label_space.num_labels)
                               if branch.weight > 0 else None)
         self.teacher = (Teacher(resolve(TeacherSettings, cfg.teacher, "method.teacher"), ctx, build_supervised_loss(cfg, ctx))
                         if cfg.teacher else None)
@@ -236,8 +236,9 @@ class Method(nn.Module):
         scores = self.domain_branch.settings.input == "scores"
         if not scores and "features" not in out:
             raise ValueError("method.domain_branch needs a model whose outputs hold `features` (B, D)")
-        inputs = torch.sigmoid(out["logits"].float()) if scores else out["features"].float()   # (k B, C or D), all views
-        branch = self.domain_branch(inputs, batch["domain"].repeat(len(names)))
+        probabilities = torch.sigmoid(out["logits"].float())                   # (k B, C), all views
+        inputs = probabilities if scores else out["features"].float()           # (k B, C or D)
+        branch = self.domain_branch(inputs, batch["domain"].repeat(len(names)), probabilities)
         return {**parts, **branch, "loss": parts["loss"] + branch["loss"]}
 
     def _with_teacher(self, outputs: dict[str, dict], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

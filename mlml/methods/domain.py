@@ -36,6 +36,19 @@ shortcut predicts the same distribution of scores in every collection, while the
 collection's images have no objects") shows in the scores themselves; features may keep the style as
 long as the predictions do not use it.
 
+`kind = "conditional"` is CDAN (Long et al., NeurIPS 2018): the adversarial head reads the features
+conditioned on the predictions, the multilinear map T(f, g) = g f^T flattened, so that it can align the
+joint distribution of features and labels instead of the features alone (a domain whose images differ
+only in which labels they hold is not pushed onto the other). A multi-label model's prediction is C
+two-class distributions, so g = (p, 1 - p) with p = sigmoid(logits) (2C per image; CDAN's softmax g for
+one exclusive label set), detached as in CDAN (the predictions condition the head; only the features
+are reversed). When D x 2C exceeds `map_dim` x 4 the map is CDAN's randomised one,
+T(f, g) = (R_f f) * (R_g g) / sqrt(map_dim) with fixed Gaussian R_f (D, map_dim), R_g (2C, map_dim)
+drawn once from a fixed seed (buffers: checkpoints carry them). `entropy = true` is CDAN+E: each
+image's domain loss is weighted by w = 1 + exp(-H(g)), normalised to mean 1 over the batch, so that
+confident predictions count more; H is the mean binary entropy over the C labels (in [0, ln 2]; CDAN's
+entropy of one softmax would grow with C here). It applies to both adversarial kinds.
+
 `lambda_max = 0` makes the branch a monitor: the head still learns (its accuracy is logged), the
 backbone gets no gradient from it.
 
@@ -44,7 +57,7 @@ averages its gradients over ranks. The schedule's step is set once per optimiser
 `Method.after_optimizer_step`, whatever the number of micro-batches (`optim.accumulate`).
 
 Configured per run as `method.domain_branch = {weight = 0.3, lr_scale = 10.0, hidden = 256, schedule = "dann"}`
-or `{weight = 1.0, kind = "mean"}`
+or `{weight = 1.0, kind = "mean"}` or `{weight = 0.3, lr_scale = 10.0, kind = "conditional", entropy = true}`
 (an empty table, or weight 0, is off; settings: `DomainBranchSettings`). The branch lives in
 `Method` (mlml/methods/base.py), which hands it the `features` of the student's forward over all
 the method's views (each view's rows get the batch's domains), so every registered method takes it
@@ -75,15 +88,23 @@ class DomainBranchSettings:
     lambda_max: float = 1.0     # lambda at the end of the dann schedule, or the constant value
     gamma: float = 10.0         # steepness of the dann schedule
     lr_scale: float = 1.0       # the head's learning rate / optim.lr (a faster head keeps up with the backbone)
-    kind: str = "adversarial"   # adversarial (a head on reversed features) | mean (match the domains' mean features)
+    kind: str = "adversarial"   # adversarial (a head on reversed features) | conditional (CDAN: on features x predictions)
+                                # | mean (match the domains' mean features)
     input: str = "features"     # features (the backbone's, D) | scores (the head's sigmoid outputs, C)
+    entropy: bool = False       # CDAN+E: weight each image's domain loss by 1 + exp(-entropy of its predictions)
+    map_dim: int = 1024         # conditional: the randomised multilinear map's size when D x 2C > 4 x map_dim
 
     def __post_init__(self) -> None:
         one_of(self.schedule, "schedule", ("dann", "constant"))
-        one_of(self.kind, "kind", ("adversarial", "mean"))
+        one_of(self.kind, "kind", ("adversarial", "conditional", "mean"))
         one_of(self.input, "input", ("features", "scores"))
         for name in ("weight", "hidden", "lambda_max", "lr_scale"):
             must(getattr(self, name) >= 0, name, ">= 0", getattr(self, name))
+        must(self.map_dim >= 1, "map_dim", ">= 1", self.map_dim)
+        must(not (self.kind == "conditional" and self.input == "scores"), "input",
+             "'features' with kind = 'conditional' (CDAN conditions the features on the scores)", self.input)
+        must(not (self.entropy and self.kind == "mean"), "entropy",
+             "false with kind = 'mean' (it weights an adversarial head's loss)", self.entropy)
 
 
 class _GradientReversal(torch.autograd.Function):
@@ -116,9 +137,11 @@ class DomainBranch(nn.Module):
         feature_dim: D, the backbone's feature size.
         num_domains: number of domains (>= 2).
         total_steps: optimiser steps of the run (the schedule's p = step / total_steps).
+        num_labels: C, the model's outputs (needed by kind "conditional" and by `entropy`).
     """
 
-    def __init__(self, settings: DomainBranchSettings, feature_dim: int, num_domains: int, total_steps: int) -> None:
+    def __init__(self, settings: DomainBranchSettings, feature_dim: int, num_domains: int, total_steps: int,
+                 num_labels: int = 0) -> None:
         super().__init__()
         if num_domains < 2:
             raise ValueError("method.domain_branch needs at least two domains; this data has one "
@@ -126,10 +149,19 @@ class DomainBranch(nn.Module):
         if feature_dim <= 0:
             raise ValueError("method.domain_branch needs MethodContext.feature_dim (the trainer fills it)")
         self.settings, self.num_domains, self.total_steps = settings, num_domains, max(1, total_steps)
-        h = settings.hidden
-        if settings.kind == "adversarial":
-            self.head = (nn.Sequential(nn.Linear(feature_dim, h), nn.ReLU(inplace=True), nn.Linear(h, num_domains))
-                         if h else nn.Linear(feature_dim, num_domains))
+        if (settings.kind == "conditional" or settings.entropy) and num_labels <= 0:
+            raise ValueError("method.domain_branch: kind 'conditional' and entropy need the number of labels")
+        h, width = settings.hidden, feature_dim
+        if settings.kind == "conditional":
+            width = feature_dim * 2 * num_labels
+            if width > 4 * settings.map_dim:                                   # CDAN's randomised multilinear map
+                g = torch.Generator().manual_seed(0)
+                self.register_buffer("r_f", torch.randn(feature_dim, settings.map_dim, generator=g))
+                self.register_buffer("r_g", torch.randn(2 * num_labels, settings.map_dim, generator=g))
+                width = settings.map_dim
+        if settings.kind != "mean":
+            self.head = (nn.Sequential(nn.Linear(width, h), nn.ReLU(inplace=True), nn.Linear(h, num_domains))
+                         if h else nn.Linear(width, num_domains))
         # optimiser steps taken, set by Method.after_optimizer_step (once per step, whatever the micro-batches);
         # a buffer, so checkpoints carry it and resume is exact
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
@@ -140,21 +172,47 @@ class DomainBranch(nn.Module):
             return float(s.lambda_max)
         return float(s.lambda_max) * dann_lambda(float(self.step) / self.total_steps, float(s.gamma))
 
-    def forward(self, features: Tensor, domain: Tensor) -> dict[str, Tensor]:
-        """features (N, D) and domain long (N,) -> {"loss": weighted domain loss, logged parts}."""
-        lam = self.lam()
-        if self.settings.kind == "mean":
+    def forward(self, features: Tensor, domain: Tensor, scores: Tensor | None = None) -> dict[str, Tensor]:
+        """features (N, D) and domain long (N,), with the predicted probabilities `scores` (N, C) for
+        kind "conditional" and `entropy` -> {"loss": weighted domain loss, logged parts}."""
+        lam, s = self.lam(), self.settings
+        if s.kind == "mean":
             gap = mean_discrepancy(features, domain, self.num_domains)
-            return {"loss": float(self.settings.weight) * lam * gap, "domain_loss": gap.detach(),
+            return {"loss": float(s.weight) * lam * gap, "domain_loss": gap.detach(),
                     "domain_lambda": torch.tensor(lam)}
-        logits = self.head(grad_reverse(features, lam)).float()                # (N, num_domains)
-        loss = F.cross_entropy(logits, domain)
+        reversed_ = grad_reverse(features, lam)
+        if s.kind == "conditional":
+            reversed_ = self.multilinear(reversed_, scores.detach())
+        logits = self.head(reversed_).float()                                  # (N, num_domains)
+        if s.entropy:
+            per_image = F.cross_entropy(logits, domain, reduction="none")
+            weights = entropy_weights(scores.detach())
+            loss = (weights * per_image).sum() / weights.sum()
+        else:
+            loss = F.cross_entropy(logits, domain)
         return {
             "loss": float(self.settings.weight) * loss,
             "domain_loss": loss.detach(),
             "domain_acc": (logits.argmax(1) == domain).float().mean().detach(),
             "domain_lambda": torch.tensor(lam),
         }
+
+
+    def multilinear(self, features: Tensor, scores: Tensor) -> Tensor:
+        """CDAN's map of features (N, D) and g = (p, 1 - p) (N, 2C): g f^T flattened (N, 2C D), or the
+        randomised (R_f f) * (R_g g) / sqrt(map_dim) (N, map_dim) when that is too large."""
+        g = torch.cat([scores, 1 - scores], 1).to(features.dtype)
+        if hasattr(self, "r_f"):
+            r_f, r_g = self.r_f.to(features.dtype), self.r_g.to(features.dtype)
+            return (features @ r_f) * (g @ r_g) / math.sqrt(r_f.shape[1])
+        return (g.unsqueeze(2) * features.unsqueeze(1)).flatten(1)
+
+
+def entropy_weights(scores: Tensor) -> Tensor:
+    """CDAN+E's w = 1 + exp(-H) per image, H the mean binary entropy of its C probabilities (N,)."""
+    p = scores.float().clamp(1e-6, 1 - 1e-6)
+    h = -(p * p.log() + (1 - p) * (1 - p).log()).mean(1)
+    return 1 + torch.exp(-h)
 
 
 def mean_discrepancy(features: Tensor, domain: Tensor, num_domains: int) -> Tensor:
