@@ -77,6 +77,11 @@ class DataConfig:
     # unlabelled members): unlabelled images per labelled one in each batch; 0 trains on the labelled
     # images only. See MixedBatchSampler.
     unlabelled_ratio: float = 0.0
+    # within: batch_size images per step, split labelled : unlabelled = 1 : unlabelled_ratio (the
+    # labelled stream shrinks as the ratio grows) | added: batch_size labelled images plus
+    # unlabelled_ratio x batch_size unlabelled ones (FixMatch's B and mu B: the labelled stream is
+    # that of supervised-only training whatever the ratio)
+    unlabelled_batch: str = "within"
     num_workers: int = 0
     groups: dict = field(default_factory=dict)   # group name -> overrides of the source's groups (mlml.labels.configure_groups)
     split_file: str = ""          # file sources: .csv (path,split) or .json ({split: [paths]}) fixing the splits
@@ -359,6 +364,7 @@ CHECKS: dict[str, Check] = {
     "data.eval_labels": _one_of("auto", "complete", "annotated"),
     "data.batch_size": _at_least(1),
     "data.unlabelled_ratio": _at_least(0),
+    "data.unlabelled_batch": _one_of("within", "added"),
     "data.num_workers": _at_least(0),
     "model.width": _at_least(1),
     "model.stem": _one_of("small", "imagenet"),

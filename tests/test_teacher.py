@@ -217,6 +217,13 @@ def test_labelled_fraction_with_and_without_unlabelled_images(tmp_path):
     b = next(iter(mixed.train_loader))
     assert int(b["observed"].any(1).sum()) == 8 and int(b["domain"].sum()) == 24
     train(tiny_config(frac, "data.unlabelled_ratio=3", "method.teacher={weight = 1.0}", "optim.epochs=1"), tmp_path / "c")
+    added = Trainer(tiny_config(frac, "data.unlabelled_ratio=3", "data.unlabelled_batch=added",
+                                "method.teacher={weight = 1.0}"), tmp_path / "d", DistInfo())
+    assert len(added.train_loader) == len(only.train_loader)                 # same steps per epoch
+    b = next(iter(added.train_loader))                                       # 32 labelled as without the teacher,
+    assert int(b["observed"].any(1).sum()) == 32 and int(b["domain"].sum()) == 96 and len(b["index"]) == 128   # + 3 x 32
+    with pytest.raises(ConfigError, match="data.unlabelled_batch"):
+        tiny_config("data.unlabelled_batch=beside")
 
 
 def test_strong_view_keeps_colours():

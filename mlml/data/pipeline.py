@@ -340,7 +340,9 @@ class Data:
         return DataLoader(dataset, batch_size=batch, sampler=sampler, drop_last=train and len(sampler) >= batch, **common)
 
     def mixed_sampler(self, rows: np.ndarray, global_batch: int, seed: int, rank: int, world_size: int) -> MixedBatchSampler:
-        """Training batches of labelled and unlabelled images in the ratio `data.unlabelled_ratio`.
+        """Training batches of labelled and unlabelled images in the ratio `data.unlabelled_ratio`:
+        `global_batch` images split between the two (`data.unlabelled_batch = "within"`), or
+        `global_batch` labelled ones and ratio x `global_batch` unlabelled ones (`"added"`).
 
         The number of steps per epoch is that of a fully labelled split of the same size, whatever
         the ratio, so runs with and without unlabelled images take the same optimiser steps.
@@ -348,11 +350,15 @@ class Data:
         ratio = self.cfg.unlabelled_ratio
         if ratio < 0:
             raise ValueError(f"data.unlabelled_ratio must be >= 0, got {ratio}")
-        n_labelled = round(global_batch / (1.0 + ratio))
+        if self.cfg.unlabelled_batch == "added":
+            n_labelled, n_unlabelled = global_batch, round(ratio * global_batch)
+        else:
+            n_labelled = round(global_batch / (1.0 + ratio))
+            n_unlabelled = global_batch - n_labelled
         labelled = self.observation.labelled(rows)
         positions = np.arange(len(rows))
         steps = max(1, len(rows) // global_batch)
-        return MixedBatchSampler(positions[labelled], positions[~labelled], n_labelled, global_batch - n_labelled,
+        return MixedBatchSampler(positions[labelled], positions[~labelled], n_labelled, n_unlabelled,
                                  steps, seed, rank, world_size)
 
 
