@@ -233,10 +233,12 @@ class Method(nn.Module):
         parts = self.objective(outputs, batch) if self.teacher is None else self._with_teacher(outputs, batch)
         if self.domain_branch is None:
             return parts
-        scores = self.domain_branch.settings.input == "scores"
+        s = self.domain_branch.settings
+        scores = s.input == "scores"
         if not scores and "features" not in out:
             raise ValueError("method.domain_branch needs a model whose outputs hold `features` (B, D)")
-        probabilities = torch.sigmoid(out["logits"].float())                   # (k B, C), all views
+        needs_probabilities = scores or s.kind == "conditional" or s.entropy
+        probabilities = torch.sigmoid(out["logits"].float()) if needs_probabilities else None   # (k B, C), all views
         inputs = probabilities if scores else out["features"].float()           # (k B, C or D)
         branch = self.domain_branch(inputs, batch["domain"].repeat(len(names)), probabilities)
         return {**parts, **branch, "loss": parts["loss"] + branch["loss"]}

@@ -75,6 +75,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mlml.losses import entropy_from_logits
 from mlml.settings import must, one_of
 
 
@@ -180,23 +181,23 @@ class DomainBranch(nn.Module):
             gap = mean_discrepancy(features, domain, self.num_domains)
             return {"loss": float(s.weight) * lam * gap, "domain_loss": gap.detach(),
                     "domain_lambda": torch.tensor(lam)}
+        scores = scores.detach() if scores is not None else None               # they condition, never learn
         reversed_ = grad_reverse(features, lam)
         if s.kind == "conditional":
-            reversed_ = self.multilinear(reversed_, scores.detach())
+            reversed_ = self.multilinear(reversed_, scores)
         logits = self.head(reversed_).float()                                  # (N, num_domains)
         if s.entropy:
             per_image = F.cross_entropy(logits, domain, reduction="none")
-            weights = entropy_weights(scores.detach())
+            weights = entropy_weights(scores)
             loss = (weights * per_image).sum() / weights.sum()
         else:
             loss = F.cross_entropy(logits, domain)
         return {
-            "loss": float(self.settings.weight) * loss,
+            "loss": float(s.weight) * loss,
             "domain_loss": loss.detach(),
             "domain_acc": (logits.argmax(1) == domain).float().mean().detach(),
             "domain_lambda": torch.tensor(lam),
         }
-
 
     def multilinear(self, features: Tensor, scores: Tensor) -> Tensor:
         """CDAN's map of features (N, D) and g = (p, 1 - p) (N, 2C): g f^T flattened (N, 2C D), or the
@@ -210,8 +211,7 @@ class DomainBranch(nn.Module):
 
 def entropy_weights(scores: Tensor) -> Tensor:
     """CDAN+E's w = 1 + exp(-H) per image, H the mean binary entropy of its C probabilities (N,)."""
-    p = scores.float().clamp(1e-6, 1 - 1e-6)
-    h = -(p * p.log() + (1 - p) * (1 - p).log()).mean(1)
+    h = entropy_from_logits(torch.logit(scores.float(), eps=1e-6)).mean(1)
     return 1 + torch.exp(-h)
 
 
