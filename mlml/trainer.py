@@ -550,9 +550,9 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False, allow_
             path, ckpt = found
             check_resume_config(ckpt, cfg, path, allow_config_change)
             trainer.load(path, ckpt)
-        if info.is_main:
-            atomic_write_text(run_dir / "config.toml", to_toml(cfg.to_dict()))
-        with stop_on_signals(trainer):
+        with stop_on_signals(trainer):           # before config.toml: a signal once it exists stops cleanly
+            if info.is_main:
+                atomic_write_text(run_dir / "config.toml", to_toml(cfg.to_dict()))
             return trainer.fit()
     finally:
         lock.release()
