@@ -145,7 +145,7 @@ def test_sigterm_to_a_training_process_exits_75_with_last_pt_and_resume_is_exact
         time.sleep(random.uniform(0.0, 0.5) / 4**attempt)
         proc.send_signal(signal.SIGTERM)
         err = proc.communicate(timeout=120)[1]
-        if not (proc.returncode == 0 and (run / "metrics.json").exists()):
+        if not (run / "metrics.json").exists():   # finished before the signal (exit 0, or -15 on the way out): retry
             break
     assert proc.returncode == PREEMPTED_EXIT_CODE == 75, err[-3000:]
     assert "stopped by SIGTERM after optimiser step" in err and "--resume" in err
