@@ -237,8 +237,7 @@ class Method(nn.Module):
         scores = s.input == "scores"
         if not scores and "features" not in out:
             raise ValueError("method.domain_branch needs a model whose outputs hold `features` (B, D)")
-        needs_probabilities = scores or s.kind == "conditional" or s.entropy
-        probabilities = torch.sigmoid(out["logits"].float()) if needs_probabilities else None   # (k B, C), all views
+        probabilities = torch.sigmoid(out["logits"].float()) if s.reads_scores else None   # (k B, C), all views
         inputs = probabilities if scores else out["features"].float()           # (k B, C or D)
         branch = self.domain_branch(inputs, batch["domain"].repeat(len(names)), probabilities)
         return {**parts, **branch, "loss": parts["loss"] + branch["loss"]}

@@ -107,6 +107,11 @@ class DomainBranchSettings:
         must(not (self.entropy and self.kind == "mean"), "entropy",
              "false with kind = 'mean' (it weights an adversarial head's loss)", self.entropy)
 
+    @property
+    def reads_scores(self) -> bool:
+        """Whether the branch reads the predicted probabilities (as its input, to condition on, or to weight by)."""
+        return self.input == "scores" or self.kind == "conditional" or self.entropy
+
 
 class _GradientReversal(torch.autograd.Function):
     @staticmethod
