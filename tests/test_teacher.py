@@ -15,6 +15,7 @@ from mlml.config import ConfigError
 from mlml.methods.teacher import (
     adaptive_thresholds,
     align_distribution,
+    bce_over_all_entries,
     cap_thresholds,
     ema_decay,
     ema_update,
@@ -363,3 +364,23 @@ def test_new_options_resume_exactly(tmp_path, monkeypatch):
 def test_sigmoid_rules_are_refused_by_a_method_with_its_own_pseudo_labels():
     with pytest.raises(ConfigError, match="method.teacher.cap applies to sigmoid pseudo-labels"):
         tiny_config("model.head=grouped", "method.name=grouped", "method.teacher={cap = true, k = 1.5}")
+    with pytest.raises(ConfigError, match="method.teacher.consistency applies to sigmoid pseudo-labels"):
+        tiny_config("model.head=grouped", "method.name=grouped", "method.teacher={consistency = 'bce_all'}")
+
+
+def test_bce_all_consistency_divides_the_kept_entries_by_every_entry(tmp_path):
+    logits, targets = torch.randn(6, 5), (torch.rand(6, 5) > 0.5).float()
+    kept = torch.rand(6, 5) > 0.7
+    per_entry = nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    assert torch.allclose(bce_over_all_entries(logits, targets, kept), per_entry[kept].sum() / 30)
+    assert float(bce_over_all_entries(logits, targets, torch.zeros_like(kept))) == 0.0
+    trainer = _trainer(tmp_path, "method.name=role", "method.args={k = 1.5}",
+                       "method.teacher={consistency = 'bce_all', view = 'weak', pos_threshold = 0.5, neg_threshold = 0.4}")
+    method = trainer.method
+    batch = next(iter(trainer.train_loader))
+    student = trainer.model(batch["image"])
+    targets, mask = method.pseudo_labels(method.teacher(batch["image"]), batch)
+    assert 0 < int(mask.sum()) < mask.numel() and not (mask & batch["observed"]).any()
+    got = method.pseudo_objective(student, batch, (targets, mask))["loss"]
+    expected = nn.functional.binary_cross_entropy_with_logits(student["logits"].float(), targets, reduction="none")
+    assert torch.allclose(got, expected[mask].sum() / mask.numel(), atol=1e-6)     # the observed entries are not in it

@@ -139,8 +139,8 @@ def check_method_config(cfg: MethodConfig) -> None:
 
 def check_sigmoid_only(settings: TeacherSettings, name: str) -> None:
     """A method with its own `pseudo_labels` (grouped softmax) does not read the sigmoid rules
-    added later (cap, align, labelled_images): setting one is an error, not a silent no-op."""
-    for key, off in (("cap", False), ("align", False), ("labelled_images", True)):
+    added later (cap, align, labelled_images, consistency): setting one is an error, not a silent no-op."""
+    for key, off in (("cap", False), ("align", False), ("labelled_images", True), ("consistency", "loss")):
         if getattr(settings, key) != off:
             raise SettingsError(f"method.teacher.{key}", f"method.teacher.{key} applies to sigmoid pseudo-labels; "
                                 f"method '{name}' makes its own (pseudo_labels): leave it at {off!r}")
@@ -300,16 +300,15 @@ class Method(nn.Module):
     def pseudo_objective(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], pseudo: Any) -> dict[str, torch.Tensor]:
         """{"loss": the consistency term, diagnostics...} of the student's strong-view `outputs`.
 
-        Default: the configured loss with the labels completed by the pseudo-labels (observed ones
-        never overridden), and pseudo-label precision / recall against the hidden labels (logged only).
+        Default: `Teacher.consistency` (the configured loss with the labels completed by the
+        pseudo-labels, observed ones never overridden), and pseudo-label precision / recall against
+        the hidden labels (logged only).
         """
         targets, mask = pseudo
-        observed = batch["observed"]
-        cons = self.teacher.loss(outputs["logits"].float(), torch.where(observed, batch["targets"], targets), observed | mask)
-        parts = {"loss": cons}
+        parts = {"loss": self.teacher.consistency(outputs["logits"].float(), batch, targets, mask)}
         truth = self.diagnostic_truth(batch["index"])
         if truth is not None:
-            parts.update(pseudo_label_quality(targets, mask, truth, observed))
+            parts.update(pseudo_label_quality(targets, mask, truth, batch["observed"]))
         return parts
 
     def on_epoch_start(self, epoch: int) -> None:

@@ -63,6 +63,12 @@ earlier configurations train bit-identically; docs/references.md has the papers)
 - `align = true`: distribution alignment (ReMixMatch) per class: the teacher's logit of class c
   shifts by logit(prior_c) - logit(mean of the pool's p_c) before thresholds and soft targets
   (`align_distribution`).
+- `consistency = "bce_all"`: the consistency term is BCE on the pseudo-labelled entries alone,
+  divided by all B * C entries (FixMatch's normalisation, `bce_over_all_entries`), instead of the
+  configured loss on the completed labels. With every image single-positive, a method whose own
+  term averages over all B * C entries (ROLE, EM, AN) otherwise meets a masked-BCE consistency term
+  whose mean over the few kept entries weighs each of them ~C / (kept per image) times more, and
+  whose observed positives, counted a second time, override the method's own balance.
 - `warmup`: the first `warmup` fraction of training has no pseudo term (weight 0) and the teacher
   copies the student; the ramp-up and the EMA's own warm-up start when it ends. `rampup_decay`:
   the EMA decay while the weight ramps up (Mean Teacher used 0.99 then 0.999).
@@ -85,6 +91,7 @@ import torch
 from torch import Tensor, nn
 
 from mlml.distributed import all_gather_cat
+from mlml.losses import masked_bce
 
 from mlml.settings import must, one_of
 
@@ -119,6 +126,7 @@ class TeacherSettings:
     neg_share: float = 1.0           # cap: share of the prior's negatives that become pseudo-negatives
     pool: int = 512                  # cap / align: the teacher's score rows kept (oldest out first)
     align: bool = False              # distribution alignment of the teacher's p to the class prior (ReMixMatch)
+    consistency: str = "loss"        # the consistency term: loss (the configured method.loss) | bce_all (FixMatch's)
     # per-group softmax pseudo-labels (grouped heads)
     threshold: float = 0.9           # teacher softmax confidence at or above: the argmax class is the target
 
@@ -132,6 +140,7 @@ class TeacherSettings:
         one_of(self.view, "view", ("strong", "weak"))
         one_of(self.targets, "targets", ("hard", "soft"))
         one_of(self.prior, "prior", ("k", "observed"))
+        one_of(self.consistency, "consistency", ("loss", "bce_all"))
         for name in ("pos_threshold", "neg_threshold", "pos_threshold_min", "neg_margin", "threshold",
                      "pos_share", "neg_share"):
             must(0.0 <= getattr(self, name) <= 1.0, name, "in [0, 1]", getattr(self, name))
@@ -192,6 +201,14 @@ def pseudo_labels(probs: Tensor, observed: Tensor, pos_threshold: Tensor | float
     mask = positive | negative
     targets = probs if soft else positive.float()
     return torch.where(mask, targets, torch.zeros_like(probs)), mask
+
+
+def bce_over_all_entries(logits: Tensor, targets: Tensor, kept: Tensor) -> Tensor:
+    """BCE on the `kept` entries summed and divided by all B * C entries: FixMatch's normalisation,
+    where an entry without a confident pseudo-label counts as 0 (`consistency = "bce_all"`, on the
+    pseudo-labelled entries only). A kept entry then weighs 1 / (B C), as in a full-label BCE,
+    however few are kept; masked BCE's mean over the kept entries alone weighs each by 1 / #kept."""
+    return masked_bce(logits, targets, kept) * (kept.sum() / kept.numel())
 
 
 def adaptive_thresholds(probs: Tensor, prior: Tensor, pos_min: float, neg_margin: float) -> tuple[Tensor, Tensor]:
@@ -369,6 +386,16 @@ class Teacher(nn.Module):
         if self.rampup_steps == 0:
             return self.settings.weight
         return self.settings.weight * sigmoid_rampup(float(t) / self.rampup_steps)
+
+    def consistency(self, logits: Tensor, batch: dict[str, Tensor], targets: Tensor, mask: Tensor) -> Tensor:
+        """The consistency term of the student's `logits` (B, C) given the pseudo-labels (`targets`,
+        `mask`): the configured loss on the labels completed by them (observed ones never
+        overridden), or, with `consistency = "bce_all"`, BCE on the pseudo-labelled entries alone
+        over all B * C (the observed ones are the method's own term's)."""
+        if self.settings.consistency == "bce_all":
+            return bce_over_all_entries(logits, targets, mask)
+        observed = batch["observed"]
+        return self.loss(logits, torch.where(observed, batch["targets"], targets), observed | mask)
 
     def eval_models(self, models: dict[str, nn.Module]) -> dict[str, nn.Module]:
         """The method's models with the teacher first (`report = "teacher"`) or last."""
