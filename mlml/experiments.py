@@ -821,18 +821,20 @@ class AddonComparison:
 def addon_comparisons(spec: dict, results: list[dict], metric: str, results_dir: Path = Path("results")) -> list[AddonComparison]:
     """For each add-on (`spec["addons"]`, else `ADDONS`) and setting where some rows have it and some do
     not: the best row with it and the best row without it, both chosen on validation. The rows are the
-    table's, and those of other tables that `spec["baselines"]` names (their `<table>.runs.csv` in `results_dir`)."""
+    table's but its `label_references`, and those of other tables that `spec["baselines"]` names (their
+    `<table>.runs.csv` in `results_dir`)."""
     if not results:
         return []
     select = selection_key(results[0])
     settings = list(dict.fromkeys(r["setting"] for r in results))
     extra = [b for setting in settings for b in baseline_runs(spec, setting, results, select, metric, results_dir)]
+    references = label_references(spec)
     out = []
     for key in spec.get("addons", ADDONS):
         for setting in settings:
             pools: dict[bool, dict[str, list[dict]]] = {True: {}, False: {}}
             for r in results:
-                if r["setting"] == setting:
+                if r["setting"] == setting and r["method"] not in references:
                     pools[has_addon(r, key, spec)].setdefault(r["method"], []).append(r)
             for r in extra:                    # other tables' rows are baselines: they join the pool without the add-on only
                 if r["setting"] == setting and not has_addon(r, key, spec):
@@ -841,6 +843,14 @@ def addon_comparisons(spec: dict, results: list[dict], metric: str, results_dir:
             if with_it and without:
                 out.append(AddonComparison(key, setting, with_it, without, *difference(with_it, without)))
     return out
+
+
+def label_references(spec: dict) -> set[str]:
+    """The table's methods whose overrides change the labels (a `data.observation...` key, such as the
+    full-label reference): a user with the setting's labels cannot run them, so they are on neither
+    side of an add-on comparison."""
+    return {m for m, over in spec.get("methods", {}).items()
+            if any(o.split("=", 1)[0].strip().startswith("data.observation") for o in over)}
 
 
 def baseline_runs(spec: dict, setting: str, results: list[dict], select: str, metric: str, results_dir: Path) -> list[dict]:

@@ -419,6 +419,16 @@ def test_the_add_on_is_compared_with_the_best_row_without_it_both_chosen_on_vali
     assert experiments.addon_comparisons({"addons": []}, results, "test/mAP_macro") == []
 
 
+def test_a_row_that_changes_the_labels_is_a_reference_not_a_side_of_the_comparison(tmp_path):
+    results = addon_table(tmp_path) + [curve_run(tmp_path, "sp", "full_labels", s, [0.9, 0.9, 0.9], 0.99) for s in range(3)]
+    spec = {"methods": {"full_labels": ["method.loss=bce", "data.observation=full"], "base_val_best": ["method.loss=an"]}}
+    teacher = next(c for c in experiments.addon_comparisons(spec, results, "test/mAP_macro") if c.addon == "method.teacher")
+    assert teacher.without.method == "base_val_best"                # the full-label row has the best validation value
+    assert experiments.label_references(spec) == {"full_labels"}
+    unmarked = next(c for c in experiments.addon_comparisons({}, results, "test/mAP_macro") if c.addon == "method.teacher")
+    assert unmarked.without.method == "full_labels"
+
+
 def test_rows_on_other_seeds_are_compared_unpaired(tmp_path):
     results = addon_table(tmp_path, without_seeds=(0, 1))
     teacher = next(c for c in experiments.addon_comparisons({}, results, "test/mAP_macro") if c.addon == "method.teacher")
