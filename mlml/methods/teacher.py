@@ -92,7 +92,6 @@ from torch import Tensor, nn
 
 from mlml.distributed import all_gather_cat
 from mlml.losses import masked_bce
-
 from mlml.settings import must, one_of
 
 if TYPE_CHECKING:
