@@ -845,12 +845,17 @@ def addon_comparisons(spec: dict, results: list[dict], metric: str, results_dir:
     return out
 
 
+def methods_overriding(spec: dict, prefix: str) -> set[str]:
+    """The table's methods whose overrides set a key starting with `prefix` (e.g. "data.")."""
+    return {m for m, over in spec.get("methods", {}).items()
+            if any(o.split("=", 1)[0].strip().startswith(prefix) for o in over)}
+
+
 def label_references(spec: dict) -> set[str]:
     """The table's methods whose overrides change the labels (a `data.observation...` key, such as the
     full-label reference): a user with the setting's labels cannot run them, so they are on neither
     side of an add-on comparison."""
-    return {m for m, over in spec.get("methods", {}).items()
-            if any(o.split("=", 1)[0].strip().startswith("data.observation") for o in over)}
+    return methods_overriding(spec, "data.observation")
 
 
 def baseline_runs(spec: dict, setting: str, results: list[dict], select: str, metric: str, results_dir: Path) -> list[dict]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlml.config import ConfigError, load_config, merge, parse_override, to_toml
-from mlml.experiments import profile_spec, read_table
+from mlml.experiments import methods_overriding, profile_spec, read_table
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,8 @@ class Choice:
 
 def recipe_methods(spec: dict) -> list[str]:
     """The table's methods a user with its labels can run: those whose overrides change no `data.*` key."""
-    return [m for m, over in spec["methods"].items() if not any(o.split("=", 1)[0].strip().startswith("data.") for o in over)]
+    data = methods_overriding(spec, "data.")
+    return [m for m in spec["methods"] if m not in data]
 
 
 def read_track(table: str, profile: str, setting: str, results_dir: Path) -> Track:
