@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import math
@@ -61,7 +62,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from mlml.config import EXECUTION_KEYS, Config, ConfigError, config_diff, flat, from_dict, load_config, parse_override, run_dir_for
+from mlml.config import (EXECUTION_KEYS, Config, ConfigError, config_diff, flat, from_dict, load_config, parse_override,
+                         read_toml_with_bases, run_dir_for)
 from mlml.files import FileLock, LockedError
 from mlml.launchers import SlurmLauncher, SlurmResources, launcher_section, run_states, slurm_resources
 from mlml.settings import upgrade_stored_config
@@ -259,7 +261,8 @@ def _reproduce(spec: dict, name: str, profile: str, seeds: int | None, jobs: int
     results = [read_result(dirs[r] / "metrics.json") for r in runs]
     if todo:       # a launcher's wall time includes queueing: not a measure of the profile's cost
         complete = len(todo) == len(runs) and launcher is None
-        record_timing(spec["name"], profile, results, wall if complete else None, jobs, torchrun, results_dir)
+        record_timing(spec["name"], profile, results, wall if complete else None, jobs, torchrun, results_dir,
+                      profile_fingerprint(read_table(name), profile))
     command = f"mlml reproduce {name} --profile {profile}" + (f" --seeds {seeds}" if seeds else "")
     return write_table(spec, results, results_dir, command, wall_time(read_timing(results_dir, spec["name"]), profile, results))
 
@@ -428,17 +431,33 @@ def timing_file(results_dir: Path, name: str) -> Path:
     return results_dir / f"{name}.timing.json"
 
 
-def record_timing(name: str, profile: str, results: list[dict], wall: float | None, jobs: int, torchrun: int, results_dir: Path) -> None:
+def profile_fingerprint(spec: dict, profile: str) -> str:
+    """A hash (16 hex digits) of what `profile`'s runs are asked to compute: its config file with its
+    bases, parsed (comments and layout do not count), and the settings and methods it runs.
+
+    Recorded beside a measured cost, so that `--list` can say when the profile changed since.
+    """
+    spec = profile_spec(spec, profile)
+    config = read_toml_with_bases((spec["path"].parent / spec["profiles"][profile]["config"]).resolve())
+    text = json.dumps({"config": config, "settings": spec["settings"], "methods": spec["methods"]}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def record_timing(name: str, profile: str, results: list[dict], wall: float | None, jobs: int, torchrun: int, results_dir: Path,
+                  fingerprint: str | None = None) -> None:
     """Update `results/<table>.timing.json`: what `profile` costs, measured; shown by `--list`.
 
     `wall` is the wall time of a reproduction that trained every run (None if some were done
-    already: then the last complete measurement is kept).
+    already: then the last complete measurement is kept). `fingerprint` is the profile's
+    (`profile_fingerprint`) when it was measured.
     """
     path = timing_file(results_dir, name)
     timing = json.loads(path.read_text()) if path.exists() else {}
     entry = timing.get(profile, {})
     entry.update(runs=len(results), seeds=len({r["seed"] for r in results}),
                  train_seconds=round(sum(r.get("train_seconds", 0.0) for r in results), 1), hardware=run_provenance(results, 'hardware'), commit=run_provenance(results, 'commit'))
+    if fingerprint is not None:
+        entry["fingerprint"] = fingerprint
     if wall is not None:
         entry.update(wall_seconds=round(wall, 1), jobs=jobs, torchrun=torchrun, wall_commit=entry["commit"])
     timing[profile] = entry
@@ -562,7 +581,8 @@ def plural(n: int, word: str) -> str:
 
 
 def list_tables(results_dir: Path = Path("results")) -> str:
-    """Every table with its profiles: seeds and cost, measured (timing.json) or else as written in the table."""
+    """Every table with its profiles: seeds and cost, measured (timing.json) or else as written in the
+    table; a cost measured before the profile's config or rows changed says so."""
     lines = []
     for path in sorted(TABLES_DIR.glob("*.toml")):
         spec = read_table(path.stem)
@@ -572,6 +592,8 @@ def list_tables(results_dir: Path = Path("results")) -> str:
         lines.append(f"{path.stem}: {spec['title']} ({plural(settings, 'setting')} x {plural(methods, 'method')} = {plural(settings * methods, 'run')} a seed)")
         for prof, p in spec["profiles"].items():
             cost = measured_cost(timing[prof]) if prof in timing else p.get("cost", "cost not measured")
+            if prof in timing and timing[prof].get("fingerprint") not in (None, profile_fingerprint(spec, prof)):
+                cost += f" (at {timing[prof].get('commit', 'an earlier commit')}: its config or rows changed since)"
             track = f" [track {p['track']}: results/{profile_spec(spec, prof)['results']}.md]" if p.get("track") else ""
             lines.append(f"  --profile {prof}{track}: {p.get('seeds', 3)} seeds, {cost}")
     return "\n".join(lines)

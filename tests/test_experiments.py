@@ -98,6 +98,38 @@ def test_list_shows_measured_cost_when_there_is_one(tmp_path):
     assert "--profile real [track real: results/baselines.real.md]: 3 seeds, " in listed
 
 
+def test_list_says_when_a_measured_profile_changed_since(tmp_path):
+    from mlml.experiments import profile_fingerprint
+
+    spec = read_table("baselines")
+    now = profile_fingerprint(spec, "real")
+    assert now == profile_fingerprint(read_table("baselines"), "real") != profile_fingerprint(spec, "quick")
+    entry = {"runs": 9, "seeds": 3, "train_seconds": 600.0, "hardware": "x86_64", "commit": "abc"}
+    for fingerprint, stale in ((now, False), ("0" * 16, True)):
+        (tmp_path / "baselines.timing.json").write_text(json.dumps({"real": {**entry, "fingerprint": fingerprint}}))
+        line = next(x for x in list_tables(tmp_path).splitlines() if x.startswith("  --profile real [track real: results/baselines.real.md]"))
+        assert line.endswith("(at abc: its config or rows changed since)") is stale, line
+
+
+def test_profile_fingerprint_follows_the_config_and_the_rows_not_the_comments(tmp_path):
+    from mlml.experiments import profile_fingerprint
+
+    (tmp_path / "base.toml").write_text("[optim]\nepochs = 2\n")
+    (tmp_path / "c.toml").write_text('base = "base.toml"\n[model]\nwidth = 8\n')
+    text = ('title = "t"\nmetrics = ["test/mAP_macro"]\n[profiles.quick]\nconfig = "c.toml"\n'
+            '[settings]\nsp = []\n[methods]\nan = ["method.loss=an"]\n')
+    (tmp_path / "t.toml").write_text(text)
+    first = profile_fingerprint(read_table(str(tmp_path / "t.toml")), "quick")
+    (tmp_path / "c.toml").write_text('# a comment\nbase = "base.toml"\n\n[model]\nwidth = 8   # same\n')
+    assert profile_fingerprint(read_table(str(tmp_path / "t.toml")), "quick") == first
+    for path, content in ((tmp_path / "base.toml", "[optim]\nepochs = 3\n"),
+                          (tmp_path / "t.toml", text.replace("method.loss=an", "method.loss=em"))):
+        old = path.read_text()
+        path.write_text(content)
+        assert profile_fingerprint(read_table(str(tmp_path / "t.toml")), "quick") != first, path.name
+        path.write_text(old)
+
+
 def test_table_provenance_comes_from_the_runs_not_the_machine_that_builds_it():
     from mlml.experiments import provenance
 
