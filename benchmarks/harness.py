@@ -21,6 +21,8 @@ from typing import Callable, Union
 
 import torch
 
+from mlml.provenance import cpu_model
+
 Rates = Union[float, dict]
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -78,15 +80,6 @@ def timed(fn: Callable[[], object], sync: Callable[[], None] = lambda: None) -> 
     fn()
     sync()
     return time.perf_counter() - start
-
-
-def cpu_model() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        found = re.search(r"model name\s*:\s*(.+)", text)
-        return found.group(1).strip() if found else platform.processor()
-    except OSError:
-        return platform.processor() or platform.machine()
 
 
 def machine() -> dict:

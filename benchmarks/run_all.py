@@ -110,6 +110,16 @@ def markdown(res: dict) -> str:
             for name, r in p["trainer"]["methods"].items():
                 out.append(f"| {name} | {fmt_ratio(r['relative_rate'])} | {fmt_ratio(r['relative_rate_cpu'])} |")
             out.append("")
+        if "precision" in p["trainer"]:
+            pr = p["trainer"]["precision"]
+            out += [f"Training images/s with `optim.amp = \"on\"` (bf16 autocast on the CPU) relative to fp32, quick data and "
+                    f"model at two widths (the CPU's bf16 units: {pr['cpu_bf16_units']}):", "",
+                    "| width | bf16 / fp32 (wall) | by CPU time | images/s bf16; fp32 |", "|---|---|---|---|"]
+            for key, r in pr.items():
+                if key.startswith("width_"):
+                    out.append(f"| {key[6:]} | {fmt_ratio(r['relative_rate'])} | {fmt_ratio(r['relative_rate_cpu'])} | "
+                               f"{r['images_per_s']['median']:.0f}; {r['fp32_images_per_s']['median']:.0f} |")
+            out.append("")
     if "losses_metrics" in p:
         lm = p["losses_metrics"]
         if "losses" in lm:

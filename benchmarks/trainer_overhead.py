@@ -16,6 +16,8 @@ A round is one mlml epoch of `--steps` steps with one bare step right after each
 step by step, so that load from other processes falls on both); the figure is the per-round ratio
 of images/s, mlml / bare (median and range), by wall time and by this process's CPU time. Method costs: each registered method's
 images/s relative to `supervised` in the same alternating way (a ratio < 1 = slower than supervised).
+Precision: `optim.amp = "on"` (bf16 autocast on the CPU) against fp32, same alternating way, at
+widths 24 and 32 (fast only where the CPU has bf16 units: AVX512-BF16, AMX).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from mlml.config import load_config  # noqa: E402
 from mlml.distributed import DistInfo  # noqa: E402
 from mlml.losses import get_loss  # noqa: E402
 from mlml.methods import METHODS  # noqa: E402
+from mlml.provenance import cpu_bf16_units  # noqa: E402
 from mlml.trainer import Trainer, build_optimizer  # noqa: E402
 
 QUICK = Path(__file__).resolve().parent.parent / "experiments/configs/quick.toml"
@@ -172,6 +175,23 @@ def method_costs(args: argparse.Namespace) -> dict:
     return out
 
 
+def precision(args: argparse.Namespace) -> dict:
+    """Training images/s with `optim.amp = "on"` (bf16 autocast on the CPU) relative to fp32, same model
+    and batches, at the quick profile's width 24 and the real profile's width 32."""
+    out = {"cpu_bf16_units": cpu_bf16_units() or "none"}
+    with tempfile.TemporaryDirectory() as tmp:
+        for width in (24, 32):
+            fp32 = MlmlEpochs(make_trainer(f"{tmp}/fp32_{width}", args.method_steps, args.batch, [f"model.width={width}"]))
+            bf16 = MlmlEpochs(make_trainer(f"{tmp}/bf16_{width}", args.method_steps, args.batch, [f"model.width={width}", "optim.amp=on"]))
+            fp32(); bf16()
+            r = ab_rounds(bf16, fp32, args.method_rounds)
+            out[f"width_{width}"] = {"relative_rate": r["ratio"], "relative_rate_cpu": r["ratio_cpu"], "images_per_s": r["a"],
+                                     "fp32_images_per_s": r["b"]}
+            print(f"  bf16 / fp32 at width {width}: {fmt_ratio(r['ratio'])} (CPU time: {fmt_ratio(r['ratio_cpu'])})", flush=True)
+            fp32.t.logger.close(); bf16.t.logger.close()
+    return out
+
+
 def profile(args: argparse.Namespace) -> None:
     """Where the time goes: torch.profiler op table and cProfile of one mlml epoch and one bare epoch."""
     from torch.profiler import ProfilerActivity, profile as tprofile
@@ -216,6 +236,7 @@ def run(args: argparse.Namespace) -> dict:
     print(f"trainer overhead: mlml / bare = {fmt_ratio(o['ratio'])} (CPU time: {fmt_ratio(o['ratio_cpu'])})", flush=True)
     if not args.no_methods:
         result["methods"] = method_costs(args)
+    result["precision"] = precision(args)
     return result
 
 

@@ -173,7 +173,7 @@ class OptimConfig:
     schedule: str = "cosine"      # cosine | constant
     grad_clip: float = 0.0        # max grad norm; 0 = off
     accumulate: int = 1           # micro-batches per optimiser step (gradient accumulation)
-    amp: str = "auto"             # auto (on for CUDA) | on | off
+    amp: str = "auto"             # auto (on for CUDA) | on (CUDA, and bf16 on a CPU) | off
 
 
 @dataclass

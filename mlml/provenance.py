@@ -9,15 +9,40 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import subprocess
 from pathlib import Path
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else what `platform` knows."""
+    try:
+        found = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
+        return found.group(1).strip() if found else platform.processor()
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def cpu_bf16_units() -> str:
+    """The CPU's bf16 instructions as /proc/cpuinfo names them (avx512_bf16, amx_bf16); '' if none or unknown.
+
+    They decide whether `optim.amp = "on"` (bf16 autocast) speeds up training on the CPU or slows it.
+    """
+    try:
+        flags = re.search(r"^flags\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
+    except OSError:
+        return ""
+    present = flags.group(1).split() if flags else []
+    return " ".join(f for f in ("avx512_bf16", "amx_bf16") if f in present)
+
+
 def hardware() -> str:
+    """e.g. 'x86_64, 2 CPU cores (Intel(R) Xeon(R) Processor; amx_bf16), no GPU'."""
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{platform.machine()}, {os.cpu_count()} CPU cores, {gpu}"
+    cpu = "; ".join(x for x in (cpu_model(), cpu_bf16_units()) if x)
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores" + (f" ({cpu})" if cpu else "") + f", {gpu}"
 
 
 def git_commit(checkout: Path | None = None) -> str:

@@ -40,6 +40,24 @@ def test_tiny_run_beats_chance_and_writes_the_run_directory(tmp_path):
     assert saved["metrics"] == result["metrics"] and saved["seed"] == 0
 
 
+def test_amp_on_a_cpu_trains_in_bf16_only_when_asked(tmp_path, monkeypatch):
+    from mlml.models.backbones import SmallCNN
+    from mlml.trainer import amp_dtype_for
+
+    cpu = torch.device("cpu")
+    assert amp_dtype_for(tiny_config(), cpu) is None and amp_dtype_for(tiny_config("optim.amp=off"), cpu) is None
+    assert amp_dtype_for(tiny_config("optim.amp=on"), cpu) == torch.bfloat16
+    seen = []
+    original = SmallCNN.forward
+    monkeypatch.setattr(SmallCNN, "forward", lambda self, x: seen.append(self.features[0](x).dtype) or original(self, x))
+    cfg = tiny_config("method.loss=bce", "data.observation=full", "optim.epochs=4", "optim.amp=on")
+    result = train(cfg, tmp_path / "bf16")
+    assert torch.bfloat16 in seen                      # the convolutions ran in bf16 (training and evaluation)
+    reference = train(tiny_config("method.loss=bce", "data.observation=full", "optim.epochs=4"), tmp_path / "fp32")
+    assert result["metrics"] != reference["metrics"]  # another precision: not the fp32 run
+    assert abs(result["metrics"]["test/mAP_macro"] - reference["metrics"]["test/mAP_macro"]) < 0.05, (result, reference)
+
+
 def test_resume_after_a_stop_mid_epoch_gives_the_same_metrics(tmp_path, monkeypatch):
     cfg = tiny_config("optim.epochs=3", "run.checkpoint_every=1", "model.dropout=0.2")   # dropout: RNG state matters
     reference = train(cfg, tmp_path / "a")
