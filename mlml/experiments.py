@@ -240,6 +240,7 @@ def reproduce(
 def _reproduce(spec: dict, name: str, profile: str, seeds: int | None, jobs: int, runs_dir: Path, results_dir: Path, torchrun: int,
                launcher: SlurmLauncher | None) -> str:
     runs = expand(spec, profile, seeds, runs_dir)
+    fingerprint = profile_fingerprint(spec, profile)       # of what is trained, before the files can change
     dirs = {r: run_dir(r) for r in runs}
     todo = [r for r in runs if not (dirs[r] / "metrics.json").exists()]
     for r in runs:
@@ -261,8 +262,7 @@ def _reproduce(spec: dict, name: str, profile: str, seeds: int | None, jobs: int
     results = [read_result(dirs[r] / "metrics.json") for r in runs]
     if todo:       # a launcher's wall time includes queueing: not a measure of the profile's cost
         complete = len(todo) == len(runs) and launcher is None
-        record_timing(spec["name"], profile, results, wall if complete else None, jobs, torchrun, results_dir,
-                      profile_fingerprint(read_table(name), profile))
+        record_timing(spec["name"], profile, results, wall if complete else None, jobs, torchrun, results_dir, fingerprint)
     command = f"mlml reproduce {name} --profile {profile}" + (f" --seeds {seeds}" if seeds else "")
     return write_table(spec, results, results_dir, command, wall_time(read_timing(results_dir, spec["name"]), profile, results))
 

@@ -42,6 +42,7 @@ def test_reproduce_twice_trains_nothing_the_second_time_and_gives_the_same_table
     mtimes = {p: p.stat().st_mtime for p in runs.rglob("metrics.json")}
     timing = json.loads((results / "tiny.timing.json").read_text())["quick"]
     assert timing["runs"] == 4 and timing["seeds"] == 2 and timing["train_seconds"] > 0 and timing["jobs"] == 1 and "CPU cores" in timing["hardware"]
+    assert timing["fingerprint"] == experiments.profile_fingerprint(read_table(str(table)), "quick")
 
     def no_training(*args):
         raise AssertionError("the second reproduction trained a run")
