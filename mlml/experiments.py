@@ -592,7 +592,8 @@ def list_tables(results_dir: Path = Path("results")) -> str:
         lines.append(f"{path.stem}: {spec['title']} ({plural(settings, 'setting')} x {plural(methods, 'method')} = {plural(settings * methods, 'run')} a seed)")
         for prof, p in spec["profiles"].items():
             cost = measured_cost(timing[prof]) if prof in timing else p.get("cost", "cost not measured")
-            if prof in timing and timing[prof].get("fingerprint") not in (None, profile_fingerprint(spec, prof)):
+            recorded = timing.get(prof, {}).get("fingerprint")
+            if recorded is not None and recorded != profile_fingerprint(spec, prof):
                 cost += f" (at {timing[prof].get('commit', 'an earlier commit')}: its config or rows changed since)"
             track = f" [track {p['track']}: results/{profile_spec(spec, prof)['results']}.md]" if p.get("track") else ""
             lines.append(f"  --profile {prof}{track}: {p.get('seeds', 3)} seeds, {cost}")
