@@ -28,6 +28,11 @@ A profile on another data track (the real-image track, `experiments/configs/real
     [profiles.real.methods]
     role = ["method.name=role", "method.args={k = 2.0}"]
 
+A table (before any [section]) or a profile may leave cells of the grid out, "<setting>/<method>"
+(a profile's list adds to the table's); a left-out cell shows "–":
+
+    skip = ["one_percent/mean_teacher_em_r7"]
+
 `reproduce` writes `results/<table>.md` and `.csv` (`<table>.<track>.*` for a track's profile), and `results/<table>.timing.json` with the
 measured cost of each profile (summed `train_seconds` of the runs, wall time of the last complete
 reproduction, hardware) that `mlml reproduce --list` shows. It also writes a TensorBoard
@@ -98,6 +103,7 @@ def read_table(name: str) -> dict:
         if key not in spec:
             raise ConfigError(f"{path}: missing key '{key}'")
     check_addons(spec)
+    skipped_cells(spec, spec.get("skip", []), "skip")
     return spec
 
 
@@ -120,12 +126,28 @@ def profile_spec(spec: dict, profile: str) -> dict:
                               f"known: {', '.join(spec[group])}")
         merged = {name: own.get(name, entry) for name, entry in spec[group].items()}
         out[group] = {name: entry for name, entry in merged.items() if entry is not False}
+    out["skip"] = skipped_cells(spec, [*spec.get("skip", []), *prof.get("skip", [])], f"profiles.{profile}.skip")
     track = prof.get("track", "")
     if not isinstance(track, str) or track in (".", "..") or any(c in track for c in "/\\"):
         raise ConfigError(f"{spec['path']}: profiles.{profile}.track = {track!r} must be a name without '/'")
     out["results"] = f"{spec['name']}.{track}" if track else spec["name"]
     out["track"] = track
     return out
+
+
+def skipped_cells(spec: dict, entries: object, where: str) -> frozenset[tuple[str, str]]:
+    """The (setting, method) cells a table's (and its profile's) `skip` list leaves out: "<setting>/<method>",
+    each naming a setting and a method of the table (a typo would otherwise run the cell)."""
+    if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+        raise ConfigError(f"{spec['path']}: {where} must be a list of \"<setting>/<method>\"; got {entries!r}")
+    cells = set()
+    for entry in entries:
+        setting, _, method = entry.partition("/")
+        if setting not in spec["settings"] or method not in spec["methods"]:
+            raise ConfigError(f"{spec['path']}: {where}: {entry!r} must be \"<setting>/<method>\" of the table; "
+                              f"settings: {', '.join(spec['settings'])}; methods: {', '.join(spec['methods'])}")
+        cells.add((setting, method))
+    return frozenset(cells)
 
 
 def track_runs_dir(spec: dict, runs_dir: Path) -> Path:
@@ -143,6 +165,8 @@ def expand(spec: dict, profile: str, seeds: int | None, runs_dir: Path) -> list[
     runs = []
     for setting, s_over in spec["settings"].items():
         for method, m_over in spec["methods"].items():
+            if (setting, method) in spec["skip"]:
+                continue
             for seed in range(n):
                 own = (f"run.experiment={spec['name']}", f"run.setting={setting}", f"run.method_label={method}",
                        f"run.seed={seed}", f"run.out_dir={runs_dir}")
@@ -439,7 +463,10 @@ def profile_fingerprint(spec: dict, profile: str) -> str:
     """
     spec = profile_spec(spec, profile)
     config = read_toml_with_bases((spec["path"].parent / spec["profiles"][profile]["config"]).resolve())
-    text = json.dumps({"config": config, "settings": spec["settings"], "methods": spec["methods"]}, sort_keys=True, default=str)
+    asked = {"config": config, "settings": spec["settings"], "methods": spec["methods"]}
+    if spec["skip"]:            # only when set: fingerprints recorded before `skip` existed stay valid
+        asked["skip"] = sorted("/".join(cell) for cell in spec["skip"])
+    text = json.dumps(asked, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -589,7 +616,10 @@ def list_tables(results_dir: Path = Path("results")) -> str:
         timing_path = timing_file(results_dir, path.stem)
         timing = json.loads(timing_path.read_text()) if timing_path.exists() else {}
         settings, methods = len(spec["settings"]), len(spec["methods"])
-        lines.append(f"{path.stem}: {spec['title']} ({plural(settings, 'setting')} x {plural(methods, 'method')} = {plural(settings * methods, 'run')} a seed)")
+        cells = settings * methods - len(skipped_cells(spec, spec.get("skip", []), "skip"))
+        left_out = f", {settings * methods - cells} left out" if cells < settings * methods else ""
+        lines.append(f"{path.stem}: {spec['title']} ({plural(settings, 'setting')} x {plural(methods, 'method')}{left_out} = "
+                     f"{plural(cells, 'run')} a seed)")
         for prof, p in spec["profiles"].items():
             cost = measured_cost(timing[prof]) if prof in timing else p.get("cost", "cost not measured")
             recorded = timing.get(prof, {}).get("fingerprint")

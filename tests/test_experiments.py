@@ -35,6 +35,24 @@ def test_expand(table, tmp_path):
     assert [(r.method, r.seed) for r in runs] == [("an", 0), ("an", 1), ("full", 0), ("full", 1)]
 
 
+def test_skip_leaves_cells_out_of_the_grid_and_names_a_typo(table, tmp_path):
+    """`skip` ("<setting>/<method>") before any section, and a profile's own list, which adds to it."""
+    from mlml.experiments import profile_fingerprint
+
+    text = table.read_text()
+    before = profile_fingerprint(read_table(str(table)), "quick")
+    table.write_text('skip = ["sp/full"]\n' + text)
+    runs = expand(read_table(str(table)), "quick", None, tmp_path / "runs")
+    assert [(r.method, r.seed) for r in runs] == [("an", 0), ("an", 1)]
+    assert profile_fingerprint(read_table(str(table)), "quick") != before
+    table.write_text(text.replace("seeds = 2\n", 'seeds = 2\nskip = ["sp/an"]\n'))
+    assert [r.method for r in expand(read_table(str(table)), "quick", None, tmp_path / "runs")] == ["full", "full"]
+    for entry in ("sp/typo", "other/an", "an"):
+        table.write_text(f'skip = ["{entry}"]\n' + text)
+        with pytest.raises(ConfigError, match="must be .<setting>/<method>. of the table"):
+            read_table(str(table))
+
+
 def test_reproduce_twice_trains_nothing_the_second_time_and_gives_the_same_table(table, tmp_path, capsys, monkeypatch):
     runs, results = tmp_path / "runs", tmp_path / "results"
     first = reproduce(str(table), "quick", runs_dir=runs, results_dir=results)
