@@ -14,7 +14,7 @@ from mlml.distributed import DistInfo
 from mlml.methods import METHODS
 from mlml.config import ConfigError
 from mlml.methods.domain import (DomainBranch, DomainBranchSettings, dann_lambda, entropy_weights, grad_reverse,
-                                 mean_discrepancy)
+                                 mean_discrepancy, quantile_discrepancy)
 from mlml.settings import resolve
 from mlml.trainer import Trainer, train
 from tests.conftest import stop_mid_run, tiny_config
@@ -269,6 +269,39 @@ def test_mean_discrepancy_is_the_weighted_spread_of_domain_means_and_pulls_them_
     assert float(mean_discrepancy(stepped, d, 4)) < gap.item()
     same = torch.cat([torch.ones(3, 5), torch.ones(3, 5)]) + torch.tensor([[1.0], [-1.0], [0.0]]).repeat(2, 1)
     assert float(mean_discrepancy(same, torch.tensor([0, 0, 0, 1, 1, 1]), 2)) == 0.0   # equal means, any spread
+
+
+def test_quantile_discrepancy_is_the_per_dimension_wasserstein_distance_to_the_batch():
+    # two domains of 2 values each in one dimension: batch {0, 1, 2, 3}, its quantiles at 1/4 and 3/4
+    # (linear interpolation) are 0.75 and 2.25; domain 0 = {0, 1}, domain 1 = {2, 3}
+    x = torch.tensor([[0.0], [2.0], [1.0], [3.0]], dtype=torch.float64, requires_grad=True)
+    d = torch.tensor([0, 1, 0, 1])
+    expected = 0.5 * ((0 - 0.75) ** 2 + (1 - 2.25) ** 2) / 2 + 0.5 * ((2 - 0.75) ** 2 + (3 - 2.25) ** 2) / 2
+    gap = quantile_discrepancy(x, d, num_domains=3)                       # domain 2 absent: left out
+    assert gap.item() == pytest.approx(expected, rel=1e-6)
+    # equal means, different spreads: the mean penalty sees nothing, this one does; same distributions: 0
+    spread = torch.tensor([[-1.0], [-3.0], [1.0], [3.0]])
+    assert float(mean_discrepancy(spread, d, 2)) == 0.0 < float(quantile_discrepancy(spread, d, 2))
+    assert float(quantile_discrepancy(torch.tensor([[1.0, 5.0], [2.0, 4.0], [2.0, 4.0], [1.0, 5.0]]), d, 2)) == pytest.approx(0.0, abs=1e-12)
+    torch.manual_seed(0)
+    f = torch.randn(40, 3, dtype=torch.float64)
+    dom = torch.randint(0, 2, (40,))
+    f[dom == 1] = 2 * f[dom == 1] + 1
+    f.requires_grad_(True)
+    gap = quantile_discrepancy(f, dom, 2)
+    assert gap.item() >= mean_discrepancy(f.detach(), dom, 2).item() > 0
+    gap.backward()
+    assert float(quantile_discrepancy((f - 0.5 * f.grad).detach(), dom, 2)) < gap.item()   # a gradient step lowers it
+
+
+def test_wasserstein_kind_has_no_head_and_reads_the_scores(tmp_path):
+    cfg = tiny_config(PER_GROUP, "method.domain_branch={weight = 10.0, kind = 'wasserstein', input = 'scores'}")
+    trainer = Trainer(cfg, tmp_path, DistInfo())
+    assert list(trainer.method.domain_branch.parameters()) == []
+    parts = trainer.train_step(next(iter(trainer.train_loader)))
+    assert {"domain_loss", "domain_lambda"} <= set(parts) and "domain_acc" not in parts and math.isfinite(parts["domain_loss"])
+    with pytest.raises(ConfigError, match="'method.domain_branch.entropy' must be false with kind = 'wasserstein'"):
+        tiny_config("method.domain_branch={weight = 1.0, kind = 'wasserstein', entropy = true}")
 
 
 def test_mean_kind_has_no_head_and_trains_the_backbone_towards_equal_domain_means(tmp_path):

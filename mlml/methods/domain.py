@@ -29,6 +29,12 @@ images has nothing left to read; unlike the adversarial head it cannot be fooled
 keep the domain while the head chases it (an adversarial head at chance accuracy does not show that
 the domain is gone: a fresh probe may still read it).
 
+`kind = "wasserstein"` is the same without a head but matches whole distributions, not means: per
+input dimension, the squared 1-D Wasserstein-2 distance between each domain's values and the batch's
+(`quantile_discrepancy`: sorted values against the batch's quantiles), which is at least the mean
+penalty. On the scores it asks each collection for the same distribution of every label's predicted
+probability (the same share of confident positives, not only the same mean score).
+
 `input = "scores"` gives the branch the model's predicted probabilities sigmoid(logits) (C per image)
 instead of the backbone features: the output-space alignment of Tsai et al. (CVPR 2018). When the
 labels do not depend on the collection (per-group collections drawn at random), a model without the
@@ -57,7 +63,7 @@ averages its gradients over ranks. The schedule's step is set once per optimiser
 `Method.after_optimizer_step`, whatever the number of micro-batches (`optim.accumulate`).
 
 Configured per run as `method.domain_branch = {weight = 0.3, lr_scale = 10.0, hidden = 256, schedule = "dann"}`
-or `{weight = 1.0, kind = "mean"}` or `{weight = 0.3, lr_scale = 10.0, kind = "conditional", entropy = true}`
+or `{weight = 1.0, kind = "mean"}` or `{weight = 10.0, kind = "wasserstein", input = "scores"}` or `{weight = 0.3, lr_scale = 10.0, kind = "conditional", entropy = true}`
 (an empty table, or weight 0, is off; settings: `DomainBranchSettings`). The branch lives in
 `Method` (mlml/methods/base.py), which hands it the `features` of the student's forward over all
 the method's views (each view's rows get the batch's domains), so every registered method takes it
@@ -90,22 +96,22 @@ class DomainBranchSettings:
     gamma: float = 10.0         # steepness of the dann schedule
     lr_scale: float = 1.0       # the head's learning rate / optim.lr (a faster head keeps up with the backbone)
     kind: str = "adversarial"   # adversarial (a head on reversed features) | conditional (CDAN: on features x predictions)
-                                # | mean (match the domains' mean features)
+                                # | mean (match the domains' mean inputs) | wasserstein (match their distributions per dimension)
     input: str = "features"     # features (the backbone's, D) | scores (the head's sigmoid outputs, C)
     entropy: bool = False       # CDAN+E: weight each image's domain loss by 1 + exp(-entropy of its predictions)
     map_dim: int = 1024         # conditional: the randomised multilinear map's size when D x 2C > 4 x map_dim
 
     def __post_init__(self) -> None:
         one_of(self.schedule, "schedule", ("dann", "constant"))
-        one_of(self.kind, "kind", ("adversarial", "conditional", "mean"))
+        one_of(self.kind, "kind", ("adversarial", "conditional", "mean", "wasserstein"))
         one_of(self.input, "input", ("features", "scores"))
         for name in ("weight", "hidden", "lambda_max", "lr_scale"):
             must(getattr(self, name) >= 0, name, ">= 0", getattr(self, name))
         must(self.map_dim >= 1, "map_dim", ">= 1", self.map_dim)
         must(not (self.kind == "conditional" and self.input == "scores"), "input",
              "'features' with kind = 'conditional' (CDAN conditions the features on the scores)", self.input)
-        must(not (self.entropy and self.kind == "mean"), "entropy",
-             "false with kind = 'mean' (it weights an adversarial head's loss)", self.entropy)
+        must(not (self.entropy and self.kind in PENALTIES), "entropy",
+             f"false with kind = '{self.kind}' (it weights an adversarial head's loss)", self.entropy)
 
     @property
     def reads_scores(self) -> bool:
@@ -165,7 +171,7 @@ class DomainBranch(nn.Module):
                 self.register_buffer("r_f", torch.randn(feature_dim, settings.map_dim, generator=g))
                 self.register_buffer("r_g", torch.randn(2 * num_labels, settings.map_dim, generator=g))
                 width = settings.map_dim
-        if settings.kind != "mean":
+        if settings.kind not in PENALTIES:
             self.head = (nn.Sequential(nn.Linear(width, h), nn.ReLU(inplace=True), nn.Linear(h, num_domains))
                          if h else nn.Linear(width, num_domains))
         # optimiser steps taken, set by Method.after_optimizer_step (once per step, whatever the micro-batches);
@@ -182,8 +188,8 @@ class DomainBranch(nn.Module):
         """features (N, D) and domain long (N,), with the predicted probabilities `scores` (N, C) for
         kind "conditional" and `entropy` -> {"loss": weighted domain loss, logged parts}."""
         lam, s = self.lam(), self.settings
-        if s.kind == "mean":
-            gap = mean_discrepancy(features, domain, self.num_domains)
+        if s.kind in PENALTIES:
+            gap = PENALTIES[s.kind](features, domain, self.num_domains)
             return {"loss": float(s.weight) * lam * gap, "domain_loss": gap.detach(),
                     "domain_lambda": torch.tensor(lam)}
         scores = scores.detach() if scores is not None else None               # they condition, never learn
@@ -232,3 +238,32 @@ def mean_discrepancy(features: Tensor, domain: Tensor, num_domains: int) -> Tens
     means = onehot.t() @ features / counts.clamp_min(1).unsqueeze(1)           # (K, D)
     share = counts / len(features)
     return (share.unsqueeze(1) * (means - features.mean(0)) ** 2).sum()
+
+
+def quantile_discrepancy(features: Tensor, domain: Tensor, num_domains: int) -> Tensor:
+    """sum_d (n_d / N) sum_j W2^2(domain d's values of dimension j, the batch's), over the domains present.
+
+    The squared 1-D Wasserstein-2 distance per dimension, between each domain's empirical distribution
+    and the pooled one, in closed form by sorting: the mean over i of (x_d,(i) - Q(q_i))^2, x_d,(i) the
+    i-th smallest of the domain's n_d values and Q(q_i) the batch's quantile at q_i = (i + 1/2) / n_d.
+    0 exactly when every domain has the batch's distribution in every dimension; it is at least
+    `mean_discrepancy` (a distribution's W2 to another is at least the distance of their means), so
+    it also aligns the spread: on predicted probabilities, each collection keeps the same share of
+    confident positives per label, not only the same mean score.
+    """
+    x = features.float()
+    total = x.new_zeros(())
+    for d in range(num_domains):
+        rows = x[domain == d]
+        n = len(rows)
+        if n == 0:
+            continue
+        levels = (torch.arange(n, device=x.device, dtype=x.dtype) + 0.5) / n
+        pooled = torch.quantile(x, levels, dim=0)                              # (n_d, D)
+        own = rows.sort(dim=0).values                                          # (n_d, D)
+        total = total + (n / len(x)) * ((own - pooled) ** 2).mean(0).sum()
+    return total
+
+
+# the kinds without a head: a penalty on the domains' inputs, weighted by weight x lambda(p)
+PENALTIES = {"mean": mean_discrepancy, "wasserstein": quantile_discrepancy}
