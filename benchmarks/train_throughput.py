@@ -22,7 +22,7 @@ from mlml.trainer import Trainer
 
 
 def measure(overrides: list[str], steps: int) -> tuple[float, float]:
-    cfg = load_config(Path(__file__).parent.parent / "experiments/configs/quick.toml", overrides + ["run.progress=false"])
+    cfg = load_config(Path(__file__).parent.parent / "experiments/configs/quick.toml", ["data.synthetic.image_size=32", *overrides, "run.progress=false"])   # 32 px: the README's figures
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, Path(tmp), DistInfo())
         trainer.train_loader.sampler.set_epoch(0)

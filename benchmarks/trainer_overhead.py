@@ -49,7 +49,8 @@ QUICK = Path(__file__).resolve().parent.parent / "experiments/configs/quick.toml
 
 def make_trainer(tmp: str, steps: int, batch: int, overrides: list[str] = ()) -> Trainer:
     """The quick profile's trainer with an epoch of `steps` steps (small val/test splits)."""
-    cfg = load_config(QUICK, [f"data.n_train={steps * batch}", "data.n_val=256", "data.n_test=256",
+    cfg = load_config(QUICK, ["data.synthetic.image_size=32",          # the README's figures: 32 px (the profile: 16)
+                              f"data.n_train={steps * batch}", "data.n_val=256", "data.n_test=256",
                               f"data.batch_size={batch}", "run.device=cpu", "optim.epochs=1000", *overrides])
     trainer = Trainer(cfg, Path(tmp), DistInfo())
     trainer.logger.start(0)
