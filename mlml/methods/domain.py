@@ -63,7 +63,7 @@ averages its gradients over ranks. The schedule's step is set once per optimiser
 `Method.after_optimizer_step`, whatever the number of micro-batches (`optim.accumulate`).
 
 Configured per run as `method.domain_branch = {weight = 0.3, lr_scale = 10.0, hidden = 256, schedule = "dann"}`
-or `{weight = 1.0, kind = "mean"}` or `{weight = 10.0, kind = "wasserstein", input = "scores"}` or `{weight = 0.3, lr_scale = 10.0, kind = "conditional", entropy = true}`
+or `{weight = 1.0, kind = "mean"}` or `{weight = 1.0, kind = "wasserstein", input = "scores"}` or `{weight = 0.3, lr_scale = 10.0, kind = "conditional", entropy = true}`
 (an empty table, or weight 0, is off; settings: `DomainBranchSettings`). The branch lives in
 `Method` (mlml/methods/base.py), which hands it the `features` of the student's forward over all
 the method's views (each view's rows get the batch's domains), so every registered method takes it
