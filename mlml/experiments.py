@@ -126,7 +126,7 @@ def profile_spec(spec: dict, profile: str) -> dict:
                               f"known: {', '.join(spec[group])}")
         merged = {name: own.get(name, entry) for name, entry in spec[group].items()}
         out[group] = {name: entry for name, entry in merged.items() if entry is not False}
-    out["skip"] = skipped_cells(spec, [*spec.get("skip", []), *prof.get("skip", [])], f"profiles.{profile}.skip")
+    out["skipped"] = skipped_cells(spec, [*spec.get("skip", []), *prof.get("skip", [])], f"profiles.{profile}.skip")
     track = prof.get("track", "")
     if not isinstance(track, str) or track in (".", "..") or any(c in track for c in "/\\"):
         raise ConfigError(f"{spec['path']}: profiles.{profile}.track = {track!r} must be a name without '/'")
@@ -165,7 +165,7 @@ def expand(spec: dict, profile: str, seeds: int | None, runs_dir: Path) -> list[
     runs = []
     for setting, s_over in spec["settings"].items():
         for method, m_over in spec["methods"].items():
-            if (setting, method) in spec["skip"]:
+            if (setting, method) in spec["skipped"]:
                 continue
             for seed in range(n):
                 own = (f"run.experiment={spec['name']}", f"run.setting={setting}", f"run.method_label={method}",
@@ -464,8 +464,8 @@ def profile_fingerprint(spec: dict, profile: str) -> str:
     spec = profile_spec(spec, profile)
     config = read_toml_with_bases((spec["path"].parent / spec["profiles"][profile]["config"]).resolve())
     asked = {"config": config, "settings": spec["settings"], "methods": spec["methods"]}
-    if spec["skip"]:            # only when set: fingerprints recorded before `skip` existed stay valid
-        asked["skip"] = sorted("/".join(cell) for cell in spec["skip"])
+    if spec["skipped"]:         # only when set: fingerprints recorded before `skip` existed stay valid
+        asked["skip"] = sorted("/".join(cell) for cell in spec["skipped"])
     text = json.dumps(asked, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -616,10 +616,10 @@ def list_tables(results_dir: Path = Path("results")) -> str:
         timing_path = timing_file(results_dir, path.stem)
         timing = json.loads(timing_path.read_text()) if timing_path.exists() else {}
         settings, methods = len(spec["settings"]), len(spec["methods"])
-        cells = settings * methods - len(skipped_cells(spec, spec.get("skip", []), "skip"))
-        left_out = f", {settings * methods - cells} left out" if cells < settings * methods else ""
+        skipped = len(skipped_cells(spec, spec.get("skip", []), "skip"))
+        left_out = f", {skipped} left out" if skipped else ""
         lines.append(f"{path.stem}: {spec['title']} ({plural(settings, 'setting')} x {plural(methods, 'method')}{left_out} = "
-                     f"{plural(cells, 'run')} a seed)")
+                     f"{plural(settings * methods - skipped, 'run')} a seed)")
         for prof, p in spec["profiles"].items():
             cost = measured_cost(timing[prof]) if prof in timing else p.get("cost", "cost not measured")
             recorded = timing.get(prof, {}).get("fingerprint")
