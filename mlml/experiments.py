@@ -475,12 +475,16 @@ def record_timing(name: str, profile: str, results: list[dict], wall: float | No
     """Update `results/<table>.timing.json`: what `profile` costs, measured; shown by `--list`.
 
     `wall` is the wall time of a reproduction that trained every run (None if some were done
-    already: then the last complete measurement is kept). `fingerprint` is the profile's
-    (`profile_fingerprint`) when it was measured.
+    already: then the last complete measurement is kept, unless it measured another configuration
+    of the profile: a wall time recorded under a different `fingerprint`, the profile's
+    (`profile_fingerprint`) when it was measured, is dropped rather than shown beside these runs).
     """
     path = timing_file(results_dir, name)
     timing = json.loads(path.read_text()) if path.exists() else {}
     entry = timing.get(profile, {})
+    if wall is None and fingerprint is not None and entry.get("fingerprint") != fingerprint:
+        for key in ("wall_seconds", "jobs", "torchrun", "wall_commit"):
+            entry.pop(key, None)
     entry.update(runs=len(results), seeds=len({r["seed"] for r in results}),
                  train_seconds=round(sum(r.get("train_seconds", 0.0) for r in results), 1), hardware=run_provenance(results, 'hardware'), commit=run_provenance(results, 'commit'))
     if fingerprint is not None:

@@ -513,6 +513,20 @@ def test_the_header_records_the_wall_time_of_the_reproduction_that_trained_the_r
     assert experiments.provenance("c", runs, "x")[-1] == "Wall time: x"
 
 
+def test_a_resumed_reproduction_keeps_a_wall_time_only_from_the_same_configuration(tmp_path):
+    runs = [{"seed": 0, "train_seconds": 1.0, "provenance": {"commit": "new"}}]
+    old = {"runs": 1, "commit": "old", "wall_seconds": 60.0, "jobs": 2, "torchrun": 0, "wall_commit": "old", "fingerprint": "f1"}
+    (tmp_path / "t.timing.json").write_text(json.dumps({"quick": old}))
+    experiments.record_timing("t", "quick", runs, None, 2, 0, tmp_path, "f1")
+    assert json.loads((tmp_path / "t.timing.json").read_text())["quick"]["wall_seconds"] == 60.0   # same profile: kept
+    experiments.record_timing("t", "quick", runs, None, 2, 0, tmp_path, "f2")
+    entry = json.loads((tmp_path / "t.timing.json").read_text())["quick"]
+    assert "wall_seconds" not in entry and "wall_commit" not in entry and entry["fingerprint"] == "f2"
+    assert experiments.wall_time({"quick": entry}, "quick", runs).startswith("not recorded")
+    experiments.record_timing("t", "quick", runs, 30.0, 2, 0, tmp_path, "f2")                       # a complete reproduction
+    assert json.loads((tmp_path / "t.timing.json").read_text())["quick"]["wall_seconds"] == 30.0
+
+
 def test_a_table_declares_its_add_ons_as_config_keys(table):
     text = table.read_text()
     table.write_text('addons = ["method.teacher"]\n' + text)
