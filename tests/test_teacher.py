@@ -163,6 +163,8 @@ def test_run_reports_teacher_and_student_and_resumes_exactly(tmp_path, monkeypat
     ("method.teacher={view = 'both'}", "config key 'method.teacher.view' must be 'strong' or 'weak'"),
     ("method.teacher={warmup = 1.0}", "config key 'method.teacher.warmup' must be in [0, 1)"),
     ("method.teacher={pool = 0}", "config key 'method.teacher.pool' must be >= 1"),
+    ("method.teacher={pool_scope = 'unobserved'}", "config key 'method.teacher.pool_scope' must be 'images' unless cap or align"),
+    ("method.teacher={cap = true, k = 1.5, pool_scope = 'labels'}", "config key 'method.teacher.pool_scope' must be 'images' or 'unobserved'"),
 ])
 def test_bad_settings_are_errors_naming_them(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -263,6 +265,41 @@ def test_cap_thresholds_keep_the_class_distribution():
     assert (mask & (targets == 0)).sum(0).tolist() == [7, 5, 10, 0]
 
 
+def test_cap_thresholds_over_valid_entries_are_those_of_each_class_s_own_entries():
+    torch.manual_seed(1)
+    scores, valid = torch.rand(30, 3), torch.rand(30, 3) < 0.4
+    valid[:, 2] = False                                             # a class with no entry: no pseudo-label
+    prior = torch.tensor([0.3, 0.6, 0.5])
+    pos, neg = cap_thresholds(scores, prior, 1.0, 0.5, valid)
+    for c in range(2):
+        own_pos, own_neg = cap_thresholds(scores[valid[:, c], c:c + 1], prior[c:c + 1], 1.0, 0.5)
+        assert (float(pos[c]), float(neg[c])) == (float(own_pos[0]), float(own_neg[0]))
+    assert (float(pos[2]), float(neg[2])) == (math.inf, -math.inf)
+    assert torch.equal(torch.stack(cap_thresholds(scores, prior, 1.0, 0.5, torch.ones_like(valid))),
+                       torch.stack(cap_thresholds(scores, prior, 1.0, 0.5)))
+
+
+def test_a_pool_of_unobserved_entries_keeps_the_prior_where_each_class_is_missing(tmp_path):
+    """Per-group collections: each class's pseudo-labels are for the images of the collections that
+    did not label it, and CAP's share is kept among those, not over every image."""
+    trainer = _trainer(tmp_path, "data.observation=per_group", "method.loss=masked_bce",
+                       "method.teacher={cap = true, prior = 'observed', pool_scope = 'unobserved', rampup = 0.0}")
+    teacher = trainer.method.teacher
+    batch = next(iter(trainer.train_loader))
+    observed = batch["observed"]
+    assert bool(observed.any(1).all()) and bool((~observed).any())  # every image labelled, some entries not
+    targets, mask = trainer.method.pseudo_labels(teacher(batch["image"]), batch)
+    n = (~observed).sum(0)                                           # per class: its unobserved entries
+    assert bool(teacher.pool_valid[: len(observed)].eq(~observed).all())
+    assert (targets * mask)[~observed].sum() == targets[~observed].sum() and not mask[observed].any()
+    expected = torch.floor(teacher.prior.double() * n + 1e-9)
+    assert ((targets * ~observed).sum(0)).tolist() == expected.tolist()
+    default = _trainer(tmp_path / "d", "data.observation=per_group", "method.loss=masked_bce",
+                       "method.teacher={cap = true, prior = 'observed', rampup = 0.0}").method.teacher
+    assert "pool_valid" not in default.state_dict()
+    trainer.train_step(batch)
+
+
 def test_observed_prior_is_the_positive_share_of_fully_labelled_images():
     full = torch.tensor([[1, 0, 1], [0, 0, 1], [1, 0, 0], [1, 1, 1]], dtype=torch.float)
     observed = torch.ones(4, 3, dtype=torch.bool)
@@ -353,8 +390,9 @@ def test_observed_prior_needs_labelled_negatives(tmp_path):
     trainer.train_step(next(iter(trainer.train_loader)))
 
 
-def test_new_options_resume_exactly(tmp_path, monkeypatch):
-    cfg = tiny_config(*SEMI, "method.teacher={cap = true, align = true, k = 1.5, warmup = 0.2, pool = 50}",
+@pytest.mark.parametrize("scope", ["images", "unobserved"])
+def test_new_options_resume_exactly(tmp_path, monkeypatch, scope):
+    cfg = tiny_config(*SEMI, f"method.teacher={{cap = true, align = true, k = 1.5, warmup = 0.2, pool = 50, pool_scope = '{scope}'}}",
                       "optim.epochs=2", "run.checkpoint_every=1")
     reference = train(cfg, tmp_path / "a")
     stop_mid_run(cfg, tmp_path / "b", monkeypatch, at_step=17)

@@ -63,6 +63,15 @@ earlier configurations train bit-identically; docs/references.md has the papers)
 - `align = true`: distribution alignment (ReMixMatch) per class: the teacher's logit of class c
   shifts by logit(prior_c) - logit(mean of the pool's p_c) before thresholds and soft targets
   (`align_distribution`).
+- `pool_scope = "unobserved"`: the pool of `cap` and `align` holds, per class, the scores of the
+  entries that class's pseudo-labels are for: its unobserved entries, of every image of the batch
+  (the rows with their observed mask; `cap_thresholds` and the marginal count only the unobserved
+  ones). CAP's pool is the unlabelled images, which are the entries to pseudo-label when whole
+  images are unlabelled; when labels are missing per group (per-group collections), a class's
+  unobserved entries are the images of the collections that did not label it, and keeping the
+  class distribution there, not over every image, is what stops a collection's low scores (the
+  shortcut "this collection's images have none of these labels") from becoming its pseudo-negatives.
+  The default, `"images"`, is CAP's.
 - `consistency = "bce_all"`: the consistency term is BCE on the pseudo-labelled entries alone,
   divided by all B * C entries (FixMatch's normalisation, `bce_over_all_entries`), instead of the
   configured loss on the completed labels. With every image single-positive, a method whose own
@@ -125,6 +134,7 @@ class TeacherSettings:
     neg_share: float = 1.0           # cap: share of the prior's negatives that become pseudo-negatives
     pool: int = 512                  # cap / align: the teacher's score rows kept (oldest out first)
     align: bool = False              # distribution alignment of the teacher's p to the class prior (ReMixMatch)
+    pool_scope: str = "images"       # cap / align: the pool holds the unlabelled images (images) | each class's unobserved entries (unobserved)
     consistency: str = "loss"        # the consistency term: loss (the configured method.loss) | bce_all (FixMatch's)
     # per-group softmax pseudo-labels (grouped heads)
     threshold: float = 0.9           # teacher softmax confidence at or above: the argmax class is the target
@@ -140,6 +150,9 @@ class TeacherSettings:
         one_of(self.targets, "targets", ("hard", "soft"))
         one_of(self.prior, "prior", ("k", "observed"))
         one_of(self.consistency, "consistency", ("loss", "bce_all"))
+        one_of(self.pool_scope, "pool_scope", ("images", "unobserved"))
+        must(self.pool_scope == "images" or self.uses_pool, "pool_scope",
+             "'images' unless cap or align is on (only they keep a pool)", self.pool_scope)
         for name in ("pos_threshold", "neg_threshold", "pos_threshold_min", "neg_margin", "threshold",
                      "pos_share", "neg_share"):
             must(0.0 <= getattr(self, name) <= 1.0, name, "in [0, 1]", getattr(self, name))
@@ -258,7 +271,8 @@ def observed_prior(train_labels: Callable[[np.ndarray], tuple[Tensor, Tensor]], 
     return (pos / obs).float()
 
 
-def cap_thresholds(scores: Tensor, prior: Tensor, pos_share: float, neg_share: float) -> tuple[Tensor, Tensor]:
+def cap_thresholds(scores: Tensor, prior: Tensor, pos_share: float, neg_share: float,
+                   valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """CAP's class-distribution-aware thresholds (Xie et al., NeurIPS 2023) over scores (n, C).
 
     Per class c, the `floor(pos_share * prior_c * n)` highest scores become positives and the
@@ -266,15 +280,18 @@ def cap_thresholds(scores: Tensor, prior: Tensor, pos_share: float, neg_share: f
     keep the class distribution `prior` and cover every entry. Returns (C,) positive and negative
     thresholds for `pseudo_labels` (p >= pos: positive, p <= neg: negative); a class whose count
     is 0 gets +inf / -inf (none), where the reference code's index -1 would take every score.
+    `valid` (n, C) bool: per class, only its valid entries count (n becomes n_c, their number).
     """
-    n = scores.shape[0]
-    counts = lambda share: torch.floor(share * n + 1e-9).long().clamp(0, n)                    # (C,)
+    valid = torch.ones_like(scores, dtype=torch.bool) if valid is None else valid
+    n = valid.sum(0)                                                                            # (C,)
+    counts = lambda share: torch.minimum(torch.floor(share * n + 1e-9).long(), n)             # (C,)
     n_pos, n_neg = counts(pos_share * prior.double()), counts(neg_share * (1.0 - prior.double()))
-    desc = scores.sort(dim=0, descending=True).values                                          # (n, C)
+    inf = torch.full_like(scores[0], math.inf)
+    desc = torch.where(valid, scores, -inf).sort(dim=0, descending=True).values              # invalid ones last
+    asc = torch.where(valid, scores, inf).sort(dim=0).values
     pick = lambda ordered, m: ordered.gather(0, (m - 1).clamp(min=0)[None, :])[0]              # (C,)
-    inf = torch.full_like(desc[0], math.inf)
     pos = torch.where(n_pos > 0, pick(desc, n_pos), inf)
-    neg = torch.where(n_neg > 0, pick(desc.flip(0), n_neg), -inf)
+    neg = torch.where(n_neg > 0, pick(asc, n_neg), -inf)
     return pos, neg
 
 
@@ -344,6 +361,8 @@ class Teacher(nn.Module):
             self.register_buffer("pool", torch.zeros(settings.pool, c))        # (P, C) recent teacher p, a ring
             self.register_buffer("pool_filled", torch.zeros((), dtype=torch.long))
             self.register_buffer("pool_next", torch.zeros((), dtype=torch.long))
+            if settings.pool_scope == "unobserved":                            # (P, C) which entries count
+                self.register_buffer("pool_valid", torch.zeros(settings.pool, c, dtype=torch.bool))
 
     def _prior(self, ctx: MethodContext) -> Tensor:
         """(C,) the class prior: from k and the observed positives, or CAP's observed-label estimate."""
@@ -403,22 +422,26 @@ class Teacher(nn.Module):
         return {**models, "teacher": self.model}
 
     @torch.no_grad()
-    def remember(self, probs: Tensor) -> Tensor:
-        """Add the rows `probs` (n, C) of every rank to the pool; return the pool's filled rows."""
+    def remember(self, probs: Tensor, valid: Tensor | None = None) -> Tensor:
+        """Add the rows `probs` (n, C) of every rank to the pool (with their `valid` (n, C) entries,
+        `pool_scope = "unobserved"`); return the pool's filled rows (`pool_valid[:filled]` beside them)."""
         rows = all_gather_cat(probs.float())[-self.settings.pool:]            # identical on every rank
         size = self.pool.shape[0]
         where = (int(self.pool_next) + torch.arange(len(rows), device=rows.device)) % size
         self.pool[where] = rows.to(self.pool)
+        if valid is not None:
+            self.pool_valid[where] = all_gather_cat(valid)[-self.settings.pool:].to(self.pool_valid.device)
         self.pool_next.fill_((int(self.pool_next) + len(rows)) % size)
         self.pool_filled.fill_(min(size, int(self.pool_filled) + len(rows)))
         return self.pool[: int(self.pool_filled)]
 
-    def thresholds(self, probs: Tensor, pool: Tensor | None = None) -> tuple[Tensor | float, Tensor | float]:
+    def thresholds(self, probs: Tensor, pool: Tensor | None = None, valid: Tensor | None = None
+                   ) -> tuple[Tensor | float, Tensor | float]:
         """Positive and negative thresholds, scalars or (C,) class-wise ones: CAP's over the `pool`
-        of recent scores, class-adaptive ones over the batch's `probs` (B, C)."""
+        of recent scores (its `valid` entries), class-adaptive ones over the batch's `probs` (B, C)."""
         s = self.settings
         if s.cap:
-            return cap_thresholds(pool, self.prior, s.pos_share, s.neg_share)
+            return cap_thresholds(pool, self.prior, s.pos_share, s.neg_share, valid)
         if not s.class_adaptive:
             return s.pos_threshold, s.neg_threshold
         return adaptive_thresholds(probs, self.prior, s.pos_threshold_min, s.neg_margin)
@@ -427,17 +450,26 @@ class Teacher(nn.Module):
         """(targets float (B, C), mask bool (B, C)) from teacher probabilities `probs` (B, C).
 
         With the pool on, the teacher's scores of the batch's unlabelled images (all images when
-        it has none) enter it first; `align` then shifts `probs` and the pool towards the prior
-        (the pool's mean is the running marginal), and `cap` thresholds at the pool's quantiles.
+        it has none; every image, its unobserved entries counted, with `pool_scope = "unobserved"`)
+        enter it first; `align` then shifts `probs` and the pool towards the prior (the pool's mean
+        is the running marginal), and `cap` thresholds at the pool's quantiles.
         """
-        s, pool = self.settings, None
+        s, pool, valid = self.settings, None, None
         if s.uses_pool:
-            labelled = observed.any(1)                                         # (B,)
-            pool = self.remember(probs[~labelled] if bool((~labelled).any()) else probs)
+            if s.pool_scope == "unobserved":
+                pool = self.remember(probs, ~observed)
+                valid = self.pool_valid[: len(pool)]
+            else:
+                labelled = observed.any(1)                                     # (B,)
+                pool = self.remember(probs[~labelled] if bool((~labelled).any()) else probs)
             if s.align:
-                marginal = pool.mean(0)                                        # (C,)
+                if valid is None:
+                    marginal = pool.mean(0)                                    # (C,)
+                else:                                                          # a class with no entry: no shift
+                    n = valid.sum(0)
+                    marginal = torch.where(n > 0, (pool * valid).sum(0) / n.clamp_min(1), self.prior.to(pool))
                 probs, pool = (align_distribution(x, self.prior, marginal) for x in (probs, pool))
-        pos_t, neg_t = self.thresholds(probs, pool)
+        pos_t, neg_t = self.thresholds(probs, pool, valid)
         targets, mask = pseudo_labels(probs, observed, pos_t, neg_t, soft=s.targets == "soft")
         if not s.labelled_images:
             unlabelled = ~observed.any(1, keepdim=True)                        # (B, 1)
