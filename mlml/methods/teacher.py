@@ -69,9 +69,10 @@ earlier configurations train bit-identically; docs/references.md has the papers)
   ones). CAP's pool is the unlabelled images, which are the entries to pseudo-label when whole
   images are unlabelled; when labels are missing per group (per-group collections), a class's
   unobserved entries are the images of the collections that did not label it, and keeping the
-  class distribution there, not over every image, is what stops a collection's low scores (the
+  class distribution there, not over every image, is meant to stop a collection's low scores (the
   shortcut "this collection's images have none of these labels") from becoming its pseudo-negatives.
-  The default, `"images"`, is CAP's.
+  On the real-scan shortcut it measured the same as CAP's pool (README, "At width 32, on top of
+  masked BCE"). The default, `"images"`, is CAP's.
 - `consistency = "bce_all"`: the consistency term is BCE on the pseudo-labelled entries alone,
   divided by all B * C entries (FixMatch's normalisation, `bce_over_all_entries`), instead of the
   configured loss on the completed labels. With every image single-positive, a method whose own
