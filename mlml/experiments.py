@@ -470,6 +470,10 @@ def profile_fingerprint(spec: dict, profile: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+# what a reproduction that trained every run records beside a profile's cost (`record_timing`)
+WALL_KEYS = ("wall_seconds", "jobs", "torchrun", "wall_commit")
+
+
 def record_timing(name: str, profile: str, results: list[dict], wall: float | None, jobs: int, torchrun: int, results_dir: Path,
                   fingerprint: str | None = None) -> None:
     """Update `results/<table>.timing.json`: what `profile` costs, measured; shown by `--list`.
@@ -483,14 +487,14 @@ def record_timing(name: str, profile: str, results: list[dict], wall: float | No
     timing = json.loads(path.read_text()) if path.exists() else {}
     entry = timing.get(profile, {})
     if wall is None and fingerprint is not None and entry.get("fingerprint") != fingerprint:
-        for key in ("wall_seconds", "jobs", "torchrun", "wall_commit"):
+        for key in WALL_KEYS:
             entry.pop(key, None)
     entry.update(runs=len(results), seeds=len({r["seed"] for r in results}),
                  train_seconds=round(sum(r.get("train_seconds", 0.0) for r in results), 1), hardware=run_provenance(results, 'hardware'), commit=run_provenance(results, 'commit'))
     if fingerprint is not None:
         entry["fingerprint"] = fingerprint
     if wall is not None:
-        entry.update(wall_seconds=round(wall, 1), jobs=jobs, torchrun=torchrun, wall_commit=entry["commit"])
+        entry.update(zip(WALL_KEYS, (round(wall, 1), jobs, torchrun, entry["commit"])))
     timing[profile] = entry
     results_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(timing, indent=2) + "\n")

@@ -309,6 +309,15 @@ def align_distribution(probs: Tensor, prior: Tensor, marginal: Tensor, eps: floa
     return torch.sigmoid(torch.logit(probs.clamp(eps, 1 - eps)) + shift)
 
 
+def pool_marginal(pool: Tensor, valid: Tensor | None, prior: Tensor) -> Tensor:
+    """(C,) the mean teacher score per class over the pool (n, C), or over each class's `valid` entries
+    (a class with none gets its prior: no shift in `align_distribution`)."""
+    if valid is None:
+        return pool.mean(0)
+    n = valid.sum(0)
+    return torch.where(n > 0, (pool * valid).sum(0) / n.clamp_min(1), prior.to(pool))
+
+
 def pseudo_label_quality(pseudo: Tensor, mask: Tensor, full: Tensor, observed: Tensor) -> dict[str, Tensor]:
     """Precision and recall of hard pseudo-positives / negatives against the full labels (diagnostics)."""
     unobs = ~observed
@@ -464,11 +473,7 @@ class Teacher(nn.Module):
                 labelled = observed.any(1)                                     # (B,)
                 pool = self.remember(probs[~labelled] if bool((~labelled).any()) else probs)
             if s.align:
-                if valid is None:
-                    marginal = pool.mean(0)                                    # (C,)
-                else:                                                          # a class with no entry: no shift
-                    n = valid.sum(0)
-                    marginal = torch.where(n > 0, (pool * valid).sum(0) / n.clamp_min(1), self.prior.to(pool))
+                marginal = pool_marginal(pool, valid, self.prior)             # (C,)
                 probs, pool = (align_distribution(x, self.prior, marginal) for x in (probs, pool))
         pos_t, neg_t = self.thresholds(probs, pool, valid)
         targets, mask = pseudo_labels(probs, observed, pos_t, neg_t, soft=s.targets == "soft")
