@@ -60,6 +60,23 @@ def test_branch_lambda_follows_its_step_count():
     assert isinstance(DomainBranch(DomainBranchSettings(**({"weight": 1.0, "hidden": 0})), 3, 4, 10).head, torch.nn.Linear)
 
 
+def test_branch_waits_for_its_start():
+    """start = 0.4 of 10 steps: lambda 0 for steps 0-3, then the schedule over the remaining 6 steps."""
+    dann = DomainBranch(DomainBranchSettings(weight=1.0, start=0.4), 3, 2, 10)
+    constant = DomainBranch(DomainBranchSettings(weight=1.0, start=0.4, schedule="constant", lambda_max=0.3), 3, 2, 10)
+    lams, flat = [], []
+    for step in range(11):
+        dann.step.fill_(step)
+        constant.step.fill_(step)
+        lams.append(dann.lam())
+        flat.append(constant.lam())
+    assert lams[:4] == [0.0] * 4 and flat[:4] == [0.0] * 4
+    assert lams[4:] == pytest.approx([dann_lambda((s - 4) / 6) for s in range(4, 11)])
+    assert flat[4:] == [0.3] * 7
+    with pytest.raises(ConfigError, match="'method.domain_branch.start' must be in \\[0, 1\\)"):
+        tiny_config("method.domain_branch={weight = 1.0, start = 1.0}")
+
+
 def test_bad_settings_are_errors_naming_them(tmp_path):
     with pytest.raises(ConfigError, match="unknown config key 'method.domain_branch.lamda'"):
         tiny_config("method.domain_branch={weight = 1.0, lamda = 1.0}")

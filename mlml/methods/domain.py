@@ -15,6 +15,12 @@ learns to tell the domains apart while the backbone learns to make that impossib
     dann:      lambda(p) = lambda_max * (2 / (1 + exp(-gamma p)) - 1)        (gamma = 10)
     constant:  lambda(p) = lambda_max
 
+With `start` = s > 0 the branch waits: lambda = 0 while p < s (the head learns, the backbone gets
+nothing from it), then the schedule runs over the rest, dann at (p - s) / (1 - s). A branch that acts
+from the first step can hold back what the task learns slowly: on the real scans' shortcut the
+digits take ~15 epochs to take off under masked BCE alone, and an adversarial head ramped up by then
+kept every run near 0.6 mAP (README, "What the shortcut costs").
+
 `weight` is relative to the task loss: with a sum-reduced loss (asl, hill, focal... reduce over the
 B x C entries by default) the same weight is ~B*C times weaker; use `loss_args.reduction = "mean"`
 with those (under AdamW the reduction alone hardly changes a run). The head learns at
@@ -94,6 +100,7 @@ class DomainBranchSettings:
     schedule: str = "dann"      # dann | constant
     lambda_max: float = 1.0     # lambda at the end of the dann schedule, or the constant value
     gamma: float = 10.0         # steepness of the dann schedule
+    start: float = 0.0          # share of training before the branch acts (lambda 0: the head learns, the backbone is left alone)
     lr_scale: float = 1.0       # the head's learning rate / optim.lr (a faster head keeps up with the backbone)
     kind: str = "adversarial"   # adversarial (a head on reversed features) | conditional (CDAN: on features x predictions)
                                 # | mean (match the domains' mean inputs) | wasserstein (match their distributions per dimension)
@@ -108,6 +115,7 @@ class DomainBranchSettings:
         for name in ("weight", "hidden", "lambda_max", "lr_scale"):
             must(getattr(self, name) >= 0, name, ">= 0", getattr(self, name))
         must(self.map_dim >= 1, "map_dim", ">= 1", self.map_dim)
+        must(0.0 <= self.start < 1.0, "start", "in [0, 1)", self.start)
         must(not (self.kind == "conditional" and self.input == "scores"), "input",
              "'features' with kind = 'conditional' (CDAN conditions the features on the scores)", self.input)
         must(not (self.entropy and self.kind in PENALTIES), "entropy",
@@ -180,9 +188,12 @@ class DomainBranch(nn.Module):
 
     def lam(self) -> float:
         s = self.settings
+        progress = float(self.step) / self.total_steps
+        if progress < s.start:
+            return 0.0
         if s.schedule == "constant":
             return float(s.lambda_max)
-        return float(s.lambda_max) * dann_lambda(float(self.step) / self.total_steps, float(s.gamma))
+        return float(s.lambda_max) * dann_lambda((progress - s.start) / (1.0 - s.start), float(s.gamma))
 
     def forward(self, features: Tensor, domain: Tensor, scores: Tensor | None = None) -> dict[str, Tensor]:
         """features (N, D) and domain long (N,), with the predicted probabilities `scores` (N, C) for
