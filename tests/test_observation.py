@@ -111,3 +111,33 @@ def test_annotated_observes_stored_positives_and_known_negatives():
     assert [np.flatnonzero(t).tolist() for t in targets.numpy()] == [[6], [0, 3], []]
     with pytest.raises(ValueError, match="needs the source's label store"):
         build_observation("annotated", SPACE, seed=0, args={})
+
+
+def test_balanced_draw_labels_every_class_alike_and_reads_what_observe_picks():
+    from mlml.data.label_store import LabelStore
+    from mlml.data.observation import balanced_shares
+    n = 20000
+    g = torch.Generator().manual_seed(1)
+    full = torch.rand(n, 7, generator=g) < torch.tensor([0.6, 0.3, 0.1, 0.05, 0.4, 0.2, 0.02])
+    full[:50] = False                                       # images without positives
+    store, rows = LabelStore.from_dense(full), np.arange(n)
+    plain = build_observation("single_positive", SPACE, 5, {"labelled_fraction": 0.05})
+    obs = build_observation("single_positive", SPACE, 5, {"labelled_fraction": 0.05, "balanced": True}, store)
+    _, seen = obs(rows, full)
+    labelled = obs.labelled(rows)
+    every = plain.observe(rows, full)                       # what each image observes when labelled
+    assert torch.equal(seen, every & torch.from_numpy(labelled)[:, None])
+    assert torch.equal(torch.from_numpy(obs.observed_positive(rows)),
+                       torch.where(every.any(1), every.float().argmax(1), torch.tensor(-1)))
+    per_class = seen.sum(0).numpy()
+    per_class_plain = plain(rows, full)[1].sum(0).numpy()
+    with_positive = int(full.any(1).sum())
+    assert abs(labelled[full.any(1).numpy()].mean() - 0.05) < 0.01
+    assert per_class_plain.max() / per_class_plain.min() > 20        # the random draw follows frequency
+    assert per_class.max() / per_class.min() < 1.6                   # the balanced draw does not
+    assert np.allclose(per_class.mean(), 0.05 * with_positive / 7, rtol=0.1)
+    shares = balanced_shares(np.array([10, 0, 1000, 100]), 150.0)   # 10 whole, 70 each for the others
+    assert np.allclose(shares, [1.0, 0.0, 0.07, 0.7]) and np.isclose((shares * [10, 0, 1000, 100]).sum(), 150)
+    assert torch.equal(torch.from_numpy(obs.domain(rows)), (~torch.from_numpy(labelled)).long())
+    with pytest.raises(ValueError, match="label store"):
+        build_observation("single_positive", SPACE, 5, {"labelled_fraction": 0.05, "balanced": True})

@@ -18,6 +18,13 @@ Models (`data.observation`, with `data.observation_args`):
                      default for image folders and annotation files (`data.observation = "auto"`).
 Any model takes `labelled_fraction` (default 1): the other images are unlabelled (observed all False,
 domain 1 for labelled-vs-unlabelled domain branches, unless per_group sets domains).
+`single_positive` also takes `balanced` (default false): the labelled images are drawn so that every
+class's observed positive is equally likely to be labelled (FixMatch's "N labels per class", for
+single positives): an image whose observed positive is class c is labelled with probability p_c,
+p_c x N_c the same for every class (N_c: images of the source whose observed positive is c) up to
+p_c = 1, and the labelled images `labelled_fraction` of those with a positive. A random draw of 1%
+of 5,000 images leaves rare classes without a single labelled positive (README, "Semi-supervised
+study"); the balanced draw is still one hash per image, fixed for the seed.
 
 Each model's `data.observation_args` are its `Settings` dataclass (mlml/settings.py), checked when
 the config is loaded.
@@ -83,6 +90,13 @@ class ObservationSettings:
 
     def __post_init__(self) -> None:
         must(0.0 <= self.labelled_fraction <= 1.0, "labelled_fraction", "in [0, 1]", self.labelled_fraction)
+
+
+@dataclass
+class SinglePositiveSettings(ObservationSettings):
+    """`data.observation_args` of `single_positive`."""
+
+    balanced: bool = False           # labelled images drawn class-balanced by their observed positive (module docstring)
 
 
 @dataclass
@@ -157,7 +171,27 @@ class Unlabelled(Observation):
 
 @OBSERVATIONS.register("single_positive")
 class SinglePositive(Observation):
-    """One positive per image, chosen uniformly among its positives; images without any observe none."""
+    """One positive per image, chosen uniformly among its positives; images without any observe none.
+    With `balanced = true` the labelled images are drawn class-balanced (module docstring), which
+    reads the source's label store."""
+
+    Settings = SinglePositiveSettings
+
+    def __init__(self, label_space: LabelSpace, seed: int, settings: SinglePositiveSettings | None = None,
+                 labels: LabelStore | None = None) -> None:
+        super().__init__(label_space, seed, settings)
+        self.labels, self.share = None, None
+        if self.settings.balanced and self.labelled_fraction < 1.0:
+            if labels is None:
+                raise ValueError("single_positive with balanced = true needs the source's label store")
+            self.labels = labels
+            counts = np.zeros(labels.num_labels, dtype=np.int64)
+            with_positive = 0
+            for start in range(0, len(labels), _CHUNK):
+                observed = self.observed_positive(np.arange(start, min(start + _CHUNK, len(labels))))
+                counts += np.bincount(observed[observed >= 0], minlength=labels.num_labels)
+                with_positive += int((observed >= 0).sum())
+            self.share = balanced_shares(counts, self.labelled_fraction * with_positive)
 
     def observe(self, rows: np.ndarray, full: torch.Tensor) -> torch.Tensor:
         counts = full.sum(1)                                                    # (B,)
@@ -165,6 +199,44 @@ class SinglePositive(Observation):
         pick = (u * counts).long()                                              # k-th positive, 0-based
         rank = full.long().cumsum(1) - 1                                        # (B, C) rank among positives
         return full & (rank == pick[:, None])
+
+    def observed_positive(self, rows: np.ndarray) -> np.ndarray:
+        """int64 (B,): the label `observe` picks for each row, from the label store (-1: no positive)."""
+        store = self.labels
+        rows = np.asarray(rows, dtype=np.int64)
+        starts = store.indptr[rows].astype(np.int64)
+        counts = store.indptr[rows + 1].astype(np.int64) - starts
+        pick = (hash_uniform(self.seed, 1, rows) * counts).astype(np.int64)  # as observe: rows are sorted
+        out = np.full(len(rows), -1, dtype=np.int64)
+        has = counts > 0
+        out[has] = store.indices[starts[has] + pick[has]]
+        return out
+
+    def labelled(self, rows: np.ndarray) -> np.ndarray:
+        if self.share is None:
+            return super().labelled(rows)
+        observed = self.observed_positive(rows)
+        share = np.where(observed >= 0, self.share[np.maximum(observed, 0)], self.labelled_fraction)
+        return hash_uniform(self.seed, 7, rows) < share
+
+
+_CHUNK = 1 << 20  # rows whose observed positive is read per step when the balanced shares are counted
+
+
+def balanced_shares(counts: np.ndarray, total: float) -> np.ndarray:
+    """float (C,): p_c with p_c x counts_c equal across classes, capped at p_c = 1, summing to `total`
+    labelled images (water-filling: the rarest classes are labelled whole, the rest share what is left)."""
+    share = np.zeros(len(counts), dtype=np.float64)
+    order = np.argsort(counts, kind="stable")
+    left, remaining = float(total), int((counts > 0).sum())
+    for c in order:
+        if counts[c] == 0:
+            continue
+        quota = left / remaining
+        share[c] = min(1.0, quota / counts[c])
+        left -= share[c] * counts[c]
+        remaining -= 1
+    return share
 
 
 @OBSERVATIONS.register("partial")
@@ -227,5 +299,7 @@ def build_observation(name: str, label_space: LabelSpace, seed: int, args: dict,
     if getattr(cls, "needs_labels", False):
         if labels is None:
             raise ValueError(f"observation model '{name}' needs the source's label store")
+        return cls(label_space, seed, settings, labels=labels)
+    if getattr(settings, "balanced", False):
         return cls(label_space, seed, settings, labels=labels)
     return cls(label_space, seed, settings)
