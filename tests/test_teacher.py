@@ -422,3 +422,26 @@ def test_bce_all_consistency_divides_the_kept_entries_by_every_entry(tmp_path):
     got = method.pseudo_objective(student, batch, (targets, mask))["loss"]
     expected = nn.functional.binary_cross_entropy_with_logits(student["logits"].float(), targets, reduction="none")
     assert torch.allclose(got, expected[mask].sum() / mask.numel(), atol=1e-6)     # the observed entries are not in it
+
+
+def test_per_label_pseudo_label_script_reads_a_teacher_run(tmp_path):
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(
+        "pseudo_labels_per_label", Path(__file__).resolve().parents[1] / "experiments" / "pseudo_labels_per_label.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    cfg = tiny_config("method.teacher={weight = 1.0, pos_threshold = 0.6}", "optim.epochs=1",
+                      "data.observation_args={labelled_fraction = 0.5}", "data.unlabelled_ratio=1")
+    train(cfg, tmp_path / "run")
+    text = script.per_label(str(tmp_path / "run"), images=50)
+    lines = text.strip().splitlines()
+    assert "50 unlabelled training images" in lines[0] and "p >= 0.6" in lines[0] and "p <= 0.05" in lines[0]
+    rows = [line.split() for line in lines[2:]]
+    assert [r[0] for r in rows] == list(cfg_names(cfg))
+    assert all(0.0 <= float(v) <= 1.0 for r in rows for v in (r[3], r[4], r[6]))
+
+
+def cfg_names(cfg):
+    from mlml.data.pipeline import build_data
+    return build_data(cfg.data, cache=("val",)).label_space.names
