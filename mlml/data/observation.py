@@ -176,6 +176,7 @@ class SinglePositive(Observation):
     reads the source's label store."""
 
     Settings = SinglePositiveSettings
+    reads_labels = True               # with balanced = true
 
     def __init__(self, label_space: LabelSpace, seed: int, settings: SinglePositiveSettings | None = None,
                  labels: LabelStore | None = None) -> None:
@@ -278,7 +279,7 @@ class PerGroup(Observation):
 class Annotated(Observation):
     """The stored labels as they are: positives and known negatives observed, the rest unknown."""
 
-    needs_labels = True
+    reads_labels = True
 
     def __init__(self, label_space: LabelSpace, seed: int, settings: ObservationSettings | None = None,
                  labels: LabelStore | None = None) -> None:
@@ -296,10 +297,6 @@ def build_observation(name: str, label_space: LabelSpace, seed: int, args: dict,
     a `ConfigError` names a bad key); `labels` (the source's store) goes to models that read it."""
     cls: Callable[..., Observation] = OBSERVATIONS.get(name)
     settings = resolve(settings_class(cls), args, "data.observation_args", f"observation model '{name}'")
-    if getattr(cls, "needs_labels", False):
-        if labels is None:
-            raise ValueError(f"observation model '{name}' needs the source's label store")
-        return cls(label_space, seed, settings, labels=labels)
-    if getattr(settings, "balanced", False):
+    if getattr(cls, "reads_labels", False):   # the model says itself when it needs them
         return cls(label_space, seed, settings, labels=labels)
     return cls(label_space, seed, settings)
