@@ -24,6 +24,7 @@ A space file:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -33,7 +34,7 @@ import tomllib
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from mlml.config import ConfigError, load_config, to_toml
 from mlml.launchers import require
@@ -129,13 +130,56 @@ def check(spec: SearchSpec) -> dict:
 
 
 def storage(url: str) -> Any:
-    """Optuna RDB storage: waits on a locked SQLite file; a dead worker's trial is failed by heartbeat."""
+    """Optuna RDB storage: waits on a locked SQLite file; a dead worker's trial is failed by heartbeat.
+
+    SQLite ignores Optuna's `SELECT ... FOR UPDATE`, so two workers could both number a new trial N
+    or both move one enqueued trial to RUNNING (and train it into the same `trialN` folder). On a
+    SQLite file those two steps are taken one worker at a time under an OS lock on `<database>.claim`
+    (released by the kernel when a worker dies; on platforms without `fcntl` they are not serialised).
+    Server databases (PostgreSQL, MySQL) lock the rows themselves.
+    """
     import warnings
 
     optuna = require("optuna", "mlml search")
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)   # heartbeat_interval
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=30, grace_period=120)
+    database = url.removeprefix("sqlite:///").split("?")[0]
+    if database == url or database in ("", ":memory:"):
+        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=30, grace_period=120)
+    return sqlite_storage(optuna, Path(database + ".claim"))(url, engine_kwargs=kwargs, heartbeat_interval=30, grace_period=120)
+
+
+@contextlib.contextmanager
+def exclusive(path: Path) -> Iterator[None]:
+    """Hold an OS lock on `path` (blocking; released when the block ends or the process dies)."""
+    try:
+        import fcntl
+    except ImportError:                 # Windows: no fcntl; claims are not serialised
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def sqlite_storage(optuna: Any, lock: Path) -> type:
+    """Optuna's RDB storage whose trial numbering and claiming of waiting trials hold `lock`."""
+
+    class SQLiteStorage(optuna.storages.RDBStorage):
+        def create_new_trial(self, study_id: int, template_trial: Any = None) -> int:
+            with exclusive(lock):
+                return super().create_new_trial(study_id, template_trial)
+
+        def set_trial_state_values(self, trial_id: int, state: Any, values: Any = None) -> bool:
+            if state.name != "RUNNING":
+                return super().set_trial_state_values(trial_id, state, values)
+            with exclusive(lock):
+                return super().set_trial_state_values(trial_id, state, values)
+
+    return SQLiteStorage
 
 
 def open_study(spec: SearchSpec, seed_offset: int = 0) -> Any:

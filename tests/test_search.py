@@ -1,6 +1,9 @@
 """`mlml search`: Optuna trials on validation metrics, parallel workers on one SQLite study, pruning, best config."""
 
 import sqlite3
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -81,6 +84,38 @@ def test_two_workers_share_one_sqlite_study_prune_and_write_a_best_config_that_t
     assert cli.main(argv) == 0 and capsys.readouterr().out.strip() == table
     with sqlite3.connect(out / "study.db") as db:
         assert db.execute("select count(*) from trials").fetchone()[0] == 4
+
+
+ASK = """
+import sys, time, warnings
+import optuna
+from mlml.search import storage
+warnings.simplefilter("ignore")
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+study = optuna.load_study(study_name="s", storage=storage(sys.argv[1]))
+time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
+print(*(study.ask().number for _ in range(3)))
+"""
+
+
+def test_workers_asking_at_once_on_one_sqlite_file_never_get_the_same_trial(tmp_path):
+    """SQLite ignores SELECT ... FOR UPDATE: without the claim lock (`mlml.search.storage`) workers
+    starting together got the same trial number (this test failed 3 of 3 times), and two search workers
+    trained one trial into one `trialN` folder."""
+    from mlml.search import storage
+
+    (tmp_path / "ask.py").write_text(ASK)
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = optuna.create_study(study_name="s", storage=storage(url))
+    for i in range(9):                              # 9 enqueued, then 9 new: both claim paths
+        study.enqueue_trial({"x": i})
+    start = time.time() + 8.0                       # every worker has opened the study by then
+    workers = [subprocess.Popen([sys.executable, str(tmp_path / "ask.py"), url, str(start)], stdout=subprocess.PIPE, text=True)
+               for _ in range(6)]
+    numbers = [int(n) for w in workers for n in w.communicate(timeout=120)[0].split()]
+    assert all(w.returncode == 0 for w in workers)
+    assert sorted(numbers) == list(range(18))
+    assert len(study.get_trials()) == 18
 
 
 def test_space_and_metric_errors_name_the_key(tmp_path, capsys):
