@@ -445,3 +445,32 @@ def test_per_label_pseudo_label_script_reads_a_teacher_run(tmp_path):
 def cfg_names(cfg):
     from mlml.data.pipeline import build_data
     return build_data(cfg.data, cache=("val",)).label_space.names
+
+
+def test_gain_by_group_script_pairs_seeds_and_averages_each_groups_labels(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(
+        "gain_by_group", Path(__file__).resolve().parents[1] / "experiments" / "gain_by_group.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    runs = tmp_path / "runs"
+    rows = {"teacher": ("method.teacher={weight = 1.0}", "data.unlabelled_ratio=1"), "plain": ()}
+    for row, extra in rows.items():
+        for seed in (0, 1):
+            train(tiny_config("optim.epochs=1", f"run.seed={seed}", "data.observation_args={labelled_fraction = 0.5}",
+                              *extra), runs / "s" / row / f"seed{seed}")
+    (runs / "s" / "plain" / "seed2").mkdir()                      # a seed without metrics.json on one side: left out
+    gains = script.group_gains(runs, "s", "teacher", "plain")
+    space = script.load_predictor(runs / "s" / "teacher" / "seed0" / "checkpoints" / "best.pt").label_space
+    assert list(gains) == [g.name for g in space.groups] + ["all"] and all(len(v) == 2 for v in gains.values())
+    for seed in (0, 1):
+        a, b = (json.loads((runs / "s" / row / f"seed{seed}" / "metrics.json").read_text())["per_class_ap"] for row in rows)
+        a = a["teacher"]
+        b = b.get("student", b)
+        assert gains["all"][seed] == pytest.approx(sum(a[n] - b[n] for n in space.names) / len(space.names))
+        for g in space.groups:                                      # each group's mean over its own labels
+            assert gains[g.name][seed] == pytest.approx(sum(a[space.names[i]] - b[space.names[i]] for i in g.labels) / len(g.labels))
+    text = script.report(runs, "s", "teacher", "plain")
+    assert "teacher - plain" in text and text.count("(2 seeds)") == len(gains)
