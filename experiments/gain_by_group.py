@@ -29,8 +29,8 @@ def per_class_ap(run: Path) -> dict[str, float]:
 
 def group_gains(runs: Path, setting: str, row: str, baseline: str) -> dict[str, list[float]]:
     """{group name (and "all"): [row - baseline mean test AP over the group's labels, per seed]}."""
-    seeds = sorted({p.name for p in (runs / setting / row).glob("seed*") if (p / "metrics.json").exists()}
-                   & {p.name for p in (runs / setting / baseline).glob("seed*") if (p / "metrics.json").exists()})
+    done = lambda name: {p.name for p in (runs / setting / name).glob("seed*") if (p / "metrics.json").exists()}
+    seeds = sorted(done(row) & done(baseline))
     if not seeds:
         raise SystemExit(f"no seed of {setting} has metrics.json under both {row} and {baseline} in {runs}")
     space = load_predictor(runs / setting / row / seeds[0] / "checkpoints" / "best.pt").label_space

@@ -144,9 +144,9 @@ def storage(url: str) -> Any:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)   # heartbeat_interval
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     database = url.removeprefix("sqlite:///").split("?")[0]
-    if database == url or database in ("", ":memory:"):
-        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=30, grace_period=120)
-    return sqlite_storage(optuna, Path(database + ".claim"))(url, engine_kwargs=kwargs, heartbeat_interval=30, grace_period=120)
+    on_file = database != url and database not in ("", ":memory:")
+    cls = sqlite_storage(optuna, Path(database + ".claim")) if on_file else optuna.storages.RDBStorage
+    return cls(url, engine_kwargs=kwargs, heartbeat_interval=30, grace_period=120)
 
 
 @contextlib.contextmanager
