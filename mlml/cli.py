@@ -146,7 +146,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         raise ConfigError(f"--jobs must be >= 1 and --torchrun >= 0, got {args.jobs} and {args.torchrun}")
     launcher = slurm_launcher(args, launcher_resources(args.table, args.profile, args.slurm))
     print(reproduce(args.table, args.profile, seeds=args.seeds, jobs=args.jobs, runs_dir=Path(args.runs_dir),
-                    results_dir=Path(args.results_dir), torchrun=args.torchrun, launcher=launcher, wait_lock=args.wait_lock))
+                    results_dir=Path(args.results_dir), torchrun=args.torchrun, launcher=launcher, wait_lock=args.wait_lock,
+                    only=args.only))
     return 0
 
 
@@ -354,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results-dir", default="results", help="where tables and measured costs (<table>.timing.json) go")
     p.add_argument("--status", action="store_true", help="show each run as done, running, pending, failed (with its log), stopped or missing")
     p.add_argument("--wait-lock", action="store_true", help="if another reproduction of the table runs, wait for it (default: refuse)")
+    p.add_argument("--only", action="append", metavar="SETTING/METHOD",
+                   help="train only the missing runs of these cells (shell wildcards, repeatable), e.g. a new row; "
+                        "the table is written once every run is done")
     add_launcher_args(p)
     p.set_defaults(fn=cmd_reproduce)
 

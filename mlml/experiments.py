@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import fnmatch
 import hashlib
 import io
 import json
@@ -246,6 +247,7 @@ def reproduce(
     torchrun: int = 0,
     launcher: SlurmLauncher | None = None,
     wait_lock: bool = False,
+    only: list[str] | None = None,
 ) -> str:
     """Run every missing run of a table, then rebuild and return its Markdown table.
 
@@ -254,15 +256,29 @@ def reproduce(
     `metrics.json` exists is not trained again. One reproduction of a table at a time per runs
     directory (`<runs_dir>/<table>/reproduce.lock`): a second one refuses, naming the first's pid
     and host, or with `wait_lock` waits for it to finish.
+
+    `only`: patterns of "<setting>/<method>" cells (shell wildcards, e.g. "*/mean_teacher_em"): train
+    the missing runs of those cells alone, e.g. a row just added; the table and its measured cost
+    are written only once every run of the profile is done (a later call without `only` does it).
     """
     spec = read_table(name)
     lock_dir = track_runs_dir(profile_spec(spec, profile), runs_dir)
     with table_lock(lock_dir / spec["name"] / "reproduce.lock", f"table {spec['name']} in {lock_dir}", wait_lock):
-        return _reproduce(spec, name, profile, seeds, jobs, runs_dir, results_dir, torchrun, launcher)
+        return _reproduce(spec, name, profile, seeds, jobs, runs_dir, results_dir, torchrun, launcher, only)
+
+
+def selected_runs(runs: list[Run], only: list[str]) -> list[Run]:
+    """The runs of the cells that `only`'s "<setting>/<method>" patterns (fnmatch) name; a pattern that
+    names no cell of the table is an error (a typo would otherwise train nothing and say so quietly)."""
+    cells = sorted({f"{r.setting}/{r.method}" for r in runs})
+    for pattern in only:
+        if not fnmatch.filter(cells, pattern):
+            raise ConfigError(f"--only {pattern!r} names no cell of the table; its cells: {', '.join(cells)}")
+    return [r for r in runs if any(fnmatch.fnmatchcase(f"{r.setting}/{r.method}", p) for p in only)]
 
 
 def _reproduce(spec: dict, name: str, profile: str, seeds: int | None, jobs: int, runs_dir: Path, results_dir: Path, torchrun: int,
-               launcher: SlurmLauncher | None) -> str:
+               launcher: SlurmLauncher | None, only: list[str] | None = None) -> str:
     runs = expand(spec, profile, seeds, runs_dir)
     fingerprint = profile_fingerprint(spec, profile)       # of what is trained, before the files can change
     dirs = {r: run_dir(r) for r in runs}
@@ -270,7 +286,12 @@ def _reproduce(spec: dict, name: str, profile: str, seeds: int | None, jobs: int
     for r in runs:
         if r not in todo:
             check_done_run(r, dirs[r])
-    print(f"{name} ({profile}): {len(runs)} runs, {len(runs) - len(todo)} already done, {len(todo)} to run", file=sys.stderr)
+    missing = len(todo)
+    if only:
+        chosen = set(selected_runs(runs, only))
+        todo = [r for r in todo if r in chosen]
+    print(f"{name} ({profile}): {len(runs)} runs, {len(runs) - missing} already done, {len(todo)} to run"
+          + (f" (--only; {missing - len(todo)} more missing)" if only else ""), file=sys.stderr)
     spec = profile_spec(spec, profile)
     write_table_layout(track_runs_dir(spec, runs_dir) / spec["name"], spec["name"], spec["metrics"])
     threads = max(1, (os.cpu_count() or 1) // (max(1, jobs) * max(1, torchrun)))
@@ -283,6 +304,10 @@ def _reproduce(spec: dict, name: str, profile: str, seeds: int | None, jobs: int
             for i, _ in enumerate(pool.map(lambda r: launch(r, threads, torchrun), todo)):
                 print(f"  finished {i + 1}/{len(todo)}", file=sys.stderr)
     wall = time.perf_counter() - start
+    left = [r for r in runs if only and not (dirs[r] / "metrics.json").exists()]
+    if left:
+        return (f"{n_runs(len(runs) - len(left))} of {len(runs)} done; the table is written once every run is: "
+                f"`mlml reproduce {name} --profile {profile}` trains the {n_runs(len(left))} left")
     results = [read_result(dirs[r] / "metrics.json") for r in runs]
     if todo:       # a launcher's wall time includes queueing: not a measure of the profile's cost
         complete = len(todo) == len(runs) and launcher is None

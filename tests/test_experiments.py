@@ -96,6 +96,36 @@ def test_seeds_option_reproduces_a_subset(table, tmp_path, monkeypatch):
     assert sorted(launched) == [("an", 0, 2), ("full", 0, 2)]
 
 
+def test_only_trains_the_named_cells_and_writes_the_table_once_every_run_is_done(table, tmp_path, monkeypatch, capsys):
+    """`--only "<setting>/<method>"` (wildcards): a new row trained alone; no table or cost until the grid is whole."""
+    from mlml.config import config_hash, to_toml
+
+    launched = []
+
+    def fake_launch(run, threads, torchrun):              # writes what a run writes, without training
+        launched.append((run.method, run.seed))
+        cfg, d = run_config(run), run_dir(run)
+        d.mkdir(parents=True)
+        (d / "config.toml").write_text(to_toml(cfg.to_dict()))
+        (d / "metrics.json").write_text(json.dumps({"metrics": {"test/mAP_macro": 0.5}, "setting": run.setting, "method": run.method,
+                                                    "seed": run.seed, "experiment": "tiny", "config": cfg.to_dict(),
+                                                    "config_hash": config_hash(cfg), "split_hash": "s"}))
+
+    monkeypatch.setattr(experiments, "launch", fake_launch)
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    with pytest.raises(ConfigError, match="--only 'sp/typo' names no cell of the table; its cells: sp/an, sp/full"):
+        reproduce(str(table), "quick", runs_dir=runs, results_dir=results, only=["sp/typo"])
+    said = reproduce(str(table), "quick", runs_dir=runs, results_dir=results, only=["*/full"])
+    assert launched == [("full", 0), ("full", 1)]
+    assert "2 to run (--only; 2 more missing)" in capsys.readouterr().err
+    assert said.startswith("2 runs of 4 done") and "trains the 2 runs left" in said
+    assert not results.exists()                           # neither a partial table nor a cost
+    assert reproduce(str(table), "quick", runs_dir=runs, results_dir=results, only=["sp/full"]).startswith("2 runs of 4")
+    assert launched == [("full", 0), ("full", 1)]         # done runs are not trained again
+    md = reproduce(str(table), "quick", runs_dir=runs, results_dir=results)
+    assert launched[2:] == [("an", 0), ("an", 1)] and "| an |" in md and "| full |" in md
+
+
 def test_train_command_plain_and_under_torchrun(table, tmp_path):
     run = expand(read_table(str(table)), "quick", None, tmp_path / "runs")[0]
     plain = train_command(run, threads=2)
