@@ -304,8 +304,8 @@ def _reproduce(spec: dict, name: str, profile: str, seeds: int | None, jobs: int
             for i, _ in enumerate(pool.map(lambda r: launch(r, threads, torchrun), todo)):
                 print(f"  finished {i + 1}/{len(todo)}", file=sys.stderr)
     wall = time.perf_counter() - start
-    left = [r for r in runs if only and not (dirs[r] / "metrics.json").exists()]
-    if left:
+    left = [r for r in runs if not (dirs[r] / "metrics.json").exists()] if only else []
+    if left:        # `only` left other runs missing: no partial table
         return (f"{n_runs(len(runs) - len(left))} of {len(runs)} done; the table is written once every run is: "
                 f"`mlml reproduce {name} --profile {profile}` trains the {n_runs(len(left))} left")
     results = [read_result(dirs[r] / "metrics.json") for r in runs]
