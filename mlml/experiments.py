@@ -307,7 +307,8 @@ def _reproduce(spec: dict, name: str, profile: str, seeds: int | None, jobs: int
     left = [r for r in runs if not (dirs[r] / "metrics.json").exists()] if only else []
     if left:        # `only` left other runs missing: no partial table
         return (f"{n_runs(len(runs) - len(left))} of {len(runs)} done; the table is written once every run is: "
-                f"`mlml reproduce {name} --profile {profile}` trains the {n_runs(len(left))} left")
+                f"`mlml reproduce {name} --profile {profile}` trains the {n_runs(len(left))} left; "
+                f"`mlml table {track_runs_dir(spec, runs_dir) / spec['name']} --results-dir DIR` tables the runs done so far")
     results = [read_result(dirs[r] / "metrics.json") for r in runs]
     if todo:       # a launcher's wall time includes queueing: not a measure of the profile's cost
         complete = len(todo) == len(runs) and launcher is None

@@ -119,7 +119,10 @@ def test_only_trains_the_named_cells_and_writes_the_table_once_every_run_is_done
     assert launched == [("full", 0), ("full", 1)]
     assert "2 to run (--only; 2 more missing)" in capsys.readouterr().err
     assert said.startswith("2 runs of 4 done") and "trains the 2 runs left" in said
+    assert f"`mlml table {runs / 'tiny'} --results-dir DIR`" in said   # what is done so far, tabled elsewhere
     assert not results.exists()                           # neither a partial table nor a cost
+    partial = table_from_runs(runs / "tiny", tmp_path / "partial")
+    assert "| full | 0.5000 ± 0.0000 | 2 |" in partial and "| an |" not in partial
     assert reproduce(str(table), "quick", runs_dir=runs, results_dir=results, only=["sp/full"]).startswith("2 runs of 4")
     assert launched == [("full", 0), ("full", 1)]         # done runs are not trained again
     md = reproduce(str(table), "quick", runs_dir=runs, results_dir=results)
