@@ -660,7 +660,8 @@ def list_tables(results_dir: Path = Path("results")) -> str:
             if recorded is not None and recorded != profile_fingerprint(spec, prof):
                 cost += f" (at {timing[prof].get('commit', 'an earlier commit')}: its config or rows changed since)"
             track = f" [track {p['track']}: results/{profile_spec(spec, prof)['results']}.md]" if p.get("track") else ""
-            lines.append(f"  --profile {prof}{track}: {p.get('seeds', 3)} seeds, {cost}")
+            runs = len(expand(spec, prof, None, Path("runs")))      # the profile's own settings and skip list
+            lines.append(f"  --profile {prof}{track}: {p.get('seeds', 3)} seeds ({plural(runs, 'run')}), {cost}")
     return "\n".join(lines)
 
 

@@ -1,3 +1,4 @@
+import itertools
 import json
 import os
 import sys
@@ -7,7 +8,7 @@ import pytest
 from mlml import experiments
 from mlml.cli import main
 from mlml.config import ConfigError
-from mlml.experiments import expand, list_tables, read_table, reproduce, run_config, run_dir, table_from_runs, train_command
+from mlml.experiments import TABLES_DIR, expand, list_tables, read_table, reproduce, run_config, run_dir, table_from_runs, train_command
 from tests.conftest import TINY, stop_mid_run
 
 
@@ -145,9 +146,25 @@ def test_list_shows_measured_cost_when_there_is_one(tmp_path):
              "wall_seconds": 330.0, "jobs": 2, "torchrun": 0}
     (tmp_path / "baselines.timing.json").write_text(json.dumps({"quick": entry}))
     listed = list_tables(tmp_path)
-    assert "--profile quick: 3 seeds, measured: 9 runs (3 seeds), 10.0 min of training on x86_64, 2 CPU cores, no GPU; 5.5 min wall with --jobs 2" in listed
-    assert "--profile full: 3 seeds, not yet measured (GPU)" in listed
-    assert "--profile real [track real: results/baselines.real.md]: 3 seeds, " in listed
+    assert "--profile quick: 3 seeds (9 runs), measured: 9 runs (3 seeds), 10.0 min of training on x86_64, 2 CPU cores, no GPU; 5.5 min wall with --jobs 2" in listed
+    assert "--profile full: 3 seeds (9 runs), not yet measured (GPU)" in listed
+    assert "--profile real [track real: results/baselines.real.md]: 3 seeds (9 runs), " in listed
+
+
+def test_list_counts_each_profiles_runs_with_its_own_skip_list(tmp_path):
+    """A profile's `skip` leaves cells out of that profile only: `--list` counts the runs each profile trains."""
+    import tomllib
+
+    raw = tomllib.loads((TABLES_DIR / "semi_study.toml").read_text())
+    grid = len(raw["settings"]) * len(raw["methods"])
+    quick_skip, table_skip = raw["profiles"]["quick"].get("skip", []), raw["skip"]
+    assert quick_skip and not raw["profiles"]["real"].get("skip") and not set(quick_skip) & set(table_skip)
+    listed = list_tables(tmp_path).splitlines()
+    head = listed.index(next(x for x in listed if x.startswith("semi_study: ")))
+    profiles = {x.split()[1].rstrip(":"): x for x in itertools.takewhile(lambda x: x.startswith("  --profile "), listed[head + 1:])}
+    quick, real = profiles["quick"], profiles["real"]
+    assert f"3 seeds ({(grid - len(table_skip) - len(quick_skip)) * 3} runs)" in quick
+    assert f"3 seeds ({(grid - len(table_skip)) * 3} runs)" in real
 
 
 def test_list_says_when_a_measured_profile_changed_since(tmp_path):
