@@ -352,8 +352,9 @@ def launcher_resources(name: str, profile: str, overrides: list[str]) -> SlurmRe
 
 
 def status(name: str, profile: str, seeds: int | None = None, runs_dir: Path = Path("runs")) -> str:
-    """Each run of a table as done, running, pending, failed (with its log's last lines), stopped
-    (a checkpoint but no job) or missing, from the run directories and the scheduler."""
+    """Each run of a table as done, running (a scheduler's job, or a live process of this host
+    holding its run lock), pending, failed (with its log's last lines), stopped (a checkpoint but neither) or
+    missing, from the run directories and the scheduler."""
     spec = read_table(name)
     runs = expand(spec, profile, seeds, runs_dir)
     dirs = {r: run_dir(r) for r in runs}

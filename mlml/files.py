@@ -103,6 +103,18 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def lock_owner(path: Path) -> tuple[int, str] | None:
+    """(pid, host) of the lock file `path`'s owner, when there is one that may be alive: on this host
+    a live process, on another host any (it cannot be checked from here; `FileLock` refuses it too).
+    None when there is no lock, its owner on this host is dead, or it cannot be read."""
+    try:
+        owner = json.loads(Path(path).read_text())
+        pid, host = int(owner["pid"]), str(owner["host"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return (pid, host) if host != socket.gethostname() or pid_alive(pid) else None
+
+
 class FileLock:
     """An exclusive lock file `path` with {"pid", "host", "since"}; `acquire()` refuses a live owner.
 

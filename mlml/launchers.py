@@ -19,8 +19,9 @@ SIGTERM from SLURM (sent to a preempted job's processes) training stops the same
 requeues itself through the same path, unless `sacct` says it was cancelled. The requeued job runs
 the same command, and `--resume` continues from `checkpoints/last.pt` (an epoch end, or every
 `checkpoint_every` steps). A run's state (`run_states`) is read from its directory (`metrics.json`:
-done) and the scheduler (`sacct`): pending, running, done, failed (or, without a job: missing, or
-stopped when it has a checkpoint).
+done) and the scheduler (`sacct`): pending, running, done, failed (or, without a job: running while a
+live process of this host holds its `run.lock`, as under a local `mlml reproduce --jobs N`; else
+stopped when it has a checkpoint, missing when not).
 
 submitit and optuna are the optional extra `mlml[cluster]`; `require` names it when they are missing.
 """
@@ -31,12 +32,15 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
+
+from mlml.files import lock_owner       # no torch: job processes import this module too
 
 # mlml.config (which imports torch) is imported where it is used: a job process that unpickles a
 # `TrainJob` only starts the training command, which imports torch itself.
@@ -227,7 +231,7 @@ def job_state(job_id: str) -> str:
 # ---------------------------------------------------------------------------------- states
 class RunState(NamedTuple):
     state: str          # done | running | pending | failed | missing | stopped
-    job: str = ""       # "slurm 1234", "" when no job was submitted
+    job: str = ""       # "slurm 1234"; "pid 123" for a run a process of this host trains; else "" or the lock's owner
     log: str = ""       # last lines of the job's log (failed runs)
 
 
@@ -302,8 +306,15 @@ def run_states(dirs: list[Path], done: Callable[[Path], bool] = run_finished) ->
         job = jobs.get(d)
         if done(d):
             out[d] = RunState("done", f"{job['cluster']} {job['job_id']}" if job else "")
-        elif job is None:               # never submitted; "stopped": started (by hand or locally), not finished
-            out[d] = RunState("stopped" if (d / "checkpoints" / "last.pt").exists() else "missing")
+        elif job is None:               # never submitted: started by hand or by a local `reproduce`, or not at all
+            owner = lock_owner(d / "run.lock")      # the trainer's lock: a live owner is training it now
+            if owner and owner[1] == socket.gethostname():
+                out[d] = RunState("running", f"pid {owner[0]}")
+            else:                       # "stopped": a checkpoint but no process here. Another host's lock
+                # cannot be checked (a node that died keeps it): shown, but not waited for, so that a
+                # launcher resubmits the run and its job names the lock to delete, as `mlml train` would.
+                held = f"locked by pid {owner[0]} on {owner[1]}" if owner else ""
+                out[d] = RunState("stopped" if (d / "checkpoints" / "last.pt").exists() else "missing", held)
         else:
             if job["cluster"] == "slurm":
                 state = slurm_state(scheduler.get(job["job_id"], "UNKNOWN"), job["submitted"])

@@ -117,3 +117,28 @@ def test_a_lock_of_a_dead_process_is_taken_over_but_not_one_from_another_host_or
     with pytest.raises(LockedError, match=f"unreadable; .*delete {lock}"):
         FileLock(lock).acquire()
     assert lock.read_text() == "garb"                 # a refused lock is left alone
+
+
+def test_a_run_whose_lock_a_live_process_holds_is_running_not_stopped(tmp_path):
+    """`mlml reproduce --status` for runs trained by a local `reproduce --jobs N` (no scheduler job):
+    the trainer's `run.lock` tells a run being trained now from one stopped at a checkpoint."""
+    from mlml.files import lock_owner
+    from mlml.launchers import run_states
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.pt").write_bytes(b"")
+    lock = run / "run.lock"
+    state = lambda: run_states([run])[run]
+    assert state() == ("stopped", "", "") and lock_owner(lock) is None      # no lock
+    with FileLock(lock):
+        assert state() == ("running", f"pid {os.getpid()}", "")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(), "since": "then"}))
+    assert state() == ("stopped", "", "")                                   # its owner died: a stale lock
+    lock.write_text(json.dumps({"pid": 7, "host": "elsewhere-node-7", "since": "then"}))
+    assert state() == ("stopped", "locked by pid 7 on elsewhere-node-7", "")  # shown, not waited for: it cannot be checked
+    lock.write_text("garb")
+    assert state() == ("stopped", "", "")
+    (run / "checkpoints" / "last.pt").unlink()
+    assert state().state == "missing"
