@@ -103,13 +103,19 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def read_lock(path: Path) -> tuple[int, str, str]:
+    """(pid, host, since) of the lock file `path`; FileNotFoundError without one, ValueError,
+    KeyError or TypeError when it is garbled."""
+    owner = json.loads(Path(path).read_text())
+    return int(owner["pid"]), str(owner["host"]), str(owner.get("since", "?"))
+
+
 def lock_owner(path: Path) -> tuple[int, str] | None:
     """(pid, host) of the lock file `path`'s owner, when there is one that may be alive: on this host
     a live process, on another host any (it cannot be checked from here; `FileLock` refuses it too).
     None when there is no lock, its owner on this host is dead, or it cannot be read."""
     try:
-        owner = json.loads(Path(path).read_text())
-        pid, host = int(owner["pid"]), str(owner["host"])
+        pid, host, _ = read_lock(path)
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return (pid, host) if host != socket.gethostname() or pid_alive(pid) else None
@@ -149,8 +155,7 @@ class FileLock:
     def _take_over_if_stale(self) -> None:
         """Remove the lock of a dead process on this host; refuse anything else, naming the owner."""
         try:
-            owner = json.loads(self.path.read_text())
-            pid, host = int(owner["pid"]), str(owner["host"])
+            pid, host, since = read_lock(self.path)
         except FileNotFoundError:
             return                                   # released meanwhile: try again
         except (ValueError, KeyError, TypeError, OSError):
@@ -160,7 +165,7 @@ class FileLock:
             self.path.unlink(missing_ok=True)        # stale: its owner died without releasing it
             return
         where = "this host" if host == socket.gethostname() else f"host {host}"
-        raise LockedError(f"{self.what} is in use by process {pid} on {where} since {owner.get('since', '?')} "
+        raise LockedError(f"{self.what} is in use by process {pid} on {where} since {since} "
                           f"(lock file {self.path}); wait for it to finish, or if that process is gone, "
                           f"delete {self.path} and run again")
 
