@@ -134,7 +134,7 @@ def cmd_data_index(args: argparse.Namespace) -> int:
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from mlml.config import ConfigError
-    from mlml.experiments import launcher_resources, list_tables, reproduce, status
+    from mlml.experiments import ReproductionStopped, launcher_resources, list_tables, reproduce, status
 
     if args.list or not args.table:
         print(list_tables(Path(args.results_dir)))
@@ -145,9 +145,15 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     if args.jobs < 1 or args.torchrun < 0:
         raise ConfigError(f"--jobs must be >= 1 and --torchrun >= 0, got {args.jobs} and {args.torchrun}")
     launcher = slurm_launcher(args, launcher_resources(args.table, args.profile, args.slurm))
-    print(reproduce(args.table, args.profile, seeds=args.seeds, jobs=args.jobs, runs_dir=Path(args.runs_dir),
-                    results_dir=Path(args.results_dir), torchrun=args.torchrun, launcher=launcher, wait_lock=args.wait_lock,
-                    only=args.only))
+    try:
+        print(reproduce(args.table, args.profile, seeds=args.seeds, jobs=args.jobs, runs_dir=Path(args.runs_dir),
+                        results_dir=Path(args.results_dir), torchrun=args.torchrun, launcher=launcher, wait_lock=args.wait_lock,
+                        only=args.only))
+    except ReproductionStopped as stopped:
+        from mlml.trainer import PREEMPTED_EXIT_CODE
+
+        print(f"mlml reproduce: {stopped}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     return 0
 
 

@@ -58,9 +58,11 @@ import io
 import json
 import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from concurrent.futures import ThreadPoolExecutor
@@ -209,11 +211,68 @@ def train_command(run: Run, threads: int, torchrun: int = 0) -> list[str]:
     return [*head, *train_args(run, threads)]
 
 
-def launch(run: Run, threads: int, torchrun: int = 0) -> None:
+class ReproductionStopped(Exception):
+    """A local reproduction stopped by SIGTERM or SIGINT; its runs wrote their checkpoints."""
+
+
+class LocalRuns:
+    """The training subprocesses of a local reproduction, so that stopping it stops them cleanly.
+
+    Each run is a process of its own session: a signal to the reproduction (or to its process
+    group: `kill -TERM -PGID`, Ctrl-C) reaches the trainers once, through `stop`, which sends each
+    running one SIGTERM (the trainer writes `last.pt` after its step and exits) and starts no more.
+    Without this a stopped reproduction left its runs training, unseen, holding their run locks.
+    A second signal is forwarded too, and stops the trainers at once (`mlml.trainer.stop_on_signals`).
+    """
+
+    def __init__(self) -> None:
+        self.procs: set[subprocess.Popen] = set()
+        self.stop_signal: int | None = None
+        self.lock = threading.Lock()
+
+    def run(self, command: list[str]) -> tuple[int, str]:
+        """(exit code, stderr) of `command`; `ReproductionStopped` instead once `stop` has been called."""
+        with self.lock:
+            if self.stop_signal is not None:
+                raise ReproductionStopped("not started")
+            proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+            self.procs.add(proc)
+        try:
+            _, err = proc.communicate()
+        finally:
+            with self.lock:
+                self.procs.discard(proc)
+        if self.stop_signal is not None and proc.returncode != 0:
+            raise ReproductionStopped(f"stopped with exit code {proc.returncode}")
+        return proc.returncode, err
+
+    def stop(self, signum: int, frame=None) -> None:
+        """The handler of SIGTERM and SIGINT: SIGTERM to every running trainer, none started after."""
+        self.stop_signal = signum
+        with self.lock:
+            for proc in self.procs:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+
+    @contextlib.contextmanager
+    def stopping_on_signals(self) -> Iterator[LocalRuns]:
+        """While active (main thread only), SIGTERM and SIGINT call `stop`; the previous handlers come back after."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {s: signal.signal(s, self.stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
+def launch(run: Run, threads: int, torchrun: int = 0, local: LocalRuns | None = None) -> None:
     """Train one run in a subprocess (resuming its last checkpoint if it was interrupted)."""
-    done = subprocess.run(train_command(run, threads, torchrun), capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"run {run.setting}/{run.method}/seed{run.seed} failed:\n{done.stderr[-3000:]}")
+    code, err = (local or LocalRuns()).run(train_command(run, threads, torchrun))
+    if code != 0:
+        raise RuntimeError(f"run {run.setting}/{run.method}/seed{run.seed} failed:\n{err[-3000:]}")
 
 
 @contextlib.contextmanager
@@ -300,9 +359,7 @@ def _reproduce(spec: dict, name: str, profile: str, seeds: int | None, jobs: int
         if not launch_jobs(launcher, todo, dirs):
             return f"{n_runs(len(todo))} submitted or queued; `mlml reproduce {name} --status` follows them, this command again writes the table once they are done"
     else:
-        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-            for i, _ in enumerate(pool.map(lambda r: launch(r, threads, torchrun), todo)):
-                print(f"  finished {i + 1}/{len(todo)}", file=sys.stderr)
+        train_locally(todo, jobs, threads, torchrun, f"mlml reproduce {name} --profile {profile}")
     wall = time.perf_counter() - start
     left = [r for r in runs if not (dirs[r] / "metrics.json").exists()] if only else []
     if left:        # `only` left other runs missing: no partial table
@@ -315,6 +372,35 @@ def _reproduce(spec: dict, name: str, profile: str, seeds: int | None, jobs: int
         record_timing(spec["name"], profile, results, wall if complete else None, jobs, torchrun, results_dir, fingerprint)
     command = f"mlml reproduce {name} --profile {profile}" + (f" --seeds {seeds}" if seeds else "")
     return write_table(spec, results, results_dir, command, wall_time(read_timing(results_dir, spec["name"]), profile, results))
+
+
+def train_locally(todo: list[Run], jobs: int, threads: int, torchrun: int, again: str) -> None:
+    """Train `todo`, `jobs` runs at a time; on SIGTERM or SIGINT stop them (`LocalRuns`) and raise
+    `ReproductionStopped` once every running one has written its checkpoint and exited."""
+    local = LocalRuns()
+    failures: list[BaseException] = []
+    finished = iter(range(1, len(todo) + 1))          # next() is atomic under the GIL
+
+    def one(run: Run) -> None:
+        name = f"{run.setting}/{run.method}/seed{run.seed}"
+        try:
+            launch(run, threads, torchrun, local)
+        except ReproductionStopped:
+            return
+        except Exception:
+            print(f"  failed {name} (the other runs go on)", file=sys.stderr)
+            raise
+        print(f"  finished {next(finished)}/{len(todo)}: {name}", file=sys.stderr)
+
+    with local.stopping_on_signals(), ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        for future in [pool.submit(one, r) for r in todo]:
+            if future.exception() is not None:
+                failures.append(future.exception())
+    if local.stop_signal is not None:
+        raise ReproductionStopped(f"stopped by {signal.Signals(local.stop_signal).name}: the runs in progress wrote their "
+                                  f"checkpoints; `{again}` resumes them")
+    if failures:
+        raise failures[0]
 
 
 def read_result(path: Path) -> dict:

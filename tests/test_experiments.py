@@ -90,7 +90,7 @@ def test_reproduce_twice_trains_nothing_the_second_time_and_gives_the_same_table
 
 def test_seeds_option_reproduces_a_subset(table, tmp_path, monkeypatch):
     launched = []
-    monkeypatch.setattr(experiments, "launch", lambda run, threads, torchrun: launched.append((run.method, run.seed, torchrun)))
+    monkeypatch.setattr(experiments, "launch", lambda run, threads, torchrun, local=None: launched.append((run.method, run.seed, torchrun)))
     monkeypatch.setattr(experiments, "record_timing", lambda *args: None)
     with pytest.raises(FileNotFoundError):        # nothing really trained, so no metrics.json to read
         reproduce(str(table), "quick", seeds=1, jobs=2, runs_dir=tmp_path / "runs", torchrun=2)
@@ -103,7 +103,7 @@ def test_only_trains_the_named_cells_and_writes_the_table_once_every_run_is_done
 
     launched = []
 
-    def fake_launch(run, threads, torchrun):              # writes what a run writes, without training
+    def fake_launch(run, threads, torchrun, local=None):  # writes what a run writes, without training
         launched.append((run.method, run.seed))
         cfg, d = run_config(run), run_dir(run)
         d.mkdir(parents=True)
@@ -336,7 +336,7 @@ import sys, time
 from pathlib import Path
 from mlml import experiments
 
-def launch(run, threads, torchrun):           # stands for a long training run
+def launch(run, threads, torchrun, local=None):    # stands for a long training run
     Path(sys.argv[3]).write_text("started")
     while not Path(sys.argv[4]).exists():
         time.sleep(0.05)
@@ -378,6 +378,36 @@ def test_a_second_reproduction_of_a_table_refuses_naming_the_first(table, tmp_pa
     with experiments.table_lock(lock, "test"):   # a dead local owner's lock is taken over
         assert json.loads(lock.read_text())["pid"] == os.getpid()
     assert not lock.exists()                     # and released at the end
+
+
+def test_a_stopped_reproduction_stops_its_runs_with_their_checkpoints_and_starts_no_more(table, tmp_path):
+    """SIGTERM to a local `reproduce --jobs 2` (as `kill` or a scheduler sends it): the two runs in
+    progress write last.pt and exit, the two queued ones never start, no trainer outlives it, and
+    the exit code says "stopped, run again" (75)."""
+    import signal
+    import subprocess
+    import time
+
+    (tmp_path / "base.toml").write_text("[optim]\nweight_decay = 1e-4\nepochs = 500\n")   # far longer than the test
+    runs_dir = tmp_path / "runs"
+    proc = subprocess.Popen([sys.executable, "-m", "mlml", "reproduce", str(table), "--jobs", "2", "--runs-dir", str(runs_dir),
+                             "--results-dir", str(tmp_path / "results")], stderr=subprocess.PIPE, text=True)
+    dirs = [run_dir(r) for r in expand(read_table(str(table)), "quick", None, runs_dir)]
+    started = lambda: [d for d in dirs if (d / "config.toml").exists()]     # written once a trainer handles SIGTERM
+    deadline = time.monotonic() + 120
+    while len(started()) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(started()) == 2, "two runs did not start"
+    trainers = [json.loads((d / "run.lock").read_text())["pid"] for d in started()]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75 and "stopped by SIGTERM" in err and "resumes them" in err
+    for pid in trainers:                                  # no trainer left behind
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    for d in started():
+        assert (d / "checkpoints" / "last.pt").exists() and not (d / "metrics.json").exists() and not (d / "run.lock").exists()
+    assert len(started()) == 2                            # the queued runs never started
 
 
 def test_a_lock_held_on_another_host_is_not_taken_over(tmp_path):
@@ -630,7 +660,7 @@ def test_a_track_profile_has_its_own_entries_runs_and_results(table, tmp_path, m
                 '[profiles.other.methods]\nfull = false\n')
     from mlml.config import config_hash
 
-    def fake_launch(run, threads, torchrun):              # writes what a run writes, without training
+    def fake_launch(run, threads, torchrun, local=None):  # writes what a run writes, without training
         cfg, d = run_config(run), run_dir(run)
         d.mkdir(parents=True)
         (d / "metrics.json").write_text(json.dumps({"metrics": {"test/mAP_macro": 0.5}, "setting": run.setting, "method": run.method,
