@@ -1,4 +1,4 @@
-"""The `mlml` command line: train, eval, predict, checkpoint, weights, data, reproduce, recommend, search, table, list."""
+"""The `mlml` command line: train, eval, predict, checkpoint, weights, data, reproduce, recommend, search, runs, table, list."""
 
 from __future__ import annotations
 
@@ -221,6 +221,22 @@ def cmd_table(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_runs_export(args: argparse.Namespace) -> int:
+    from mlml.archive import export_runs
+
+    n = export_runs(Path(args.runs_dir), Path(args.out))
+    print(f"{n} finished run{'s' * (n != 1)} of {args.runs_dir} written to {args.out}")
+    return 0
+
+
+def cmd_runs_import(args: argparse.Namespace) -> int:
+    from mlml.archive import import_runs
+
+    new, same = import_runs(Path(args.archive), Path(args.runs_dir))
+    print(f"{new} run{'s' * (new != 1)} written below {args.runs_dir}, {same} already there")
+    return 0
+
+
 def registries() -> dict:
     """What `mlml list` shows: registry name -> (the registry, the config key that names an entry)."""
     from mlml.data.observation import OBSERVATIONS
@@ -393,6 +409,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_launcher_args(p)
     p.set_defaults(fn=cmd_search)
 
+    p = sub.add_parser("runs", help="carry finished runs (metrics.json, config.toml) between machines in one archive")
+    r_sub = p.add_subparsers(dest="runs_command", required=True)
+    q = r_sub.add_parser("export", help="write every finished run below RUNS_DIR into one archive (.jsonl.gz)")
+    q.add_argument("runs_dir")
+    q.add_argument("--out", required=True, help="archive to write, e.g. semi_study.real.runs.jsonl.gz")
+    q.set_defaults(fn=cmd_runs_export)
+    q = r_sub.add_parser("import", help="write an archive's runs below --runs-dir (never replacing a different one); "
+                                        "mlml reproduce then counts them as done")
+    q.add_argument("archive")
+    q.add_argument("--runs-dir", required=True, help="the runs directory the archive was exported from, e.g. runs/real")
+    q.set_defaults(fn=cmd_runs_import)
+
     p = sub.add_parser("table", help="rebuild a table from the metrics.json files under a runs directory")
     p.add_argument("runs_dir")
     p.add_argument("--results-dir", help="also write <results-dir>/<experiment>.md and .csv")
@@ -407,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from mlml.archive import ArchiveError
     from mlml.checkpoint import CheckpointError
     from mlml.config import ConfigError
     from mlml.data.annotations import AnnotationError
@@ -417,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except (ConfigError, FileNotFoundError, FileExistsError, UnknownNameError, PluginError, AnnotationError, UnreadableImageError,
-            CheckpointError, WriteError) as err:
+            CheckpointError, WriteError, ArchiveError) as err:
         print(f"mlml {args.command}: error: {err}", file=sys.stderr)
         return 2
 
