@@ -211,15 +211,20 @@ def train_command(run: Run, threads: int, torchrun: int = 0) -> list[str]:
     return [*head, *train_args(run, threads)]
 
 
+# What stops a local reproduction: kill/schedulers, Ctrl-C, and the terminal closing (the trainers,
+# in sessions of their own, would not get its SIGHUP and go on alone).
+STOP_REPRODUCTION_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, n))
+
+
 class ReproductionStopped(Exception):
-    """A local reproduction stopped by SIGTERM or SIGINT; its runs wrote their checkpoints."""
+    """A local reproduction stopped by a signal (`STOP_REPRODUCTION_SIGNALS`); its runs wrote their checkpoints."""
 
 
 class LocalRuns:
     """The training subprocesses of a local reproduction, so that stopping it stops them cleanly.
 
     Each run is a process of its own session: a signal to the reproduction (or to its process
-    group: `kill -TERM -PGID`, Ctrl-C) reaches the trainers once, through `stop`, which sends each
+    group: `kill -TERM -PGID`, Ctrl-C, a closed terminal's SIGHUP) reaches the trainers once, through `stop`, which sends each
     running one SIGTERM (the trainer writes `last.pt` after its step and exits) and starts no more.
     Without this a stopped reproduction left its runs training, unseen, holding their run locks.
     A second signal is forwarded too, and stops the trainers at once (`mlml.trainer.stop_on_signals`).
@@ -247,7 +252,7 @@ class LocalRuns:
         return proc.returncode, err
 
     def stop(self, signum: int, frame=None) -> None:
-        """The handler of SIGTERM and SIGINT: SIGTERM to every running trainer, none started after."""
+        """The handler of `STOP_REPRODUCTION_SIGNALS`: SIGTERM to every running trainer, none started after."""
         self.stop_signal = signum
         with self.lock:
             for proc in self.procs:
@@ -256,11 +261,11 @@ class LocalRuns:
 
     @contextlib.contextmanager
     def stopping_on_signals(self) -> Iterator[LocalRuns]:
-        """While active (main thread only), SIGTERM and SIGINT call `stop`; the previous handlers come back after."""
+        """While active (main thread only), `STOP_REPRODUCTION_SIGNALS` call `stop`; the previous handlers come back after."""
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
-        previous = {s: signal.signal(s, self.stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        previous = {s: signal.signal(s, self.stop) for s in STOP_REPRODUCTION_SIGNALS}
         try:
             yield self
         finally:
@@ -375,7 +380,7 @@ def _reproduce(spec: dict, name: str, profile: str, seeds: int | None, jobs: int
 
 
 def train_locally(todo: list[Run], jobs: int, threads: int, torchrun: int, again: str) -> None:
-    """Train `todo`, `jobs` runs at a time; on SIGTERM or SIGINT stop them (`LocalRuns`) and raise
+    """Train `todo`, `jobs` runs at a time; on SIGTERM, SIGINT or SIGHUP stop them (`LocalRuns`) and raise
     `ReproductionStopped` once every running one has written its checkpoint and exited."""
     local = LocalRuns()
     failures: list[BaseException] = []

@@ -380,10 +380,11 @@ def test_a_second_reproduction_of_a_table_refuses_naming_the_first(table, tmp_pa
     assert not lock.exists()                     # and released at the end
 
 
-def test_a_stopped_reproduction_stops_its_runs_with_their_checkpoints_and_starts_no_more(table, tmp_path):
-    """SIGTERM to a local `reproduce --jobs 2` (as `kill` or a scheduler sends it): the two runs in
-    progress write last.pt and exit, the two queued ones never start, no trainer outlives it, and
-    the exit code says "stopped, run again" (75)."""
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGHUP"])
+def test_a_stopped_reproduction_stops_its_runs_with_their_checkpoints_and_starts_no_more(table, tmp_path, stop):
+    """SIGTERM to a local `reproduce --jobs 2` (as `kill` or a scheduler sends it), or SIGHUP (its
+    terminal closed): the two runs in progress write last.pt and exit, the two queued ones never
+    start, no trainer outlives it, and the exit code says "stopped, run again" (75)."""
     import signal
     import subprocess
     import time
@@ -399,9 +400,9 @@ def test_a_stopped_reproduction_stops_its_runs_with_their_checkpoints_and_starts
         time.sleep(0.1)
     assert len(started()) == 2, "two runs did not start"
     trainers = [json.loads((d / "run.lock").read_text())["pid"] for d in started()]
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(getattr(signal, stop))
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 75 and "stopped by SIGTERM" in err and "resumes them" in err
+    assert proc.returncode == 75 and f"stopped by {stop}" in err and "resumes them" in err
     for pid in trainers:                                  # no trainer left behind
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
