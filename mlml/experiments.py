@@ -261,11 +261,13 @@ class LocalRuns:
 
     @contextlib.contextmanager
     def stopping_on_signals(self) -> Iterator[LocalRuns]:
-        """While active (main thread only), `STOP_REPRODUCTION_SIGNALS` call `stop`; the previous handlers come back after."""
+        """While active (main thread only), `STOP_REPRODUCTION_SIGNALS` call `stop` (but those ignored, as
+        `nohup` ignores SIGHUP); the previous handlers come back after."""
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
-        previous = {s: signal.signal(s, self.stop) for s in STOP_REPRODUCTION_SIGNALS}
+        previous = {s: signal.signal(s, self.stop) for s in STOP_REPRODUCTION_SIGNALS
+                    if signal.getsignal(s) is not signal.SIG_IGN}          # under nohup SIGHUP stays ignored
         try:
             yield self
         finally:

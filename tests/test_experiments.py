@@ -411,6 +411,16 @@ def test_a_stopped_reproduction_stops_its_runs_with_their_checkpoints_and_starts
     assert len(started()) == 2                            # the queued runs never started
 
 
+def test_a_reproduction_under_nohup_keeps_ignoring_sighup(monkeypatch):
+    import signal
+
+    monkeypatch.setattr(signal, "getsignal", lambda s: signal.SIG_IGN if s == signal.SIGHUP else signal.SIG_DFL)
+    installed = {}
+    monkeypatch.setattr(signal, "signal", lambda s, h: installed.setdefault(s, h))
+    with experiments.LocalRuns().stopping_on_signals():
+        assert signal.SIGTERM in installed and signal.SIGINT in installed and signal.SIGHUP not in installed
+
+
 def test_a_lock_held_on_another_host_is_not_taken_over(tmp_path):
     lock = tmp_path / "reproduce.lock"
     lock.write_text(json.dumps({"pid": 2**22 + 1, "host": "another-node", "since": "then", "what": "mlml reproduce x"}))
