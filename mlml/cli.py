@@ -198,7 +198,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     from mlml.config import ConfigError
     from mlml.launchers import launcher_section, slurm_resources
-    from mlml.search import SearchSpec, read_space, search
+    from mlml.search import SearchSpec, SearchStopped, read_space, search
+    from mlml.trainer import PREEMPTED_EXIT_CODE, Preempted
 
     if args.trials < 1 or args.workers < 1:
         raise ConfigError(f"--trials and --workers must be >= 1, got {args.trials} and {args.workers}")
@@ -210,7 +211,11 @@ def cmd_search(args: argparse.Namespace) -> int:
     spec = SearchSpec(config=str(Path(args.config).resolve()), overrides=list(args.overrides), space=str(Path(args.space).resolve()),
                       storage=args.storage or f"sqlite:///{out / 'study.db'}", study=study, out=str(out), metric=args.metric,
                       pruner=args.pruner, startup_trials=args.startup_trials, seed=args.seed, threads=threads)
-    print(search(spec, args.trials, args.workers, launcher))
+    try:
+        print(search(spec, args.trials, args.workers, launcher))
+    except (SearchStopped, Preempted) as stopped:     # several local workers / the one trial run here
+        print(f"mlml search: {stopped}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     return 0
 
 

@@ -73,7 +73,7 @@ from typing import Iterator
 from mlml.config import (EXECUTION_KEYS, Config, ConfigError, config_diff, flat, from_dict, load_config, parse_override,
                          read_toml_with_bases, run_dir_for)
 from mlml.files import FileLock, LockedError
-from mlml.launchers import SlurmLauncher, SlurmResources, launcher_section, run_states, slurm_resources
+from mlml.launchers import SlurmLauncher, SlurmResources, launcher_section, relaying_stop_signals, run_states, slurm_resources
 from mlml.settings import upgrade_stored_config
 from mlml.tensorboard import write_table_layout
 
@@ -211,21 +211,17 @@ def train_command(run: Run, threads: int, torchrun: int = 0) -> list[str]:
     return [*head, *train_args(run, threads)]
 
 
-# What stops a local reproduction: kill/schedulers, Ctrl-C, and the terminal closing (the trainers,
-# in sessions of their own, would not get its SIGHUP and go on alone).
-STOP_REPRODUCTION_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, n))
-
-
 class ReproductionStopped(Exception):
-    """A local reproduction stopped by a signal (`STOP_REPRODUCTION_SIGNALS`); its runs wrote their checkpoints."""
+    """A local reproduction stopped by a signal (`mlml.launchers.STOP_SIGNALS`); its runs wrote their checkpoints."""
 
 
 class LocalRuns:
     """The training subprocesses of a local reproduction, so that stopping it stops them cleanly.
 
-    Each run is a process of its own session: a signal to the reproduction (or to its process
-    group: `kill -TERM -PGID`, Ctrl-C, a closed terminal's SIGHUP) reaches the trainers once, through `stop`, which sends each
-    running one SIGTERM (the trainer writes `last.pt` after its step and exits) and starts no more.
+    Each run is a process of its own session: a signal to the reproduction (or to its process group:
+    `kill -TERM -PGID`, Ctrl-C, a closed terminal's SIGHUP) reaches the trainers once, through `stop`
+    (`mlml.launchers.relaying_stop_signals`), which sends each running one SIGTERM (the trainer
+    writes `last.pt` after its step and exits) and starts no more.
     Without this a stopped reproduction left its runs training, unseen, holding their run locks.
     A second signal is forwarded too, and stops the trainers at once (`mlml.trainer.stop_on_signals`).
     """
@@ -252,27 +248,12 @@ class LocalRuns:
         return proc.returncode, err
 
     def stop(self, signum: int, frame=None) -> None:
-        """The handler of `STOP_REPRODUCTION_SIGNALS`: SIGTERM to every running trainer, none started after."""
+        """The handler of `mlml.launchers.STOP_SIGNALS`: SIGTERM to every running trainer, none started after."""
         self.stop_signal = signum
         with self.lock:
             for proc in self.procs:
                 if proc.poll() is None:
                     proc.send_signal(signal.SIGTERM)
-
-    @contextlib.contextmanager
-    def stopping_on_signals(self) -> Iterator[LocalRuns]:
-        """While active (main thread only), `STOP_REPRODUCTION_SIGNALS` call `stop` (but those ignored, as
-        `nohup` ignores SIGHUP); the previous handlers come back after."""
-        if threading.current_thread() is not threading.main_thread():
-            yield self
-            return
-        previous = {s: signal.signal(s, self.stop) for s in STOP_REPRODUCTION_SIGNALS
-                    if signal.getsignal(s) is not signal.SIG_IGN}          # under nohup SIGHUP stays ignored
-        try:
-            yield self
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
 def launch(run: Run, threads: int, torchrun: int = 0, local: LocalRuns | None = None) -> None:
@@ -399,7 +380,7 @@ def train_locally(todo: list[Run], jobs: int, threads: int, torchrun: int, again
             raise
         print(f"  finished {next(finished)}/{len(todo)}: {name}", file=sys.stderr)
 
-    with local.stopping_on_signals(), ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+    with relaying_stop_signals(local.stop), ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         for future in [pool.submit(one, r) for r in todo]:
             if future.exception() is not None:
                 failures.append(future.exception())

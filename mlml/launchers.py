@@ -28,6 +28,7 @@ submitit and optuna are the optional extra `mlml[cluster]`; `require` names it w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -35,10 +36,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 from mlml.files import lock_owner       # no torch: job processes import this module too
 
@@ -61,6 +63,29 @@ def require(module: str, what: str) -> Any:
     except ImportError:
         raise ConfigError(f"{what} needs the '{module}' package, which is not installed: {INSTALL_HINT}") from None
 
+
+# What stops local runs started by a parent process (`mlml reproduce --jobs`, `mlml search --workers`):
+# kill and schedulers, Ctrl-C, the terminal closing (children of their own session would not get it).
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, n))
+
+
+@contextlib.contextmanager
+def relaying_stop_signals(stop: Callable[[int, Any], None]) -> Iterator[None]:
+    """While active, `STOP_SIGNALS` call `stop(signum, frame)` instead of ending this process, so that
+    it can stop its children cleanly (each with SIGTERM: the trainer writes last.pt) before it ends.
+
+    Main thread only (elsewhere a no-op); a signal this process was started ignoring stays ignored
+    (under `nohup` a closed terminal stops nothing); the previous handlers come back after.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 @dataclass
 class SlurmResources:

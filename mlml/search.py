@@ -28,6 +28,7 @@ import contextlib
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import time
 import tomllib
@@ -37,7 +38,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from mlml.config import ConfigError, load_config, to_toml
-from mlml.launchers import require
+from mlml.launchers import relaying_stop_signals, require
 
 FINISHED = ("COMPLETE", "PRUNED")
 
@@ -258,7 +259,42 @@ def work(spec: SearchSpec, quota: int, worker: str, seed_offset: int = 0) -> int
     return ran
 
 
+class SearchStopped(Exception):
+    """Local search workers stopped by a signal; their trials in progress failed, uncounted."""
+
+
+def run_workers(spec: SearchSpec, shares: list[int], tag: str) -> None:
+    """`len(shares)` local worker processes; a stop signal to this one (SIGTERM, Ctrl-C, SIGHUP:
+    `mlml.launchers.relaying_stop_signals`) is relayed to each as SIGTERM, on which its trial in
+    progress stops after its step, and `SearchStopped` is raised once all have ended. (Without the
+    relay the workers outlived a stopped search, training on unseen.)"""
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_work_in_process, args=(spec, q, f"{tag}-{i}", i)) for i, q in enumerate(shares)]
+    stopped: list[int] = []
+
+    def stop(signum: int, frame: Any = None) -> None:
+        stopped.append(signum)
+        for p in procs:
+            if p.pid is not None and p.exitcode is None:
+                p.terminate()                   # SIGTERM
+
+    with relaying_stop_signals(stop):
+        for p in procs:
+            if not stopped:
+                p.start()
+        for p in procs:
+            if p.pid is not None:
+                p.join()
+    if stopped:
+        raise SearchStopped(f"stopped by {signal.Signals(stopped[0]).name}: the workers' trials in progress failed, "
+                            "uncounted; the same command continues the study")
+    failed = [p.exitcode for p in procs if p.exitcode != 0]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(procs)} search workers failed (exit codes {failed})")
+
+
 def _work_in_process(spec: SearchSpec, quota: int, worker: str, seed_offset: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C reaches the parent, which relays SIGTERM
     work(spec, quota, worker, seed_offset)
 
 
@@ -319,15 +355,7 @@ def search(spec: SearchSpec, trials: int, workers: int = 1, launcher: Any = None
     elif len(shares) == 1:
         work(spec, shares[0], f"{tag}-0")
     elif shares:
-        ctx = multiprocessing.get_context("spawn")
-        procs = [ctx.Process(target=_work_in_process, args=(spec, q, f"{tag}-{i}", i)) for i, q in enumerate(shares)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join()
-        failed = [p.exitcode for p in procs if p.exitcode != 0]
-        if failed:
-            raise RuntimeError(f"{len(failed)} of {len(procs)} search workers failed (exit codes {failed})")
+        run_workers(spec, shares, tag)
     return write_results(spec, open_study(spec), space["params"])
 
 

@@ -417,7 +417,7 @@ def test_a_reproduction_under_nohup_keeps_ignoring_sighup(monkeypatch):
     monkeypatch.setattr(signal, "getsignal", lambda s: signal.SIG_IGN if s == signal.SIGHUP else signal.SIG_DFL)
     installed = {}
     monkeypatch.setattr(signal, "signal", lambda s, h: installed.setdefault(s, h))
-    with experiments.LocalRuns().stopping_on_signals():
+    with experiments.relaying_stop_signals(experiments.LocalRuns().stop):
         assert signal.SIGTERM in installed and signal.SIGINT in installed and signal.SIGHUP not in installed
 
 

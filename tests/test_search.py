@@ -86,6 +86,33 @@ def test_two_workers_share_one_sqlite_study_prune_and_write_a_best_config_that_t
         assert db.execute("select count(*) from trials").fetchone()[0] == 4
 
 
+def test_a_stopped_search_stops_its_workers_and_says_so(tmp_path):
+    """SIGTERM to `mlml search --workers 2`: each worker's trial in progress stops (the trainer's
+    SIGTERM path), no worker outlives the search, and it exits with 75 ("stopped, run again")."""
+    import json
+    import os
+    import signal
+
+    (tmp_path / "cfg.toml").write_text(CONFIG.replace("epochs = 3", "epochs = 500"))     # far longer than the test
+    (tmp_path / "space.toml").write_text(SPACE)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "mlml", "search", str(tmp_path / "cfg.toml"), "--space", str(tmp_path / "space.toml"),
+                             "--trials", "4", "--workers", "2", "--out", str(out)], stderr=subprocess.PIPE, text=True)
+    started = lambda: sorted(out.glob("trial*/config.toml"))        # written once a trainer handles SIGTERM
+    deadline = time.monotonic() + 120
+    while len(started()) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(started()) == 2, "two trials did not start"
+    workers = [json.loads((c.parent / "run.lock").read_text())["pid"] for c in started()]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75 and "stopped by SIGTERM" in err and "continues the study" in err
+    for pid in workers:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert len(started()) == 2 and not list(out.glob("trial*/metrics.json"))
+
+
 ASK = """
 import sys, time, warnings
 import optuna
