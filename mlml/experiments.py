@@ -428,7 +428,7 @@ def launcher_resources(name: str, profile: str, overrides: list[str]) -> SlurmRe
 def status(name: str, profile: str, seeds: int | None = None, runs_dir: Path = Path("runs")) -> str:
     """Each run of a table as done, running (a scheduler's job, or a live process of this host
     holding its run lock), pending, failed (with its log's last lines), stopped (a checkpoint but neither) or
-    missing, from the run directories and the scheduler."""
+    missing, from the run directories and the scheduler; and the training time left (`training_left`)."""
     spec = read_table(name)
     runs = expand(spec, profile, seeds, runs_dir)
     dirs = {r: run_dir(r) for r in runs}
@@ -442,7 +442,33 @@ def status(name: str, profile: str, seeds: int | None = None, runs_dir: Path = P
     summary = f"{name} ({profile}): {n_runs(len(runs))}: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v)
     if counts["done"] == len(runs):
         summary += f"; `mlml reproduce {name} --profile {profile}` writes the table"
+    else:
+        left = training_left(runs, dirs, done={r for r in runs if states[dirs[r]].state == "done"})
+        if left is not None:
+            summary += f"; about {left / 3600:.1f} h of training left (from the done runs' train_seconds)"
     return "\n".join([summary, *lines])
+
+
+def training_left(runs: list[Run], dirs: dict[Run, Path], done: set[Run]) -> float | None:
+    """Seconds of training the runs not in `done` would take, each estimated from the `train_seconds` of
+    the done seeds of its cell, else of its method in other settings, else of all done runs; None when
+    no run is done."""
+    seconds: dict[Run, float] = {}
+    for r in done:
+        try:
+            seconds[r] = float(json.loads((dirs[r] / "metrics.json").read_text())["train_seconds"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    if not seconds:
+        return None
+    mean = lambda xs: sum(xs) / len(xs)
+    by_cell: dict[tuple[str, str], list[float]] = {}
+    by_method: dict[str, list[float]] = {}
+    for r, t in seconds.items():
+        by_cell.setdefault((r.setting, r.method), []).append(t)
+        by_method.setdefault(r.method, []).append(t)
+    overall = mean(list(seconds.values()))
+    return sum(mean(by_cell.get((r.setting, r.method)) or by_method.get(r.method) or [overall]) for r in runs if r not in done)
 
 
 def collect(root: Path) -> list[dict]:

@@ -421,6 +421,23 @@ def test_a_reproduction_under_nohup_keeps_ignoring_sighup(monkeypatch):
         assert signal.SIGTERM in installed and signal.SIGINT in installed and signal.SIGHUP not in installed
 
 
+def test_status_estimates_the_training_left_from_the_done_runs_of_each_cell(table, tmp_path):
+    runs = expand(read_table(str(table)), "quick", None, tmp_path / "runs")
+    def finish(method, seed, seconds):
+        d = run_dir(next(r for r in runs if r.method == method and r.seed == seed))
+        d.mkdir(parents=True)
+        (d / "metrics.json").write_text(json.dumps({"metrics": {}, "train_seconds": seconds}))
+    status = lambda: experiments.status(str(table), "quick", runs_dir=tmp_path / "runs").splitlines()[0]
+    assert "training left" not in status()                                   # nothing done: nothing to go by
+    finish("an", 0, 3600.0)
+    assert status().endswith("1 done, 3 missing; about 3.0 h of training left (from the done runs' train_seconds)")
+    finish("an", 1, 3600.0)
+    finish("full", 0, 10800.0)                              # full seed 1 costs what its cell's seed 0 did, not the mean (1.7 h)
+    assert "3 done, 1 missing; about 3.0 h of training left" in status()
+    finish("full", 1, 10800.0)
+    assert "training left" not in status() and "writes the table" in status()
+
+
 def test_a_lock_held_on_another_host_is_not_taken_over(tmp_path):
     lock = tmp_path / "reproduce.lock"
     lock.write_text(json.dumps({"pid": 2**22 + 1, "host": "another-node", "since": "then", "what": "mlml reproduce x"}))
