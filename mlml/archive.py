@@ -42,7 +42,10 @@ def export_runs(root: Path, out: Path) -> int:
     lines = []
     for d in finished_runs(root):
         files = {name: (d / name).read_text() for name in RUN_FILES if (d / name).is_file()}
-        json.loads(files["metrics.json"])                          # a half-written file is not carried on
+        try:
+            json.loads(files["metrics.json"])                      # a damaged file is not carried on
+        except json.JSONDecodeError as err:
+            raise ArchiveError(f"{d / 'metrics.json'}: unreadable ({err}); nothing was exported") from None
         lines.append(json.dumps({"run": d.relative_to(root).as_posix(), "files": files}, sort_keys=True))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(out).with_name(Path(out).name + ".tmp")

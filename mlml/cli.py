@@ -423,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = r_sub.add_parser("import", help="write an archive's runs below --runs-dir (never replacing a different one); "
                                         "mlml reproduce then counts them as done")
     q.add_argument("archive")
-    q.add_argument("--runs-dir", required=True, help="the runs directory the archive was exported from, e.g. runs/real")
+    q.add_argument("--runs-dir", required=True, help="where the exported directory was, e.g. runs/real/semi_study")
     q.set_defaults(fn=cmd_runs_import)
 
     p = sub.add_parser("table", help="rebuild a table from the metrics.json files under a runs directory")

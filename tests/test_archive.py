@@ -82,3 +82,11 @@ def test_a_finished_run_is_never_replaced_and_an_unfinished_one_never_declared_d
     with pytest.raises(ArchiveError, match="unfinished run"):
         import_runs(archive, runs)
     assert not (d / "metrics.json").exists()
+
+
+def test_a_damaged_metrics_file_is_named_and_nothing_exported(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    fake_run(runs, seed=0)
+    (fake_run(runs, seed=1) / "metrics.json").write_text('{"metrics": ')
+    assert main(["runs", "export", str(runs), "--out", str(tmp_path / "a.jsonl.gz")]) == 2
+    assert "seed1/metrics.json: unreadable" in capsys.readouterr().err and not (tmp_path / "a.jsonl.gz").exists()
