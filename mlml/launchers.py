@@ -87,6 +87,7 @@ def relaying_stop_signals(stop: Callable[[int, Any], None]) -> Iterator[None]:
         for s, handler in previous.items():
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
+
 @dataclass
 class SlurmResources:
     """What each SLURM job asks for (`[launcher.slurm]` in a table or search space, or `--slurm KEY=VALUE`)."""
