@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -439,6 +440,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        code = run_command(argv)
+        sys.stdout.flush()           # here, where a closed pipe can be caught, not at the interpreter's exit
+        return code
+    except BrokenPipeError:          # `mlml ... | head` read what it wanted: stop quietly, as Unix tools do
+        closed_stdout_quietly()
+        return BROKEN_PIPE_EXIT_CODE
+
+
+BROKEN_PIPE_EXIT_CODE = 141          # what a shell reports for a command killed by SIGPIPE (128 + 13)
+
+
+def closed_stdout_quietly() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush at exit does not print a second error."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def run_command(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     from mlml.archive import ArchiveError
     from mlml.checkpoint import CheckpointError

@@ -362,6 +362,14 @@ def _reproduce(spec: dict, name: str, profile: str, seeds: int | None, jobs: int
     return write_table(spec, results, results_dir, command, wall_time(read_timing(results_dir, spec["name"]), profile, results))
 
 
+def progress(line: str) -> None:
+    """A progress line on stderr; a closed stderr (`2>&1 | head`) loses the line, never a finished run."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (BrokenPipeError, ValueError):        # ValueError: stderr already closed by the interpreter
+        pass
+
+
 def train_locally(todo: list[Run], jobs: int, threads: int, torchrun: int, again: str) -> None:
     """Train `todo`, `jobs` runs at a time; on SIGTERM, SIGINT or SIGHUP stop them (`LocalRuns`) and raise
     `ReproductionStopped` once every running one has written its checkpoint and exited."""
@@ -376,9 +384,9 @@ def train_locally(todo: list[Run], jobs: int, threads: int, torchrun: int, again
         except ReproductionStopped:
             return
         except Exception:
-            print(f"  failed {name} (the other runs go on)", file=sys.stderr)
+            progress(f"  failed {name} (the other runs go on)")
             raise
-        print(f"  finished {next(finished)}/{len(todo)}: {name}", file=sys.stderr)
+        progress(f"  finished {next(finished)}/{len(todo)}: {name}")
 
     with relaying_stop_signals(local.stop), ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         for future in [pool.submit(one, r) for r in todo]:

@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -48,6 +49,19 @@ def test_config_error_names_the_key(capsys, tmp_path):
 def test_python_dash_m_works():
     done = subprocess.run([sys.executable, "-m", "mlml", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "reproduce" in done.stdout
+
+
+@pytest.mark.parametrize("command", [["list"], ["list", "losses"]])
+def test_output_cut_short_by_a_closed_pipe_stops_quietly(command):
+    """`mlml list | head -1`: once the reader has gone, mlml stops with 141 (as if killed by SIGPIPE), no traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)                       # the reader has already gone: every write to the pipe fails
+    try:
+        done = subprocess.run([sys.executable, "-m", "mlml", *command], stdout=write_end, stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(write_end)
+    assert done.returncode == 141
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr and done.stderr == ""
 
 
 GROUPED = ("method.name=grouped", "model.head=grouped", "data.synthetic.min_objects=1", "data.synthetic.max_objects=1",

@@ -727,3 +727,16 @@ def test_every_table_runs_on_the_real_track_through_its_own_keys(name, tmp_path)
         assert (cfg.data.settings("mnist5k").max_digits == 1) == (name == "grouped_heads")     # its groups are exclusive
     shortcut = [run_config(r).data.settings("mnist5k").nuisance for r in runs if r.setting == "shortcut"]
     assert all(n == "collection" for n in shortcut) and (name != "domain_adversarial" or shortcut)
+
+
+def test_a_closed_stderr_loses_progress_lines_not_runs(monkeypatch):
+    """`mlml reproduce ... 2>&1 | head`: once head has gone, a finished run must not be counted as failed."""
+    class ClosedPipe:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stderr", ClosedPipe())
+    experiments.progress("  finished 1/2: s/m/seed0")     # raised BrokenPipeError inside the run's thread before
