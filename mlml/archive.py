@@ -36,17 +36,33 @@ def finished_runs(root: Path) -> list[Path]:
     return sorted(p.parent for p in Path(root).rglob("metrics.json"))
 
 
-def export_runs(root: Path, out: Path) -> int:
-    """Write every finished run below `root` into the archive `out`; the number of runs."""
+def export_runs(root: Path, out: Path, replace: bool = False) -> int:
+    """Write every finished run below `root` into the archive `out`; the number of runs.
+
+    Refused, with nothing written: a `root` that is not a directory or holds no finished run (a typo
+    would otherwise leave an empty archive), and, unless `replace`, an existing archive `out` that
+    holds a run `root` lacks: exporting at the end of a sitting whose runs directory did not import
+    the last archive would otherwise drop every run carried so far."""
     root = Path(root)
-    lines = []
+    if not root.is_dir():
+        raise ArchiveError(f"{root}: no such runs directory; nothing was exported")
+    lines, names = [], set()
     for d in finished_runs(root):
         files = {name: (d / name).read_text() for name in RUN_FILES if (d / name).is_file()}
         try:
             json.loads(files["metrics.json"])                      # a damaged file is not carried on
         except json.JSONDecodeError as err:
             raise ArchiveError(f"{d / 'metrics.json'}: unreadable ({err}); nothing was exported") from None
+        names.add(d.relative_to(root).as_posix())
         lines.append(json.dumps({"run": d.relative_to(root).as_posix(), "files": files}, sort_keys=True))
+    if not lines:
+        raise ArchiveError(f"{root}: no finished run (metrics.json) below it; nothing was exported")
+    if Path(out).exists() and not replace:
+        dropped = sorted({rel.as_posix() for rel, _ in read_archive(Path(out))} - names)
+        if dropped:
+            raise ArchiveError(f"{out} holds {len(dropped)} run{'s' * (len(dropped) != 1)} that {root} lacks (e.g. "
+                               f"{dropped[0]}): import it first (mlml runs import {out} --runs-dir {root}), or pass "
+                               f"--replace to drop them; nothing was exported")
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(out).with_name(Path(out).name + ".tmp")
     with gzip.open(tmp, "wt", encoding="utf-8", compresslevel=9) as f:

@@ -230,7 +230,7 @@ def cmd_table(args: argparse.Namespace) -> int:
 def cmd_runs_export(args: argparse.Namespace) -> int:
     from mlml.archive import export_runs
 
-    n = export_runs(Path(args.runs_dir), Path(args.out))
+    n = export_runs(Path(args.runs_dir), Path(args.out), replace=args.replace)
     print(f"{n} finished run{'s' * (n != 1)} of {args.runs_dir} written to {args.out}")
     return 0
 
@@ -420,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = r_sub.add_parser("export", help="write every finished run below RUNS_DIR into one archive (.jsonl.gz)")
     q.add_argument("runs_dir")
     q.add_argument("--out", required=True, help="archive to write, e.g. semi_study.real.runs.jsonl.gz")
+    q.add_argument("--replace", action="store_true",
+                   help="replace an existing --out even where it holds runs that RUNS_DIR lacks (refused without it)")
     q.set_defaults(fn=cmd_runs_export)
     q = r_sub.add_parser("import", help="write an archive's runs below --runs-dir (never replacing a different one); "
                                         "mlml reproduce then counts them as done")

@@ -90,3 +90,27 @@ def test_a_damaged_metrics_file_is_named_and_nothing_exported(tmp_path, capsys):
     (fake_run(runs, seed=1) / "metrics.json").write_text('{"metrics": ')
     assert main(["runs", "export", str(runs), "--out", str(tmp_path / "a.jsonl.gz")]) == 2
     assert "seed1/metrics.json: unreadable" in capsys.readouterr().err and not (tmp_path / "a.jsonl.gz").exists()
+
+
+def test_export_refuses_a_missing_or_empty_runs_directory(tmp_path, capsys):
+    out = tmp_path / "a.jsonl.gz"
+    assert main(["runs", "export", str(tmp_path / "typo"), "--out", str(out)]) == 2
+    assert "no such runs directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["runs", "export", str(tmp_path / "empty"), "--out", str(out)]) == 2
+    assert "no finished run" in capsys.readouterr().err and not out.exists()
+
+
+def test_export_never_drops_runs_carried_in_the_archive_it_replaces(tmp_path, capsys):
+    """The end of a sitting that forgot to import the last archive: exporting must not lose its runs."""
+    out = tmp_path / "a.jsonl.gz"
+    first, second = tmp_path / "sitting1", tmp_path / "sitting2"
+    fake_run(first, seed=0)
+    assert export_runs(first, out) == 1
+    fake_run(second, seed=1)                                   # seed 0 was not imported here
+    before = out.read_bytes()
+    assert main(["runs", "export", str(second), "--out", str(out)]) == 2
+    assert "holds 1 run that" in capsys.readouterr().err and out.read_bytes() == before
+    import_runs(out, second)                                   # the way out the message names
+    assert export_runs(second, out) == 2                       # seed 0 carried on, seed 1 added
+    assert export_runs(tmp_path / "sitting1", out, replace=True) == 1
