@@ -453,30 +453,65 @@ def status(name: str, profile: str, seeds: int | None = None, runs_dir: Path = P
     else:
         left = training_left(runs, dirs, done={r for r in runs if states[dirs[r]].state == "done"})
         if left is not None:
-            summary += f"; about {left / 3600:.1f} h of training left (from the done runs' train_seconds)"
+            summary += f"; about {left[0] / 3600:.1f} h of training left ({left[1]})"
     return "\n".join([summary, *lines])
 
 
-def training_left(runs: list[Run], dirs: dict[Run, Path], done: set[Run]) -> float | None:
+def training_left(runs: list[Run], dirs: dict[Run, Path], done: set[Run], here: str | None = None) -> tuple[float, str] | None:
     """Seconds of training the runs not in `done` would take, each estimated from the `train_seconds` of
     the done seeds of its cell, else of its method in other settings, else of all done runs; None when
-    no run is done."""
+    no run is done. With it, how it was estimated.
+
+    A table carried between machines (`mlml runs export/import`) holds runs of several: where some
+    done runs ran on this one (`here`, `provenance.hardware`), the others' times are scaled to it by
+    each machine's speed relative to this one (the median, over the methods both ran, of the ratio of
+    their mean times); a machine that shares no method with this one is taken as is."""
     seconds: dict[Run, float] = {}
+    machine: dict[Run, str] = {}
     for r in done:
         try:
-            seconds[r] = float(json.loads((dirs[r] / "metrics.json").read_text())["train_seconds"])
+            result = json.loads((dirs[r] / "metrics.json").read_text())
+            seconds[r] = float(result["train_seconds"])
         except (OSError, ValueError, KeyError, TypeError):
             continue
+        recorded = result.get("provenance")
+        machine[r] = str(recorded.get("hardware", "")) if isinstance(recorded, dict) else ""
     if not seconds:
         return None
     mean = lambda xs: sum(xs) / len(xs)
+    how = "from the done runs' train_seconds"
+    if here is None:
+        from mlml.provenance import hardware
+        here = hardware()
+    factors = speed_factors(seconds, machine, here)
+    if factors:
+        seconds = {r: t * factors.get(machine[r], 1.0) for r, t in seconds.items()}
+        how += ", those of other machines scaled to this one's speed (" + ", ".join(
+            f"x{f:.2f}" for f in sorted(factors.values())) + ")"
     by_cell: dict[tuple[str, str], list[float]] = {}
     by_method: dict[str, list[float]] = {}
     for r, t in seconds.items():
         by_cell.setdefault((r.setting, r.method), []).append(t)
         by_method.setdefault(r.method, []).append(t)
     overall = mean(list(seconds.values()))
-    return sum(mean(by_cell.get((r.setting, r.method)) or by_method.get(r.method) or [overall]) for r in runs if r not in done)
+    left = sum(mean(by_cell.get((r.setting, r.method)) or by_method.get(r.method) or [overall]) for r in runs if r not in done)
+    return left, how
+
+
+def speed_factors(seconds: dict[Run, float], machine: dict[Run, str], here: str) -> dict[str, float]:
+    """{another machine: factor that turns its train_seconds into this machine's}, for each machine that
+    ran a method this one ran too (median over those methods of mean time here / mean time there)."""
+    times: dict[tuple[str, str], list[float]] = {}
+    for r, t in seconds.items():
+        times.setdefault((machine[r], r.method), []).append(t)
+    mean = lambda xs: sum(xs) / len(xs)
+    factors = {}
+    for other in {m for m in machine.values() if m != here}:
+        ratios = sorted(mean(times[(here, method)]) / mean(times[(other, method)])
+                        for (m, method) in times if m == other and (here, method) in times and mean(times[(other, method)]) > 0)
+        if ratios:
+            factors[other] = statistics.median(ratios)
+    return factors
 
 
 def collect(root: Path) -> list[dict]:

@@ -438,6 +438,22 @@ def test_status_estimates_the_training_left_from_the_done_runs_of_each_cell(tabl
     assert "training left" not in status() and "writes the table" in status()
 
 
+def test_status_scales_runs_of_another_machine_to_this_ones_speed(table, tmp_path):
+    """Runs carried from a machine 4x slower (`mlml runs import`) must not make the estimate 4x too long."""
+    runs = expand(read_table(str(table)), "quick", None, tmp_path / "runs")
+    dirs = {r: run_dir(r) for r in runs}
+    def finish(method, seed, seconds, machine):
+        r = next(r for r in runs if r.method == method and r.seed == seed)
+        dirs[r].mkdir(parents=True)
+        (dirs[r] / "metrics.json").write_text(json.dumps({"train_seconds": seconds, "provenance": {"hardware": machine}}))
+        return r
+    done = {finish("an", 0, 3600.0, "fast"), finish("an", 1, 14400.0, "slow"), finish("full", 0, 43200.0, "slow")}
+    left, how = experiments.training_left(runs, dirs, done, here="fast")
+    assert left == pytest.approx(10800.0) and "scaled to this one's speed (x0.25)" in how     # full seed 1: 43200 s x 0.25
+    left, how = experiments.training_left(runs, dirs, done, here="a third machine")             # no run here: as recorded
+    assert left == pytest.approx(43200.0) and "scaled" not in how
+
+
 def test_a_lock_held_on_another_host_is_not_taken_over(tmp_path):
     lock = tmp_path / "reproduce.lock"
     lock.write_text(json.dumps({"pid": 2**22 + 1, "host": "another-node", "since": "then", "what": "mlml reproduce x"}))
