@@ -504,11 +504,11 @@ def speed_factors(seconds: dict[Run, float], machine: dict[Run, str], here: str)
     times: dict[tuple[str, str], list[float]] = {}
     for r, t in seconds.items():
         times.setdefault((machine[r], r.method), []).append(t)
-    mean = lambda xs: sum(xs) / len(xs)
+    mean = {key: statistics.fmean(ts) for key, ts in times.items()}
     factors = {}
     for other in {m for m in machine.values() if m != here}:
-        ratios = sorted(mean(times[(here, method)]) / mean(times[(other, method)])
-                        for (m, method) in times if m == other and (here, method) in times and mean(times[(other, method)]) > 0)
+        ratios = [mean[(here, method)] / mean[(m, method)] for m, method in mean
+                  if m == other and (here, method) in mean and mean[(m, method)] > 0]
         if ratios:
             factors[other] = statistics.median(ratios)
     return factors
