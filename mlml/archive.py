@@ -53,8 +53,9 @@ def export_runs(root: Path, out: Path, replace: bool = False) -> int:
             json.loads(files["metrics.json"])                      # a damaged file is not carried on
         except json.JSONDecodeError as err:
             raise ArchiveError(f"{d / 'metrics.json'}: unreadable ({err}); nothing was exported") from None
-        names.add(d.relative_to(root).as_posix())
-        lines.append(json.dumps({"run": d.relative_to(root).as_posix(), "files": files}, sort_keys=True))
+        rel = d.relative_to(root).as_posix()
+        names.add(rel)
+        lines.append(json.dumps({"run": rel, "files": files}, sort_keys=True))
     if not lines:
         raise ArchiveError(f"{root}: no finished run (metrics.json) below it; nothing was exported")
     if Path(out).exists() and not replace:

@@ -478,12 +478,11 @@ def training_left(runs: list[Run], dirs: dict[Run, Path], done: set[Run], here: 
         machine[r] = str(recorded.get("hardware", "")) if isinstance(recorded, dict) else ""
     if not seconds:
         return None
-    mean = lambda xs: sum(xs) / len(xs)
     how = "from the done runs' train_seconds"
-    if here is None:
+    if here is None and len(set(machine.values())) > 1:        # one machine: nothing to scale, no torch import
         from mlml.provenance import hardware
         here = hardware()
-    factors = speed_factors(seconds, machine, here)
+    factors = speed_factors(seconds, machine, here) if here is not None else {}
     if factors:
         seconds = {r: t * factors.get(machine[r], 1.0) for r, t in seconds.items()}
         how += ", those of other machines scaled to this one's speed (" + ", ".join(
@@ -493,8 +492,9 @@ def training_left(runs: list[Run], dirs: dict[Run, Path], done: set[Run], here: 
     for r, t in seconds.items():
         by_cell.setdefault((r.setting, r.method), []).append(t)
         by_method.setdefault(r.method, []).append(t)
-    overall = mean(list(seconds.values()))
-    left = sum(mean(by_cell.get((r.setting, r.method)) or by_method.get(r.method) or [overall]) for r in runs if r not in done)
+    overall = statistics.fmean(seconds.values())
+    left = sum(statistics.fmean(by_cell.get((r.setting, r.method)) or by_method.get(r.method) or [overall])
+               for r in runs if r not in done)
     return left, how
 
 
