@@ -392,6 +392,7 @@ def test_a_stopped_reproduction_stops_its_runs_with_their_checkpoints_and_starts
     # Far longer than the test; a setting's overrides win over the base config, so in the setting (TINY has
     # epochs=2: a run then took 0.5 s, and on a loaded machine one finished before the signal, a flaky failure).
     table.write_text(table.read_text().replace('"data.observation=single_positive"', '"data.observation=single_positive", "optim.epochs=500"'))
+    assert "optim.epochs=500" in table.read_text()
     runs_dir = tmp_path / "runs"
     proc = subprocess.Popen([sys.executable, "-m", "mlml", "reproduce", str(table), "--jobs", "2", "--runs-dir", str(runs_dir),
                              "--results-dir", str(tmp_path / "results")], stderr=subprocess.PIPE, text=True)
@@ -401,9 +402,9 @@ def test_a_stopped_reproduction_stops_its_runs_with_their_checkpoints_and_starts
     while len(started()) < 2 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
     assert len(started()) == 2, "two runs did not start"
+    assert not any((d / "metrics.json").exists() for d in dirs), "a run finished before the stop: nothing left to test"
     trainers = [json.loads((d / "run.lock").read_text())["pid"] for d in started()]
     proc.send_signal(getattr(signal, stop))
-    assert not any((d / "metrics.json").exists() for d in dirs), "a run finished before the stop: nothing left to test"
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 75 and f"stopped by {stop}" in err and "resumes them" in err
     for pid in trainers:                                  # no trainer left behind
